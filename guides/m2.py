@@ -1,0 +1,58 @@
+r"""The amortised guide of M2 (Kingma et al. 2014, eq. 4)::
+
+    q(y|x)   = Cat(pi(x))                 the classifier, enumerated for unlabelled data
+    q(z|x,y) = N(mu(x, y), diag sigma^2(x, y))
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyrodgm.modeling import check_model_input, one_hot
+from pyrodgm.nets import MLP, CategoricalHead, NormalHead, broadcast_cat
+
+
+class M2Guide(nn.Module):
+    """``q(y|x) q(z|x,y)``; ``y`` is marked for parallel enumeration."""
+
+    pyro_name = "m2_guide"
+
+    def __init__(
+        self,
+        x_dim: int,
+        num_classes: int = 10,
+        z_dim: int = 50,
+        hidden: Sequence[int] = (500,),
+        activation: str = "softplus",
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.x_dim, self.num_classes, self.z_dim = x_dim, num_classes, z_dim
+        self.classifier = MLP(x_dim, hidden, activation=activation, batch_norm=batch_norm)
+        self.classifier_head = CategoricalHead(self.classifier.out_features, num_classes)
+        self.encoder = MLP(x_dim + num_classes, hidden, activation=activation, batch_norm=batch_norm)
+        self.encoder_head = NormalHead(self.encoder.out_features, z_dim)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pyro.module(self.pyro_name, self)
+        check_model_input(x, self.x_dim, unit_interval=False)
+        with pyro.plate("data", x.shape[0]):
+            return self.infer(x, y)
+
+    def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, names: tuple[str, str] = ("y", "z")) -> torch.Tensor:
+        """The sites ``y, z`` under the given names; ``y`` is sampled (enumerated) only when
+        no labels are given, as in Pyro's semi-supervised VAE idiom."""
+        if y is None:
+            y = pyro.sample(names[0], self.label_distribution(x), infer={"enumerate": "parallel"})
+        else:
+            y = one_hot(y, self.num_classes, x)
+        return pyro.sample(names[1], self.encoder_head.distribution(self.encoder(broadcast_cat([x, y]))))
+
+    def label_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """The classifier ``q(y|x)``."""
+        return self.classifier_head.distribution(self.classifier(x))

@@ -1,0 +1,10 @@
+"""Generative models, one file per paper's generative story (installed as
+:mod:`pyrodgm.models`).  Each is an :class:`torch.nn.Module` whose ``forward(x, y=None)`` is a
+Pyro model with its data in ``pyro.plate("data", ...)``; its guide is in
+:mod:`pyrodgm.guides`."""
+
+from .m1m2 import M1M2
+from .m2 import M2
+from .vae import VAE
+
+__all__ = ["VAE", "M2", "M1M2"]

@@ -1,0 +1,71 @@
+r"""The variational auto-encoder, Kingma et al.'s latent-feature model M1.
+
+Generative story (Kingma & Welling 2014; Kingma et al. 2014, eq. 1)::
+
+    z ~ N(0, I)                      p(z)
+    x ~ f(x; z, theta)               p(x|z), Bernoulli or Gaussian, an MLP of z
+
+Its guide is :class:`pyrodgm.guides.VAEGuide`; the bound is eq. 5 of Kingma et al. (2014),
+with the Gaussian KL in closed form.
+
+References
+
+[1] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (2014)
+[2] `Semi-Supervised Learning with Deep Generative Models`, Kingma, Rezende, Mohamed,
+    Welling (2014)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyrodgm.modeling import check_model_input, data_size
+from pyrodgm.nets import MLP, likelihood_head
+
+
+class VAE(nn.Module):
+    """``p(z) p(x|z)``.
+
+    :param int x_dim: features per example (flattened image).
+    :param int z_dim: latent dimension (50 in Kingma et al. 2014).
+    :param hidden: hidden widths of the decoder MLP (600, 600 for M1).
+    :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
+    """
+
+    pyro_name = "vae"
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int = 50,
+        hidden: Sequence[int] = (600, 600),
+        activation: str = "softplus",
+        likelihood: str = "bernoulli",
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.x_dim, self.z_dim, self.likelihood_kind = x_dim, z_dim, likelihood
+        self.decoder = MLP(z_dim, hidden, activation=activation, batch_norm=batch_norm)
+        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
+        self.register_buffer("z_loc", torch.zeros(z_dim))
+        self.register_buffer("z_scale", torch.ones(z_dim))
+
+    def forward(self, x: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None) -> torch.Tensor:
+        pyro.module(self.pyro_name, self)
+        check_model_input(x, self.x_dim, self.likelihood_kind == "bernoulli")
+        with pyro.plate("data", data_size(x, batch_size=batch_size)):
+            z = pyro.sample("z", self.prior())
+            return self.observe("x", z, x)
+
+    def prior(self) -> dist.TorchDistribution:
+        """``p(z) = N(0, I)``."""
+        return dist.Normal(self.z_loc, self.z_scale).to_event(1)
+
+    def observe(self, name: str, z: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
+        """Sample (or observe) site ``name`` from ``p(x|z)``."""
+        return pyro.sample(name, self.likelihood.distribution(self.decoder(z)), obs=x)

@@ -1,0 +1,141 @@
+"""The base class of every pyrodgm loss, and the combinator of weighted loss terms.
+
+A pyrodgm loss is a :class:`pyro.infer.ELBO` subclass: give it to
+:class:`pyro.infer.SVI` exactly like :class:`~pyro.infer.Trace_ELBO`.  A subclass writes
+one method, :meth:`Loss.differentiable_loss`; :meth:`Loss.loss` and
+:meth:`Loss.loss_and_grads` follow from it.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+from pyro import poutine
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import torch_item
+
+__all__ = ["Loss", "Weighted", "WeightedSum"]
+
+
+class Loss(ELBO):
+    """A loss for :class:`~pyro.infer.SVI` defined by a differentiable value.
+
+    :ivar dict last_components: detached values of the named parts of the last loss
+        computed (for logging; no device synchronisation is forced).
+    """
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")) -> None:
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - not used
+        raise NotImplementedError("pyrodgm losses trace through pyrodgm.traces.particle_traces")
+
+    @abstractmethod
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        """The loss as a differentiable scalar tensor."""
+        raise NotImplementedError
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The loss as a float, without building a graph."""
+        with torch.no_grad():
+            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The loss as a float; its gradients are accumulated into the parameters' ``.grad``."""
+        value = self.differentiable_loss(model, guide, *args, **kwargs)
+        if value.requires_grad:
+            value.backward()
+        return torch_item(value)
+
+
+@dataclass
+class Weighted:
+    """A loss term, its weight, and optionally the parameters its gradient may reach.
+
+    :param params: a predicate on Pyro parameter names (e.g. ``"guide.classifier"`` prefixes);
+        the term's gradient reaches only the parameters it accepts.  ``None``: all.
+    """
+
+    loss: Loss
+    weight: float = 1.0
+    params: Optional[Callable[[str], bool]] = None
+
+
+class WeightedSum(Loss):
+    r"""A weighted sum of named loss terms, :math:`\sum_i w_i L_i`, each computed by its own
+    loss object on the same ``(model, guide, *args, **kwargs)``.
+
+    A term built with :class:`Weighted` ``params=`` sends its gradient only to the
+    parameters whose names pass the predicate (CaGeM's cross-entropies, for instance, must
+    update only the parameters into ``y``); the others backpropagate into everything.
+
+    Example::
+
+        loss = WeightedSum(elbo=SemiSupervisedELBO(), hinge=(15.0, HingeLoss(...)))
+        SVI(model, guide, Adam({"lr": 1e-3}), loss).step(x, y=y)
+    """
+
+    def __init__(self, **terms: Union[Loss, tuple[float, Loss], Weighted]) -> None:
+        if not terms:
+            raise ValueError("WeightedSum needs at least one loss term")
+        super().__init__()
+        self.terms: dict[str, Weighted] = {name: _as_weighted(name, term) for name, term in terms.items()}
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        values = self._term_values(model, guide, args, kwargs)
+        return sum(self.terms[name].weight * value for name, (value, _) in values.items())
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        values = self._term_values(model, guide, args, kwargs)
+        free = []
+        for name, (value, params) in values.items():
+            term = self.terms[name]
+            weighted = term.weight * value
+            if term.params is None:
+                free.append(weighted)
+            elif weighted.requires_grad:
+                _accumulate_grads(weighted, [p for n, p in params.items() if term.params(n)])
+        total = sum(free) if free else torch.zeros(())
+        if torch.is_tensor(total) and total.requires_grad:
+            total.backward()
+        return torch_item(sum(self.terms[n].weight * v.detach() for n, (v, _) in values.items()))
+
+    def _term_values(self, model, guide, args, kwargs) -> dict[str, tuple[torch.Tensor, dict]]:
+        values = {}
+        for name, term in self.terms.items():
+            with poutine.trace(param_only=True) as capture:
+                value = term.loss.differentiable_loss(model, guide, *args, **kwargs)
+            params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
+            values[name] = (value, params)
+            self.last_components[name] = value.detach()
+            for part, part_value in term.loss.last_components.items():
+                self.last_components[f"{name}.{part}"] = part_value
+        return values
+
+
+def _as_weighted(name: str, term) -> Weighted:
+    if isinstance(term, Weighted):
+        weighted = term
+    elif isinstance(term, tuple) and len(term) == 2:
+        weighted = Weighted(loss=term[1], weight=float(term[0]))
+    else:
+        weighted = Weighted(loss=term)
+    if not isinstance(weighted.loss, Loss):
+        raise TypeError(f"term '{name}' must be a pyrodgm.losses.Loss, got {type(weighted.loss).__name__}")
+    return weighted
+
+
+def _accumulate_grads(value: torch.Tensor, params: list[torch.Tensor]) -> None:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    for param, grad in zip(params, grads):
+        if grad is not None:
+            param.grad = grad if param.grad is None else param.grad + grad

@@ -1,0 +1,200 @@
+r"""The semi-supervised ELBO of Kingma et al. (2014), for any model/guide pair.
+
+For a labelled pair :math:`(x, y)` the bound is (Kingma et al. 2014, eq. 6)
+
+.. math:: -\mathcal L(x, y) = \mathbb E_{q(z|x,y)}[\log p(x|y,z) + \log p(y) + \log p(z) - \log q(z|x,y)]
+
+and for an unlabelled :math:`x` the label is summed out exactly (eq. 7)
+
+.. math:: -\mathcal U(x) = \sum_y q(y|x)\,(-\mathcal L(x, y)) + \mathcal H(q(y|x)).
+
+The loss of a batch is (eq. 9, per example)
+
+.. math:: \mathcal J^\alpha = \sum_{(x,y)} \mathcal L(x,y) + \sum_x \mathcal U(x)
+          + \alpha \sum_{(x,y)} -\log \bar q(y|x),
+
+where :math:`\bar q(y|x) = \mathbb E_{q(\cdot|x)}[q(y|\cdot, x)]` is the classifier averaged
+over whatever the guide samples before ``y`` (the auxiliary ``a`` of the ADGM, Maaløe et al.
+2016, eq. 10), estimated with the loss's particles.  ``alpha`` is a weight *per labelled
+example*: Kingma et al.'s :math:`\alpha = 0.1 N` on the mean over the :math:`N_l` labelled
+examples is ``alpha = 0.1 * N / N_l`` here.
+
+References
+
+[1] `Semi-Supervised Learning with Deep Generative Models`,
+    Diederik P. Kingma, Danilo J. Rezende, Shakir Mohamed, Max Welling (2014)
+[2] `Auxiliary Deep Generative Models`,
+    Lars Maaløe, Casper K. Sønderby, Søren K. Sønderby, Ole Winther (2016)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from ..traces import (
+    ObserveLabels,
+    TraceTerms,
+    check_reparameterized,
+    guess_plate_nesting,
+    label_log_prob,
+    logmeanexp,
+    particle_traces,
+)
+from ..validation import UNLABELLED, check_labels
+from .base import Loss
+
+__all__ = ["SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch"]
+
+
+def split_batch(labels: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple, dict, torch.Tensor]:
+    """Split every tensor argument whose first dim is the batch into its labelled rows
+    (``labels != -1``) and unlabelled rows.  Returns ``(args_l, kwargs_l, args_u, kwargs_u,
+    labels_l)``."""
+    batch = labels.shape[0]
+    labelled = labels != UNLABELLED
+
+    def take(value, mask):
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+            return value[mask.to(value.device)]
+        return value
+
+    unlabelled = ~labelled
+    args_l = tuple(take(a, labelled) for a in args)
+    args_u = tuple(take(a, unlabelled) for a in args)
+    kwargs_l = {k: take(v, labelled) for k, v in kwargs.items()}
+    kwargs_u = {k: take(v, unlabelled) for k, v in kwargs.items()}
+    return args_l, kwargs_l, args_u, kwargs_u, labels[labelled]
+
+
+def classifier_log_prob(terms: TraceTerms, label_site: str, labels: torch.Tensor) -> torch.Tensor:
+    r"""``log E_q[q(y=labels | ..., x)]`` per datapoint, from a guide trace in which the label
+    site was observed: the guide's categorical at that site, averaged over the particles of
+    everything sampled before it."""
+    site = terms.guide_trace.nodes.get(label_site)
+    if site is None:
+        raise ValueError(f"the guide has no site '{label_site}' to classify with")
+    log_q = label_log_prob(site["fn"], labels)
+    log_q = log_q.reshape(-1, labels.shape[0])
+    return logmeanexp(log_q, dim=0)
+
+
+class _TracingLoss(Loss):
+    """Shared tracing for the ELBO-type losses: plate nesting guessed once, particles
+    vectorised, the guide's discrete sites enumerated."""
+
+    def __init__(self, num_particles: int, max_plate_nesting: float, analytic_kl) -> None:
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.analytic_kl = analytic_kl
+
+    def _terms(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> TraceTerms:
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+        nesting = int(self.max_plate_nesting)
+        model_trace, guide_trace = particle_traces(model, guide, args, kwargs, self.num_particles, nesting)
+        check_reparameterized(guide_trace)
+        return TraceTerms(model_trace, guide_trace, nesting, self.analytic_kl)
+
+    def _labelled_terms(self, model, guide, args, kwargs, label_site: str, labels: torch.Tensor) -> TraceTerms:
+        in_model, in_guide = ObserveLabels(label_site, labels), ObserveLabels(label_site, labels)
+        terms = self._terms(in_model(model), in_guide(guide), args, kwargs)
+        if not in_model.seen:
+            raise ValueError(f"labels were given but the model has no sample site '{label_site}'")
+        return terms
+
+
+class SemiSupervisedELBO(_TracingLoss):
+    r"""The semi-supervised ELBO :math:`\mathcal J^\alpha` (module docstring) as an SVI loss.
+
+    Call it like any Pyro loss; labels travel as the keyword argument named ``label_site``
+    (``svi.step(x, y=labels)``) with ``-1`` for unlabelled rows.  The rows are split: the
+    labelled ones run with the label site observed in both model and guide (the model and
+    guide are called *without* the label keyword), the unlabelled ones with the guide's
+    discrete sites enumerated in parallel and summed exactly.  Every tensor argument whose
+    first dim is the batch is split the same way.  Without labels (``y`` absent or
+    ``None``) this is the plain ELBO with enumerated sites summed exactly, a drop-in for
+    :class:`~pyro.infer.TraceEnum_ELBO` on guide-side enumeration.
+
+    :param int num_particles: vectorised particles (samples of the continuous latents).
+    :param float alpha: weight per labelled example of :math:`-\log \bar q(y|x)`.
+    :param str label_site: the name of the label site (and of the labels' keyword).
+    :param analytic_kl: use the closed-form KL where it is sound (``True``), nowhere
+        (``False``), or only at the named sites.
+    :param max_plate_nesting: plate dims of the model; guessed on the first call if omitted.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        alpha: float = 0.0,
+        label_site: str = "y",
+        analytic_kl: bool | Iterable[str] = True,
+        max_plate_nesting: float = float("inf"),
+    ) -> None:
+        if alpha < 0:
+            raise ValueError(f"alpha must be non-negative, got {alpha}")
+        super().__init__(num_particles, max_plate_nesting, analytic_kl)
+        self.alpha = float(alpha)
+        self.label_site = label_site
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        labels: Optional[torch.Tensor] = kwargs.pop(self.label_site, None)
+        self.last_components = {}
+        if labels is None:
+            return -self._record("unlabelled_elbo", self._terms(model, guide, args, kwargs).elbo())
+        check_labels(labels, num_classes=_num_classes_unknown(), batch_size=_batch_size(args, kwargs, labels))
+        args_l, kwargs_l, args_u, kwargs_u, labels_l = split_batch(labels, args, kwargs)
+        loss = torch.zeros((), device=labels.device)
+        if labels_l.numel():
+            terms = self._labelled_terms(model, guide, args_l, kwargs_l, self.label_site, labels_l)
+            loss = loss - self._record("labelled_elbo", terms.elbo())
+            if self.alpha:
+                nll = -classifier_log_prob(terms, self.label_site, labels_l).sum()
+                loss = loss + self.alpha * self._record("classification", nll)
+        if labels_l.numel() < labels.numel():
+            loss = loss - self._record("unlabelled_elbo", self._terms(model, guide, args_u, kwargs_u).elbo())
+        return loss
+
+    def _record(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        self.last_components[name] = value.detach()
+        return value
+
+
+class ClassifierCrossEntropy(_TracingLoss):
+    r""":math:`\sum_{(x,y)} -\log \bar q(y|x)` over the labelled rows, with
+    :math:`\bar q(y|x)` the guide's classifier averaged over the particles of whatever the
+    guide samples before the label (Maaløe et al. 2016, eq. 10).  Unlabelled rows (``-1``)
+    are ignored.  Combine it with other terms in :class:`~pyrodgm.losses.WeightedSum`
+    (with ``params=`` to restrict which parameters it trains, as CaGeM does)."""
+
+    def __init__(self, num_particles: int = 1, label_site: str = "y", max_plate_nesting: float = float("inf")) -> None:
+        super().__init__(num_particles, max_plate_nesting, analytic_kl=False)
+        self.label_site = label_site
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        labels = kwargs.pop(self.label_site, None)
+        if labels is None:
+            raise ValueError(f"ClassifierCrossEntropy needs labels as the keyword '{self.label_site}'")
+        check_labels(labels, num_classes=_num_classes_unknown(), batch_size=_batch_size(args, kwargs, labels))
+        args_l, kwargs_l, _, _, labels_l = split_batch(labels, args, kwargs)
+        if not labels_l.numel():
+            raise ValueError("the batch has an empty labelled set: every label is -1")
+        terms = self._labelled_terms(model, guide, args_l, kwargs_l, self.label_site, labels_l)
+        value = -classifier_log_prob(terms, self.label_site, labels_l).sum()
+        self.last_components = {"classification": value.detach()}
+        return value
+
+
+def _num_classes_unknown() -> int:
+    # Label values are checked against the label site's distribution when it is built
+    # (one_hot / gather fail on out-of-range values); here only the dtype, shape and the
+    # lower bound are known, so the upper bound is left open.
+    return 2**62
+
+
+def _batch_size(args: tuple, kwargs: dict, labels: torch.Tensor) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value.shape[0]
+    return labels.shape[0]

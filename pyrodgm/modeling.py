@@ -1,0 +1,45 @@
+"""Small helpers shared by the models and guides in :mod:`pyrodgm.models` and
+:mod:`pyrodgm.guides`: batch sizes, label encodings and cheap input checks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pyro.infer.util import is_validation_enabled
+
+from .validation import check_features, check_labels
+
+__all__ = ["data_size", "one_hot", "check_model_input"]
+
+
+def data_size(x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> int:
+    """The size of the ``data`` plate: from ``x``, else ``y``, else ``batch_size``."""
+    for value in (x, y):
+        if value is not None:
+            return value.shape[0]
+    if batch_size is None:
+        raise ValueError("give x, y or batch_size so the model knows how many examples to generate")
+    return batch_size
+
+
+def one_hot(y: Optional[torch.Tensor], num_classes: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Integer labels as one-hot rows of ``like``'s dtype and device (``None`` stays ``None``)."""
+    if y is None:
+        return None
+    if is_validation_enabled():
+        check_labels(y, num_classes, allow_unlabelled=False)
+    return torch.nn.functional.one_hot(y, num_classes).to(dtype=like.dtype, device=like.device)
+
+
+def check_model_input(x: Optional[torch.Tensor], num_features: int, unit_interval: bool, name: str = "x") -> None:
+    """Shape and dtype always (no device sync); NaN/inf and range only while Pyro's
+    validation is enabled (``pyro.enable_validation(False)`` turns it off for speed)."""
+    if x is None:
+        return
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() != 2 or x.shape[-1] != num_features:
+        check_features(x, name=name, event_shape=(num_features,))
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape [batch, {num_features}], got {tuple(x.shape)}")
+    elif is_validation_enabled():
+        check_features(x, name=name, event_shape=(num_features,), unit_interval=unit_interval)

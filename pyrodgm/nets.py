@@ -1,0 +1,509 @@
+"""
+Neural network building blocks shared by the models and guides of :mod:`pyrodgm`.
+
+All networks are plain :class:`torch.nn.Module` s with registered parameters,
+so that models and guides can register them with :func:`pyro.module` or wrap
+them in :class:`pyro.nn.PyroModule`. Every network accepts inputs with
+arbitrary leading batch dimensions ``[..., D]`` -- e.g. ``[K, P, B, D]`` when
+Pyro enumerates a label ``K`` ways and vectorises ``P`` particles. Layers that
+need a single batch dimension (batch-norm, convolutions) flatten the leading
+dimensions and restore them afterwards.
+
+The heads (:class:`NormalHead`, :class:`BernoulliHead`,
+:class:`CategoricalHead`) map features to distribution parameters and build
+Pyro distributions whose last dimension is the event dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "BatchNorm",
+    "BernoulliHead",
+    "CategoricalHead",
+    "ConvDecoder",
+    "ConvEncoder",
+    "GaussianHead",
+    "MLP",
+    "NormalHead",
+    "activation",
+    "broadcast_cat",
+    "init_weights_",
+    "likelihood_head",
+]
+
+#: Activation names accepted by :func:`activation`, mapped to module classes.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "identity": nn.Identity,
+}
+
+_INITS = ("default", "xavier")
+
+
+def activation(name: str) -> nn.Module:
+    """
+    Instantiate an activation module by name.
+
+    :param str name: one of the keys of :data:`ACTIVATIONS`.
+    :rtype: torch.nn.Module
+    :raises ValueError: if ``name`` is unknown.
+    """
+    try:
+        return ACTIVATIONS[name]()
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+# Alias for constructors whose ``activation`` argument shadows the factory.
+_activation = activation
+
+
+def init_weights_(module: nn.Module, init: str = "default") -> nn.Module:
+    """
+    Initialise the linear and convolutional layers of ``module`` in place.
+
+    :param torch.nn.Module module: the module whose sub-layers to initialise.
+    :param str init: ``"default"`` keeps PyTorch's initialisation;
+        ``"xavier"`` uses Glorot/Xavier-uniform weights and zero biases
+        (as in the ADGM paper).
+    :returns: ``module``.
+    :raises ValueError: if ``init`` is unknown.
+    """
+    if init not in _INITS:
+        raise ValueError(f"Unknown init {init!r}; expected one of {list(_INITS)}")
+    if init == "xavier":
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+    return module
+
+
+def broadcast_cat(tensors: Sequence[Tensor], dim: int = -1) -> Tensor:
+    """
+    Broadcast the leading (batch) dimensions of ``tensors`` against each other
+    and concatenate them along the last dimension.
+
+    E.g. an enumerated label of shape ``[K, 1, 1, 10]`` and data of shape
+    ``[B, 784]`` give a tensor of shape ``[K, 1, B, 794]``.
+
+    :param tensors: tensors of shape ``[..., D_i]``.
+    :param int dim: must be ``-1`` (the only supported dimension).
+    :returns: tensor of shape ``broadcast(...) + [sum_i D_i]``.
+    :raises ValueError: if ``dim != -1`` or ``tensors`` is empty.
+    """
+    if dim != -1:
+        raise ValueError(f"broadcast_cat only supports dim=-1, got dim={dim}")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("broadcast_cat needs at least one tensor")
+    batch_shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(batch_shape + t.shape[-1:]) for t in tensors], dim=-1)
+
+
+def _flatten_batch(x: Tensor, event_dims: int) -> tuple[Tensor, torch.Size]:
+    """Reshape ``x`` to ``[N, *event]``; return it with the leading shape."""
+    split = x.dim() - event_dims
+    batch_shape, event_shape = x.shape[:split], x.shape[split:]
+    return x.reshape((math.prod(batch_shape),) + event_shape), batch_shape
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """
+    :class:`torch.nn.BatchNorm1d` over the last dimension of an input with
+    arbitrary leading dimensions ``[..., D]``: all leading dimensions are
+    flattened into one batch dimension (so statistics are taken over all rows)
+    and restored afterwards.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat, batch_shape = _flatten_batch(x, 1)
+        return super().forward(flat).reshape(batch_shape + x.shape[-1:])
+
+
+class MLP(nn.Module):
+    """
+    Multi-layer perceptron with ``Linear -> [BatchNorm] -> activation ->
+    [Dropout]`` hidden layers and an optional final ``Linear`` layer.
+
+    :param int in_dim: input width.
+    :param hidden: widths of the hidden layers.
+    :param out_dim: width of the final linear layer; if ``None`` the output is
+        the last hidden layer.
+    :param str activation: activation name, see :data:`ACTIVATIONS`.
+    :param bool batch_norm: add batch-norm before each hidden activation.
+    :param float dropout: dropout probability after each hidden activation.
+    :param bool final_activation: apply the activation after the final linear
+        layer too (only used when ``out_dim`` is given).
+    :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+
+    :ivar int out_features: width of the output.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int | None = None,
+        activation: str = "relu",
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+        final_activation: bool = False,
+        init: str = "default",
+    ) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.hidden_layers = nn.ModuleList()
+        width = in_dim
+        for h in hidden:
+            layers: list[nn.Module] = [nn.Linear(width, h)]
+            if batch_norm:
+                layers.append(BatchNorm(h))
+            layers.append(_activation(activation))
+            self.hidden_layers.append(nn.Sequential(*layers))
+            width = h
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.output_layer: nn.Module = nn.Identity()
+        if out_dim is not None:
+            out: list[nn.Module] = [nn.Linear(width, out_dim)]
+            if final_activation:
+                out.append(_activation(activation))
+            self.output_layer = nn.Sequential(*out)
+            width = out_dim
+        self.out_features = width
+        init_weights_(self, init)
+
+    def _run(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        features = []
+        h = x
+        for layer in self.hidden_layers:
+            h = layer(h)
+            features.append(h)
+            h = self.dropout(h)
+        return features, self.output_layer(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """
+        :param torch.Tensor x: input of shape ``[..., in_dim]``.
+        :returns: output of shape ``[..., out_features]``.
+        """
+        return self._run(x)[1]
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """
+        Hidden activations, e.g. as features for a max-margin classifier.
+
+        :param torch.Tensor x: input of shape ``[..., in_dim]``.
+        :returns: one tensor ``[..., hidden[i]]`` per hidden layer (after the
+            activation, before dropout).
+        :rtype: list[torch.Tensor]
+        """
+        return self._run(x)[0]
+
+
+class NormalHead(nn.Module):
+    """
+    Map features to the ``(loc, scale)`` of a diagonal Normal.
+
+    The scale is ``softplus(raw)`` (default) or ``exp(raw)``, with no floor or
+    additive epsilon.
+
+    :param int in_features: input width.
+    :param int out_dim: event size.
+    :param str scale: ``"softplus"`` or ``"exp"``.
+    :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+    """
+
+    def __init__(
+        self, in_features: int, out_dim: int, scale: str = "softplus", init: str = "default"
+    ) -> None:
+        super().__init__()
+        if scale not in ("softplus", "exp"):
+            raise ValueError(f"Unknown scale {scale!r}; expected 'softplus' or 'exp'")
+        self.scale_fn = scale
+        self.loc_layer = nn.Linear(in_features, out_dim)
+        self.scale_layer = nn.Linear(in_features, out_dim)
+        init_weights_(self, init)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """
+        :param torch.Tensor features: shape ``[..., in_features]``.
+        :returns: ``(loc, scale)``, each of shape ``[..., out_dim]``.
+        """
+        raw = self.scale_layer(features)
+        scale = F.softplus(raw) if self.scale_fn == "softplus" else raw.exp()
+        return self.loc_layer(features), scale
+
+    def distribution(self, features: Tensor) -> dist.TorchDistribution:
+        """
+        :returns: ``Normal(loc, scale).to_event(1)``.
+        """
+        loc, scale = self(features)
+        return dist.Normal(loc, scale).to_event(1)
+
+
+#: :class:`NormalHead` under the name used for real-valued (Gaussian) likelihoods.
+GaussianHead = NormalHead
+
+
+class BernoulliHead(nn.Module):
+    """
+    Map features to the logits of independent Bernoullis.
+
+    :param int in_features: input width.
+    :param int out_dim: event size.
+    :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+    """
+
+    def __init__(self, in_features: int, out_dim: int, init: str = "default") -> None:
+        super().__init__()
+        self.logits_layer = nn.Linear(in_features, out_dim)
+        init_weights_(self, init)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """
+        :param torch.Tensor features: shape ``[..., in_features]``.
+        :returns: logits of shape ``[..., out_dim]``.
+        """
+        return self.logits_layer(features)
+
+    def distribution(self, features: Tensor) -> dist.TorchDistribution:
+        """
+        :returns: ``Bernoulli(logits=logits).to_event(1)``.
+        """
+        return dist.Bernoulli(logits=self(features)).to_event(1)
+
+
+class CategoricalHead(nn.Module):
+    """
+    Map features to the logits of a categorical distribution over labels.
+
+    :param int in_features: input width.
+    :param int num_classes: number of classes.
+    :param bool one_hot: build a :class:`~pyro.distributions.OneHotCategorical`
+        (default) rather than a :class:`~pyro.distributions.Categorical`.
+    :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+    """
+
+    def __init__(
+        self, in_features: int, num_classes: int, one_hot: bool = True, init: str = "default"
+    ) -> None:
+        super().__init__()
+        self.one_hot = one_hot
+        self.logits_layer = nn.Linear(in_features, num_classes)
+        init_weights_(self, init)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """
+        :param torch.Tensor features: shape ``[..., in_features]``.
+        :returns: logits of shape ``[..., num_classes]``.
+        """
+        return self.logits_layer(features)
+
+    def distribution(self, features: Tensor) -> dist.TorchDistribution:
+        """
+        :returns: ``OneHotCategorical(logits=logits)`` (event shape
+            ``[num_classes]``) or ``Categorical(logits=logits)``.
+        """
+        logits = self(features)
+        if self.one_hot:
+            return dist.OneHotCategorical(logits=logits)
+        return dist.Categorical(logits=logits)
+
+
+def likelihood_head(kind: str, in_features: int, out_dim: int) -> nn.Module:
+    """
+    Build the observation head for a likelihood.
+
+    :param str kind: ``"bernoulli"`` (binary data) or ``"gaussian"``
+        (real-valued data).
+    :param int in_features: input width.
+    :param int out_dim: data dimension.
+    :raises ValueError: if ``kind`` is unknown.
+    """
+    if kind == "bernoulli":
+        return BernoulliHead(in_features, out_dim)
+    if kind == "gaussian":
+        return GaussianHead(in_features, out_dim)
+    raise ValueError(f"Unknown likelihood {kind!r}; expected 'bernoulli' or 'gaussian'")
+
+
+def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _conv_block(conv: nn.Module, channels: int, batch_norm: bool, act: str) -> nn.Sequential:
+    layers = [conv]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(channels))
+    layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+class ConvEncoder(nn.Module):
+    """
+    Stack of stride-2 convolutions (padding ``kernel_size // 2``), each
+    followed by optional batch-norm and an activation, for small images
+    (28x28 MNIST, 32x32 SVHN, 8x8 scikit-learn digits).
+
+    Inputs may be images ``[..., C, H, W]`` or flattened images
+    ``[..., C*H*W]``; leading dimensions are preserved.
+
+    :param image_shape: ``(C, H, W)``.
+    :param channels: output channels of each convolution.
+    :param int kernel_size: convolution kernel size.
+    :param bool batch_norm: add :class:`~torch.nn.BatchNorm2d` after each conv.
+    :param str activation: activation name, see :data:`ACTIVATIONS`.
+    :param bool global_pool: average the final feature map over space, giving
+        ``channels[-1]`` features; otherwise flatten it.
+    :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+
+    :ivar int out_features: width of the output ``[..., out_features]``.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        channels: Sequence[int] = (32, 64),
+        kernel_size: int = 3,
+        batch_norm: bool = True,
+        activation: str = "relu",
+        global_pool: bool = False,
+        init: str = "default",
+    ) -> None:
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        self.global_pool = global_pool
+        c, h, w = self.image_shape
+        pad = kernel_size // 2
+        blocks = []
+        for out_c in channels:
+            conv = nn.Conv2d(c, out_c, kernel_size, stride=2, padding=pad)
+            blocks.append(_conv_block(conv, out_c, batch_norm, activation))
+            c = out_c
+            h = (h + 2 * pad - kernel_size) // 2 + 1
+            w = (w + 2 * pad - kernel_size) // 2 + 1
+            if h < 1 or w < 1:
+                raise ValueError(f"Too many down-sampling layers for image {image_shape}")
+        self.convs = nn.Sequential(*blocks)
+        self.feature_shape = (c, h, w)
+        self.out_features = c if global_pool else c * h * w
+        init_weights_(self, init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """
+        :param torch.Tensor x: ``[..., C, H, W]`` or ``[..., C*H*W]``.
+        :returns: features of shape ``[..., out_features]``.
+        """
+        shape = self.image_shape
+        if x.dim() >= 3 and tuple(x.shape[-3:]) == shape:
+            images, batch_shape = _flatten_batch(x, 3)
+        elif x.dim() >= 1 and x.shape[-1] == math.prod(shape):
+            flat, batch_shape = _flatten_batch(x, 1)
+            images = flat.reshape((flat.shape[0],) + shape)
+        else:
+            raise ValueError(
+                f"Expected input of shape [..., {shape}] or [..., {math.prod(shape)}], "
+                f"got {tuple(x.shape)}"
+            )
+        h = self.convs(images)
+        h = h.mean(dim=(-2, -1)) if self.global_pool else h.flatten(start_dim=1)
+        return h.reshape(batch_shape + (self.out_features,))
+
+
+class ConvDecoder(nn.Module):
+    """
+    Map a feature vector to a flattened image of logits (Bernoulli) or means
+    (Gaussian).
+
+    A linear layer produces a ``channels[0]``-channel feature map of size
+    ``ceil(H / 2**n) x ceil(W / 2**n)`` with ``n = len(channels)``; then
+    ``n`` stride-2 transposed convolutions each exactly double the spatial
+    size (``channels[0] -> ... -> channels[-1] -> C``, batch-norm and
+    activation after all but the last), so the map reaches at least
+    ``H x W``. The result is **centre-cropped** to ``H x W`` (no-op when
+    ``H`` and ``W`` are divisible by ``2**n``, e.g. 28x28, 32x32 and 8x8 with
+    the default two layers) and returned flattened as ``[..., C*H*W]`` without
+    an output activation, ready for ``Bernoulli(logits=...).to_event(1)`` or
+    ``Normal(loc=..., ...).to_event(1)``.
+
+    :param int in_features: input width.
+    :param image_shape: ``(C, H, W)``.
+    :param channels: channels of the feature maps before each up-sampling.
+    :param int kernel_size: transposed convolution kernel size.
+    :param bool batch_norm: add batch-norm after the hidden layers.
+    :param str activation: activation name, see :data:`ACTIVATIONS`.
+    :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+
+    :ivar int out_features: ``C * H * W``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        image_shape: tuple[int, int, int],
+        channels: Sequence[int] = (64, 32),
+        kernel_size: int = 4,
+        batch_norm: bool = True,
+        activation: str = "relu",
+        init: str = "default",
+    ) -> None:
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        channels = list(channels)
+        if not channels:
+            raise ValueError("ConvDecoder needs at least one channel entry")
+        c_out, h, w = self.image_shape
+        n = len(channels)
+        self.start_shape = (channels[0], math.ceil(h / 2**n), math.ceil(w / 2**n))
+        self.in_features = in_features
+        self.out_features = c_out * h * w
+        self.linear = nn.Linear(in_features, math.prod(self.start_shape))
+        self.start_norm = nn.BatchNorm2d(channels[0]) if batch_norm else nn.Identity()
+        self.start_act = _activation(activation)
+        # exact doubling: (in - 1) * 2 - 2 * pad + k + out_pad == 2 * in
+        pad = (kernel_size - 1) // 2
+        out_pad = 2 - kernel_size + 2 * pad
+        blocks = []
+        for i, c_in in enumerate(channels):
+            last = i == n - 1
+            c_next = c_out if last else channels[i + 1]
+            conv = nn.ConvTranspose2d(
+                c_in, c_next, kernel_size, stride=2, padding=pad, output_padding=out_pad
+            )
+            blocks.append(conv if last else _conv_block(conv, c_next, batch_norm, activation))
+        self.deconvs = nn.Sequential(*blocks)
+        init_weights_(self, init)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """
+        :param torch.Tensor z: features of shape ``[..., in_features]``.
+        :returns: flattened image parameters of shape ``[..., C*H*W]``.
+        """
+        flat, batch_shape = _flatten_batch(z, 1)
+        h = self.linear(flat).reshape((flat.shape[0],) + self.start_shape)
+        h = self.deconvs(self.start_act(self.start_norm(h)))
+        _, height, width = self.image_shape
+        top = (h.shape[-2] - height) // 2
+        left = (h.shape[-1] - width) // 2
+        h = h[..., top : top + height, left : left + width]
+        return h.reshape(batch_shape + (self.out_features,))

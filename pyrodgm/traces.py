@@ -1,0 +1,436 @@
+"""Trace machinery shared by every loss and by the importance-weighted evaluator.
+
+One function, :func:`particle_traces`, runs a guide with vectorised particles and parallel
+enumeration of its discrete sites, replays the model against it, and returns the two
+:class:`~pyro.poutine.Trace` objects.  :func:`log_weight_terms` turns the pair into
+per-site log-density terms laid out as ``(enum dims..., particles, plate dims...)``, and
+:class:`TraceTerms` reduces them either to an ELBO (enumerated sites summed exactly with
+their guide probabilities) or to per-datapoint importance log-weights.  Labels of a
+semi-supervised batch enter through :class:`ObserveLabels`, a messenger that observes the
+label site with the right encoding (integer or one-hot) for its distribution.
+
+All data-dependent sites must sit in ``pyro.plate("data", ...)``; sites outside it are
+*global* and are only allowed where no per-datapoint value is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import kl_divergence
+from torch.distributions.kl import _KL_REGISTRY
+
+DATA_PLATE = "data"
+PARTICLE_PLATE = "num_particles_vectorized"
+
+__all__ = [
+    "DATA_PLATE",
+    "PARTICLE_PLATE",
+    "ObserveLabels",
+    "TraceTerms",
+    "encode_labels",
+    "guess_plate_nesting",
+    "label_log_prob",
+    "log_weight_terms",
+    "particle_traces",
+]
+
+
+# --------------------------------------------------------------------------------------
+# labels
+# --------------------------------------------------------------------------------------
+def _is_one_hot(fn: dist.Distribution) -> bool:
+    base = fn
+    while isinstance(base, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        base = base.base_dist
+    return isinstance(
+        base,
+        (dist.OneHotCategorical, dist.RelaxedOneHotCategorical, dist.RelaxedOneHotCategoricalStraightThrough),
+    )
+
+
+def encode_labels(labels: torch.Tensor, fn: dist.Distribution) -> torch.Tensor:
+    """Integer labels in the encoding ``fn`` samples: one-hot for (relaxed) one-hot
+    categoricals, integers for :class:`~pyro.distributions.Categorical`."""
+    if _is_one_hot(fn):
+        num_classes = fn.event_shape[-1]
+        dtype = fn.logits.dtype if hasattr(fn, "logits") else torch.get_default_dtype()
+        return torch.nn.functional.one_hot(labels, num_classes).to(dtype)
+    return labels
+
+
+def _categorical_logits(fn: dist.Distribution) -> torch.Tensor:
+    base = fn
+    while isinstance(base, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        base = base.base_dist
+    if not hasattr(base, "logits"):
+        raise TypeError(
+            f"the label site must be a categorical distribution, got {type(base).__name__}"
+        )
+    logits = base.logits.expand(fn.batch_shape + base.logits.shape[-1:])
+    return logits - logits.logsumexp(-1, keepdim=True)
+
+
+def label_log_prob(fn: dist.Distribution, labels: torch.Tensor) -> torch.Tensor:
+    """``log q(y=labels)`` under the categorical behind ``fn``.
+
+    For a Gumbel-softmax (relaxed) site this is the log-probability of the categorical the
+    relaxation is built on, which is what a classification loss needs.
+    """
+    logits = _categorical_logits(fn)
+    return logits.gather(-1, labels.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+
+def _num_categories(fn: dist.Distribution) -> int:
+    return _categorical_logits(fn).shape[-1]
+
+
+def _check_label_range(labels: torch.Tensor, fn: dist.Distribution, site: str) -> None:
+    num_classes = _num_categories(fn)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"label {bad[0].item()} is out of range for site '{site}' with {num_classes} classes "
+            f"(labels must lie in [0, {num_classes - 1}], or be -1 for unlabelled rows)"
+        )
+
+
+class ObserveLabels(Messenger):
+    """Observes the site ``site`` at ``labels`` (integer class indices), encoded to match
+    the site's distribution (one-hot or integer).
+
+    Apply it innermost, so that :func:`~pyro.poutine.replay` sees an observed site.
+    """
+
+    def __init__(self, site: str, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.site = site
+        self.labels = labels
+        self.seen = False
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] != self.site:
+            return
+        if is_validation_enabled():
+            _check_label_range(self.labels, msg["fn"], self.site)
+        msg["value"] = encode_labels(self.labels, msg["fn"])
+        msg["is_observed"] = True
+        # a guide-side observed label is no latent variable: mark it auxiliary so Pyro's
+        # model/guide match check does not look for it among the model's latents
+        msg["infer"] = {**msg["infer"], "enumerate": None, "is_auxiliary": True}
+        self.seen = True
+
+
+# --------------------------------------------------------------------------------------
+# tracing
+# --------------------------------------------------------------------------------------
+def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Number of plate dims the guide (and the model, if given) use, from one
+    un-enumerated run."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        traces = [prune_subsample_sites(guide_trace)]
+        if model is not None:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+            traces.append(prune_subsample_sites(model_trace))
+    dims = [
+        frame.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+def particle_guide(guide: Callable, num_particles: int, plate_nesting: int, enumerate_guide: bool = True) -> Callable:
+    """``guide`` inside the particle plate at dim ``-(plate_nesting + 1)``, its enumerable
+    sites enumerated in parallel to the left of it."""
+    particle_dim = -(plate_nesting + 1)
+    guide = pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim)(guide)
+    if enumerate_guide:
+        guide = poutine.enum(guide, first_available_dim=particle_dim - 1)
+    return guide
+
+
+def guide_trace(guide: Callable, args: tuple, kwargs: dict, num_particles: int, plate_nesting: int) -> Trace:
+    """A trace of the guide alone, with particles and enumeration, log-densities computed."""
+    trace = poutine.trace(particle_guide(guide, num_particles, plate_nesting)).get_trace(*args, **kwargs)
+    trace = prune_subsample_sites(trace)
+    trace.compute_log_prob()
+    return trace
+
+
+def particle_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    plate_nesting: int,
+    enumerate_guide: bool = True,
+) -> tuple[Trace, Trace]:
+    """Run ``guide`` with ``num_particles`` vectorised particles (plate dim
+    ``-(plate_nesting + 1)``) and its enumerable sites enumerated in parallel to the left of
+    that, then replay ``model`` against it.  Log-densities are computed on both traces."""
+    particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+    model_trace, guide_trace = get_importance_trace(
+        "flat",
+        plate_nesting + 1,
+        particles(model),
+        particle_guide(guide, num_particles, plate_nesting, enumerate_guide),
+        args,
+        kwargs,
+    )
+    _check_no_model_enumeration(model_trace, guide_trace)
+    return model_trace, guide_trace
+
+
+def _check_no_model_enumeration(model_trace: Trace, guide_trace: Trace) -> None:
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace:
+            raise ValueError(
+                f"model site '{name}' is latent but the guide has no site of that name; "
+                "pyrodgm losses need every latent site in the guide (enumerate discrete "
+                "sites in the guide with infer={'enumerate': 'parallel'})"
+            )
+
+
+# --------------------------------------------------------------------------------------
+# per-site terms
+# --------------------------------------------------------------------------------------
+@dataclass
+class Term:
+    """One additive piece of ``log p(x, latents) - log q(latents)``: a tensor laid out as
+    ``(enum dims..., particles, plate dims...)`` (broadcastable), the site it came from and
+    whether that site is inside the data plate at dim ``data_dim``."""
+
+    name: str
+    value: torch.Tensor
+    data_dim: Optional[int]
+
+
+def _is_enumerated(site) -> bool:
+    return site["infer"].get("_enumerate_dim") is not None
+
+
+def _is_latent(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"]
+
+
+def _data_dim(site) -> Optional[int]:
+    for frame in site["cond_indep_stack"]:
+        if frame.name == DATA_PLATE:
+            return frame.dim
+    return None
+
+
+def _analytic_kl_applies(name: str, model_trace: Trace, guide_trace: Trace) -> bool:
+    """Whether ``E_q[log p(z|pa) - log q(z|.)] = -KL(q || p)`` may be used at site ``name``.
+
+    Sound when every latent site the model samples before ``name`` (a superset of its
+    parents) was also sampled before it in the guide, so that nothing the guide draws after
+    ``z`` can change ``p(z|pa)``; and a closed form is registered for the pair.
+    """
+    guide_site, model_site = guide_trace.nodes[name], model_trace.nodes[name]
+    if _is_enumerated(guide_site) or not guide_site["fn"].has_rsample:
+        return False
+    guide_order = [n for n, s in guide_trace.nodes.items() if _is_latent(s)]
+    guide_before = set(guide_order[: guide_order.index(name)])
+    for other, site in model_trace.nodes.items():
+        if other == name:
+            break
+        if _is_latent(site) and other not in guide_before:
+            return False
+    return _has_kl(guide_site["fn"], model_site["fn"])
+
+
+def _has_kl(q: dist.Distribution, p: dist.Distribution) -> bool:
+    if isinstance(q, dist.Independent) and isinstance(p, dist.Independent):
+        if q.reinterpreted_batch_ndims != p.reinterpreted_batch_ndims:
+            return False
+        q, p = q.base_dist, p.base_dist
+    return any(issubclass(type(q), a) and issubclass(type(p), b) for a, b in _KL_REGISTRY)
+
+
+def _scale_and_mask(value: torch.Tensor, site) -> torch.Tensor:
+    if site["mask"] is not None:
+        value = value * site["mask"]
+    if site["scale"] is not None and not (isinstance(site["scale"], float) and site["scale"] == 1.0):
+        value = value * site["scale"]
+    return value
+
+
+def log_weight_terms(
+    model_trace: Trace,
+    guide_trace: Trace,
+    analytic_kl: bool | Iterable[str] = False,
+) -> tuple[list[Term], list[str]]:
+    """The terms of ``log p - log q`` (guide-observed sites excluded) and the names of the
+    sites whose pair of terms was replaced by ``-KL(q || p)``.
+
+    ``analytic_kl``: ``True`` for every site where :func:`_analytic_kl_applies`, ``False``
+    for none, or an iterable of site names (each still checked).
+    """
+    terms: list[Term] = []
+    kl_sites: list[str] = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        use_kl = (
+            not site["is_observed"]
+            and (analytic_kl is True or (analytic_kl is not False and name in set(analytic_kl)))
+            and _analytic_kl_applies(name, model_trace, guide_trace)
+        )
+        if use_kl:
+            kl = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
+            terms.append(Term(name, -_scale_and_mask(kl, site), _data_dim(site)))
+            kl_sites.append(name)
+        else:
+            terms.append(Term(name, site["log_prob"], _data_dim(site)))
+    for name, site in guide_trace.nodes.items():
+        if _is_latent(site) and name not in kl_sites:
+            terms.append(Term(name, -site["log_prob"], _data_dim(site)))
+    return terms, kl_sites
+
+
+def enumerated_log_q(guide_trace: Trace) -> Optional[torch.Tensor]:
+    """``log q`` of the joint value of all enumerated guide sites (unscaled), or ``None``."""
+    logs = [site["unscaled_log_prob"] for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)]
+    if not logs:
+        return None
+    total = logs[0]
+    for log in logs[1:]:
+        total = total + log
+    return total
+
+
+def check_reparameterized(guide_trace: Trace) -> None:
+    """Every latent guide site must be reparameterised or enumerated: pyrodgm's losses
+    differentiate through samples and sum discrete sites exactly; they use no score
+    function estimator."""
+    for name, site in guide_trace.nodes.items():
+        if _is_latent(site) and not _is_enumerated(site) and not site["fn"].has_rsample:
+            raise ValueError(
+                f"guide site '{name}' ({type(site['fn']).__name__}) is neither reparameterizable "
+                "nor enumerated: mark it infer={'enumerate': 'parallel'} or use a relaxed "
+                "distribution such as RelaxedOneHotCategorical"
+            )
+
+
+class TraceTerms:
+    """The log-weight terms of one (model, guide) trace pair, with the reductions the
+    losses and the evaluator need.
+
+    Every term is laid out as ``(enum dims..., particles, plates...)`` where the particle
+    plate sits at dim ``-(plate_nesting + 1)``.
+
+    :param int plate_nesting: plate dims of the model, excluding the particle plate.
+    :param analytic_kl: see :func:`log_weight_terms`.
+    """
+
+    def __init__(
+        self,
+        model_trace: Trace,
+        guide_trace: Trace,
+        plate_nesting: int,
+        analytic_kl: bool | Iterable[str] = False,
+    ) -> None:
+        self.model_trace = model_trace
+        self.guide_trace = guide_trace
+        self.plate_nesting = plate_nesting
+        self.terms, self.kl_sites = log_weight_terms(model_trace, guide_trace, analytic_kl)
+        log_q = enumerated_log_q(guide_trace)
+        self.enum_weight = None if log_q is None else log_q.exp()
+        self.num_particles = _plate_size(model_trace, PARTICLE_PLATE) or 1
+
+    def elbo(self) -> torch.Tensor:
+        """The ELBO of the trace pair (a scalar): enumerated sites summed exactly with their
+        guide probabilities, mean over particles, sum over everything else."""
+        total = sum(self._enum_expectation(term).sum() for term in self.terms)
+        return total / self.num_particles
+
+    def elbo_per_datapoint(self) -> torch.Tensor:
+        """The ELBO integrand as a ``(particles, batch)`` tensor, enumerated sites summed
+        exactly.  Every site must be local to the data plate."""
+        shape = (self.num_particles, self.batch_size)
+        return sum(self._collapse_plates(term, self._enum_expectation(term)).expand(shape) for term in self.terms)
+
+    def importance_log_weights(self) -> torch.Tensor:
+        """``log sum_y p(x, y, z) / q(z, ... | x, y)`` per particle and datapoint, shape
+        ``(particles, batch)``: the enumerated sites are summed exactly (their guide
+        probabilities cancel), so each particle's weight is an unbiased estimate of
+        ``p(x)``.  Every site must be local to the data plate."""
+        if self.kl_sites:
+            raise ValueError("importance weights need log-densities, not analytic KL terms")
+        total = sum(self._collapse_plates(term, term.value) for term in self.terms)
+        enum_dims = total.dim() - 2
+        if enum_dims > 0:
+            total = total.logsumexp(dim=tuple(range(enum_dims)))
+        return total.expand(self.num_particles, self.batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        size = _plate_size(self.model_trace, DATA_PLATE)
+        if size is None:
+            raise ValueError(f"no sample site of the model is inside pyro.plate('{DATA_PLATE}', ...)")
+        return size
+
+    # ---- shape helpers ------------------------------------------------------------------
+    def _enum_expectation(self, term: Term) -> torch.Tensor:
+        """``sum_y q(y) * term`` over the enumerated dims, or the term itself when it does
+        not depend on an enumerated site."""
+        value = term.value
+        enum_dims = value.dim() - (self.plate_nesting + 1)
+        if self.enum_weight is None or enum_dims <= 0 or all(s == 1 for s in value.shape[:enum_dims]):
+            return value
+        plates = slice(-self.plate_nesting, None) if self.plate_nesting else slice(0, 0)
+        weight_plates = self.enum_weight.shape[plates]
+        value_plates = (1,) * (self.plate_nesting - len(value.shape[plates])) + tuple(value.shape[plates])
+        if any(w > 1 and v == 1 for w, v in zip(weight_plates, value_plates)):
+            raise ValueError(
+                f"site '{term.name}' depends on an enumerated site but lies outside one of its "
+                "plates; an enumerated site must be local to every plate of the sites using it"
+            )
+        weighted = self.enum_weight * value
+        return weighted.sum(dim=tuple(range(weighted.dim() - (self.plate_nesting + 1))))
+
+    def _collapse_plates(self, term: Term, value: torch.Tensor) -> torch.Tensor:
+        """Sum every plate dim but the data plate: ``(enum..., particles, batch)``."""
+        if term.data_dim is None:
+            raise ValueError(
+                f"site '{term.name}' is outside pyro.plate('{DATA_PLATE}', ...): a per-datapoint "
+                "value (IWAE, classification) needs every sample site inside the data plate"
+            )
+        width = self.plate_nesting + 1
+        if value.dim() < width:
+            value = value.reshape((1,) * (width - value.dim()) + tuple(value.shape))
+        other = tuple(d for d in range(-self.plate_nesting, 0) if d != term.data_dim)
+        value = value.sum(dim=other, keepdim=True) if other else value
+        keep = value.shape[: value.dim() - width] + (value.shape[-width], value.shape[term.data_dim])
+        return value.reshape(keep)
+
+
+def _plate_size(trace: Trace, plate: str) -> Optional[int]:
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.name == plate:
+                return frame.size
+    return None
+
+
+def logmeanexp(value: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log mean exp`` along ``dim``, computed stably."""
+    return value.logsumexp(dim) - math.log(value.shape[dim])

@@ -1,0 +1,184 @@
+"""The ``pyrodgm`` command: ``train``, ``evaluate``, ``plot`` and ``models``.
+
+Examples::
+
+    pyrodgm train m2 --dataset digits --labels 100 --epochs 20 --out runs/m2
+    pyrodgm train m2 --dataset mnist --root ../shared/data --labels 100 --epochs 1000 --device cuda
+    pyrodgm train m2 ... --resume          # continue exactly where the last checkpoint was
+    pyrodgm evaluate runs/m2/best.pt --iwae-k 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 500,500, got '{text}'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .zoo import RECIPES
+
+    parser = argparse.ArgumentParser(prog="pyrodgm", description="Deep generative models for semi-supervised learning, in Pyro.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (writes checkpoints, metrics.json, sample grids)")
+    train.add_argument("model", choices=sorted(RECIPES))
+    train.add_argument("--dataset", choices=DATASETS, default="digits")
+    train.add_argument("--root", help="data folder (torchvision layout); downloads there unless --no-download")
+    train.add_argument("--no-download", dest="download", action="store_false", default=None)
+    train.add_argument("--labels", type=int, help="labelled examples, balanced over classes (default 100)")
+    train.add_argument("--validation", type=int, help="validation examples carved from the training set")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--labelled-per-batch", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--lr-decay", type=float)
+    train.add_argument("--lr-decay-every", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="cpu or cuda (default cpu)")
+    train.add_argument("--out", help="output folder (default runs/MODEL)")
+    train.add_argument("--num-particles", type=int, help="Monte Carlo samples per step (vectorised)")
+    train.add_argument("--eval-particles", type=int, help="samples the classifier is averaged over when evaluating")
+    train.add_argument("--alpha-factor", type=float, help="Kingma et al.'s alpha = FACTOR * N (default 0.1)")
+    train.add_argument("--z-dim", type=int)
+    train.add_argument("--hidden", type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")
+    train.add_argument("--activation")
+    train.add_argument("--likelihood", choices=("bernoulli", "gaussian"))
+    train.add_argument("--no-binarize", dest="binarize", action="store_false", default=None)
+    train.add_argument("--m1-checkpoint", help="m1m2: a trained m1 checkpoint (frozen)")
+    train.add_argument("--end-to-end", action="store_true", default=None, help="m1m2: train M1 and M2 jointly")
+    train.add_argument("--no-samples", dest="samples", action="store_false", default=None)
+    train.add_argument("--no-validate-inputs", dest="validate_inputs", action="store_false", default=None,
+                       help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="test-set IWAE log-likelihood (with PSIS k-hat, ESS) and error")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--iwae-k", type=int, default=5000)
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N test images only")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--chunk-size", type=int, default=500, help="particles traced at once")
+    evaluate.add_argument("--root", help="override the data folder saved in the checkpoint")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--output", help="write the results as JSON here too")
+    evaluate.add_argument("--quiet", action="store_true")
+
+    plot = commands.add_parser("plot", help="class-conditional samples and 2-D latent manifolds as PNGs")
+    plot.add_argument("checkpoint")
+    plot.add_argument("--out", help="folder (default: beside the checkpoint)")
+    plot.add_argument("--steps", type=int, default=20)
+
+    commands.add_parser("models", help="list the models")
+    return parser
+
+
+def _train_config(args: argparse.Namespace):
+    from .training import TrainConfig
+    from .zoo import recipe
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values = {**recipe(args.model).defaults, **given, "model": args.model}
+    values.setdefault("out", f"runs/{args.model}")
+    return TrainConfig(**values)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from .training import train
+
+    return train(_train_config(args), resume=args.resume, progress=not args.quiet)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+    from .evaluation import classification_error, iwae_evaluate
+    from .training import build_from_checkpoint, device_description, evaluation_data
+
+    config, recipe_, model, guide, state = build_from_checkpoint(args.checkpoint, args.device)
+    root = args.root or config.root
+    test = evaluation_data(load_dataset(config.dataset, root=root, train=False, download=config.download), config)
+    if args.limit is not None:
+        test = test.subset(torch.arange(min(args.limit, len(test))))
+    test = test.to(args.device)
+    x = test.flat()
+    import time
+
+    start = time.perf_counter()
+    result = iwae_evaluate(model, guide, x, args.iwae_k, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "model": config.model,
+        "dataset": config.dataset,
+        "epoch": state["epoch"],
+        "device": device_description(torch.device(args.device)),
+        "iwae_seconds": seconds,
+        **result.summary(),
+    }
+    if recipe_.label_site:
+        report["test_error"] = classification_error(guide, x, test.y, num_particles=config.eval_particles, label_site=recipe_.label_site)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _plot(args: argparse.Namespace) -> dict:
+    from .plots import save_manifold, save_samples
+    from .training import _image_shape, build_from_checkpoint
+
+    config, recipe_, model, guide, _ = build_from_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "plots"
+    image_shape = _image_shape(config)
+    num_classes = getattr(model, "num_classes", None) if recipe_.label_site else None
+    written = [out / "samples.png"]
+    save_samples(model, written[0], image_shape, num_classes=num_classes)
+    labels = range(num_classes) if num_classes else [None]
+    for label in labels:
+        name = "manifold.png" if label is None else f"manifold_class{label}.png"
+        save_manifold(model, out / name, image_shape, config.z_dim, site=recipe_.latent_site, label=label, steps=args.steps)
+        written.append(out / name)
+    return {"written": [str(p) for p in written]}
+
+
+def _models(args: argparse.Namespace) -> dict:
+    from .zoo import RECIPES
+
+    return {name: r.description for name, r in RECIPES.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models}[args.command]
+    try:
+        result = handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"pyrodgm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    if args.command == "train":
+        summary = {"out": result["config"]["out"], "best_validation": result["best_validation"], "test": result.get("test")}
+        print(json.dumps(summary, indent=2))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Training: one step as a plain function, and the epoch loop with validation, metrics,
+sample grids and resumable checkpoints.
+
+:func:`training_step` is a function of ``(model, guide, loss, optim, batch)`` and nothing
+else, so a Lightning module (or any other driver) can wrap it.  :func:`train` runs the
+whole schedule of a :class:`TrainConfig`: the semi-supervised split (validation carved from
+the training set; the test set only evaluated, with the checkpoint chosen on validation),
+ADGM-style batches with dynamic binarisation, a checkpoint written atomically after every
+epoch, and ``resume=True`` continuing from it exactly: same batches, same random draws,
+same parameters as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
+from .evaluation import classification_error
+from .losses import Loss, SemiSupervisedELBO
+from .zoo import Recipe, recipe
+
+__all__ = ["TrainConfig", "training_step", "train", "build_from_checkpoint", "device_description"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in every checkpoint)."""
+
+    model: str = "m2"
+    dataset: str = "digits"
+    root: Optional[str] = None
+    download: bool = True
+    labels: int = 100
+    validation: Optional[int] = None
+    epochs: int = 10
+    batch_size: int = 200
+    labelled_per_batch: int = 100
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_decay: float = 1.0
+    lr_decay_every: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/m2"
+    num_particles: int = 1
+    eval_particles: int = 10
+    alpha_factor: float = 0.1
+    binarize: bool = True
+    z_dim: int = 50
+    m1_z_dim: int = 50
+    hidden: tuple[int, ...] = (500,)
+    activation: str = "softplus"
+    likelihood: str = "bernoulli"
+    m1_checkpoint: Optional[str] = None
+    end_to_end: bool = False
+    samples: bool = True
+    validate_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.hidden = tuple(self.hidden)
+        for name in ("epochs", "batch_size", "num_particles", "eval_particles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.labels < 0:
+            raise ValueError(f"labels must be non-negative, got {self.labels}")
+        if self.likelihood == "bernoulli" and not self.binarize:
+            raise ValueError("a Bernoulli likelihood needs binary pixels: keep binarisation on, or use likelihood='gaussian'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device '{self.device}' was asked for but CUDA is not available")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def num_validation(self) -> int:
+        if self.validation is not None:
+            return self.validation
+        return 300 if self.dataset == "digits" else 10000
+
+
+def training_step(model, guide, loss: Loss, optim: pyro.optim.PyroOptim, batch: tuple[torch.Tensor, Optional[torch.Tensor]]) -> float:
+    """One SVI step on ``batch = (x, y)`` (``y`` may be ``None`` or hold ``-1`` for
+    unlabelled rows).  Returns the loss."""
+    x, y = batch
+    svi = SVI(model, guide, optim, loss)
+    return svi.step(x) if y is None else svi.step(x, y=y)
+
+
+def device_description(device: torch.device) -> str:
+    """The hardware a run used, for results tables."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _set_learning_rate(optim: pyro.optim.PyroOptim, lr: float) -> None:
+    for optimizer in optim.optim_objs.values():
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """``lr * lr_decay ** (epoch // lr_decay_every)`` (ADGM: x0.75 every 200 epochs)."""
+    if config.lr_decay_every <= 0:
+        return config.lr
+    return config.lr * config.lr_decay ** (epoch // config.lr_decay_every)
+
+
+@dataclass
+class Run:
+    """The state of a training run between epochs."""
+
+    config: TrainConfig
+    recipe: Recipe
+    device: torch.device
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    loss: Loss
+    optim: pyro.optim.PyroOptim
+    batches: SemiSupervisedBatches
+    validation: ImageData
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    best: Optional[dict] = None
+
+
+def _prepare(config: TrainConfig) -> Run:
+    recipe_ = recipe(config.model)
+    device = torch.device(config.device)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    pyro.enable_validation(config.validate_inputs)
+    train_data = load_dataset(config.dataset, root=config.root, train=True, download=config.download)
+    labels = config.labels if recipe_.label_site else 0
+    labelled_per_batch = config.labelled_per_batch if labels else 0
+    split = semi_supervised_split(
+        train_data.y, labels, train_data.num_classes, config.num_validation, config.seed
+    ) if labels else None
+    x = train_data.flat().to(device)
+    if split is None:
+        validation_index, unlabelled_index = _unsupervised_split(len(train_data), config.num_validation, config.seed)
+        labelled_index = unlabelled_index[:0]
+    else:
+        validation_index, unlabelled_index, labelled_index = split.validation, split.unlabelled, split.labelled
+    y = train_data.y.to(device)
+    batches = SemiSupervisedBatches(
+        x[labelled_index.to(device)],
+        y[labelled_index.to(device)],
+        x[unlabelled_index.to(device)],
+        batch_size=config.batch_size,
+        labelled_per_batch=labelled_per_batch,
+        seed=config.seed,
+        binarize=config.binarize,
+        num_classes=train_data.num_classes,
+    )
+    model, guide = recipe_.build(config, train_data.num_features, train_data.num_classes)
+    model.to(device), guide.to(device)
+    loss = recipe_.loss(config, num_data=len(unlabelled_index), num_labels=labels)
+    optim = pyro.optim.Adam({"lr": learning_rate(config, 0), "betas": config.betas})
+    validation = evaluation_data(train_data.subset(validation_index), config).to(device)
+    return Run(config, recipe_, device, model, guide, loss, optim, batches, validation)
+
+
+def evaluation_data(data: ImageData, config: TrainConfig) -> ImageData:
+    """Validation/test images, binarised once with a generator seeded by ``config.seed``
+    (a fixed stochastic binarisation, as is usual for binarised MNIST) when training
+    binarises."""
+    if not config.binarize:
+        return data
+    generator = torch.Generator().manual_seed(config.seed)
+    return ImageData(binarize(data.x, generator), data.y, data.num_classes, data.name)
+
+
+def _unsupervised_split(size: int, num_validation: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return order[:num_validation].sort().values, order[num_validation:].sort().values
+
+
+def _restore(run: Run, state: dict) -> None:
+    run.model.load_state_dict(state["model"])
+    run.guide.load_state_dict(state["guide"])
+    run.optim.set_state(state["optim"])
+    run.epoch = state["epoch"]
+    run.history = list(state["history"])
+    run.best = state.get("best")
+    set_rng_state(state["rng"])
+
+
+def _checkpoint_state(run: Run) -> dict:
+    return {
+        "config": run.config.to_dict(),
+        "epoch": run.epoch,
+        "model": run.model.state_dict(),
+        "guide": run.guide.state_dict(),
+        "optim": run.optim.get_state(),
+        "rng": rng_state(),
+        "history": run.history,
+        "best": run.best,
+    }
+
+
+@torch.no_grad()
+def validation_metrics(run: Run, data: ImageData) -> dict:
+    """ELBO per example (labels unseen) and, for classifiers, the error of the guide's
+    classifier averaged over ``eval_particles`` samples."""
+    run.model.eval(), run.guide.eval()
+    x = data.flat()
+    elbo = SemiSupervisedELBO(max_plate_nesting=1)
+    total = sum(-elbo.loss(run.model, run.guide, x[i : i + 1000]) for i in range(0, x.shape[0], 1000))
+    metrics = {"elbo": total / x.shape[0]}
+    if run.recipe.label_site:
+        metrics["error"] = classification_error(run.guide, x, data.y, num_particles=run.config.eval_particles, label_site=run.recipe.label_site)
+    return metrics
+
+
+def _is_better(metrics: dict, best: Optional[dict]) -> bool:
+    if best is None:
+        return True
+    key = "error" if "error" in metrics else "elbo"
+    return metrics[key] < best[key] if key == "error" else metrics[key] > best[key]
+
+
+def _run_epoch(run: Run, progress: bool) -> float:
+    run.model.train(), run.guide.train()
+    _set_learning_rate(run.optim, learning_rate(run.config, run.epoch))
+    run.batches.set_epoch(run.epoch)
+    total, steps = 0.0, 0
+    bar = tqdm(run.batches, desc=f"epoch {run.epoch + 1}/{run.config.epochs}", disable=not progress, leave=False)
+    for x, y in bar:
+        labels = y if run.batches.labelled_per_batch else None
+        total += training_step(run.model, run.guide, run.loss, run.optim, (x, labels))
+        steps += 1
+        if progress and steps % 20 == 0:
+            bar.set_postfix(loss=f"{total / steps / x.shape[0]:.2f}")
+    return total / max(steps, 1) / run.config.batch_size
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or, with ``resume``, continue) the schedule of ``config``; returns the metrics
+    written to ``out/metrics.json``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _prepare(config)
+    checkpoint = out / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        _check_resumable(config, state["config"])
+        _restore(run, state)
+    started = time.perf_counter()
+    while run.epoch < config.epochs:
+        epoch_start = time.perf_counter()
+        train_loss = _run_epoch(run, progress)
+        metrics = validation_metrics(run, run.validation)
+        run.epoch += 1
+        record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
+        record["epoch_seconds"] = time.perf_counter() - epoch_start
+        run.history.append(record)
+        if _is_better(metrics, run.best):
+            run.best = {"epoch": run.epoch, **metrics}
+        state = _checkpoint_state(run)
+        save_checkpoint(checkpoint, state)
+        if run.best["epoch"] == run.epoch:
+            shutil.copyfile(checkpoint, out / "best.pt")
+        if config.samples:
+            _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")
+        if progress:
+            tqdm.write(_format_record(record))
+        _write_metrics(out, run, wall_seconds=time.perf_counter() - started)
+    return _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True)
+
+
+def _check_resumable(config: TrainConfig, saved: dict) -> None:
+    current = config.to_dict()
+    differing = [k for k in current if k not in ("epochs", "out", "device", "samples") and _norm(current[k]) != _norm(saved.get(k))]
+    if differing:
+        raise ValueError(f"cannot resume: the checkpoint was trained with different {', '.join(differing)}")
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _format_record(record: dict) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
+def _save_samples(run: Run, path: Path) -> None:
+    from .plots import save_samples
+
+    image_shape = _image_shape(run.config)
+    num_classes = _num_classes(run) if run.recipe.label_site else None
+    save_samples(run.model, path, image_shape, num_classes=num_classes)
+
+
+def _image_shape(config: TrainConfig) -> tuple[int, int, int]:
+    return {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32)}[config.dataset]
+
+
+def _num_classes(run: Run) -> int:
+    return run.model.num_classes
+
+
+def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False) -> dict:
+    metrics = {
+        "config": run.config.to_dict(),
+        "device": device_description(run.device),
+        "epochs_completed": run.epoch,
+        "history": run.history,
+        "best_validation": run.best,
+        "wall_seconds_this_session": wall_seconds,
+        "train_seconds_total": sum(r["epoch_seconds"] for r in run.history),
+    }
+    if final:
+        metrics["test"] = evaluate_test_set(out / "best.pt", run.device)
+    with open(out / "metrics.json", "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+def build_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, Recipe, torch.nn.Module, torch.nn.Module, dict]:
+    """Rebuild the (model, guide) pair saved at ``path``, in eval mode on ``device``."""
+    state = load_checkpoint(path)
+    config = TrainConfig(**{**state["config"], "device": str(device)})
+    recipe_ = recipe(config.model)
+    data_dims = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "svhn": (3072, 10)}[config.dataset]
+    model, guide = recipe_.build(config, *data_dims)
+    model.load_state_dict(state["model"])
+    guide.load_state_dict(state["guide"])
+    model.to(device).eval(), guide.to(device).eval()
+    return config, recipe_, model, guide, state
+
+
+def evaluate_test_set(checkpoint: Path, device: torch.device, limit: Optional[int] = None) -> dict:
+    """Test-set ELBO and classification error of the checkpoint chosen on validation."""
+    config, recipe_, model, guide, state = build_from_checkpoint(checkpoint, device)
+    test = load_dataset(config.dataset, root=config.root, train=False, download=config.download)
+    test = evaluation_data(test, config).to(device)
+    if limit is not None:
+        test = test.subset(torch.arange(min(limit, len(test))))
+    run = Run(config, recipe_, torch.device(device), model, guide, None, None, None, test)
+    return {"epoch": state["epoch"], "num_examples": len(test), **validation_metrics(run, test)}

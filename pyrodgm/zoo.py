@@ -1,0 +1,135 @@
+"""The models the CLI knows by name, with their papers' hyper-parameters as defaults.
+
+A :class:`Recipe` builds the (model, guide) pair and the loss for a data set and a
+:class:`~pyrodgm.training.TrainConfig`; adding a model to the CLI is adding one recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
+from pyrodgm.models import M1M2, M2, VAE
+
+from .losses import Loss, SemiSupervisedELBO
+
+__all__ = ["Recipe", "RECIPES", "recipe", "kingma_alpha"]
+
+
+def kingma_alpha(factor: float, num_data: int, num_labels: int) -> float:
+    """Kingma et al.'s ``alpha = factor * N`` on the *mean* over the labelled set, as the
+    weight per labelled example that :class:`~pyrodgm.losses.SemiSupervisedELBO` takes."""
+    return factor * num_data / num_labels
+
+
+@dataclass
+class Recipe:
+    """How to build one named model.
+
+    :param build: ``(config, x_dim, num_classes) -> (model, guide)``.
+    :param defaults: the paper's hyper-parameters, overriding :class:`TrainConfig`'s.
+    :param label_site: the guide's classifier site, or ``None`` for unsupervised models.
+    :param latent_site: the continuous latent plotted as a 2-D manifold.
+    """
+
+    name: str
+    build: Callable[..., tuple[nn.Module, nn.Module]]
+    description: str
+    defaults: dict = field(default_factory=dict)
+    label_site: Optional[str] = "y"
+    latent_site: str = "z"
+
+    def loss(self, config, num_data: int, num_labels: int) -> Loss:
+        """The training loss: the semi-supervised ELBO with the paper's alpha."""
+        alpha = kingma_alpha(config.alpha_factor, num_data, num_labels) if self.label_site and num_labels else 0.0
+        return SemiSupervisedELBO(num_particles=config.num_particles, alpha=alpha, max_plate_nesting=1)
+
+
+def _hidden(config) -> tuple[int, ...]:
+    return tuple(config.hidden)
+
+
+def build_m1(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    kwargs = dict(z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
+    return VAE(x_dim, likelihood=config.likelihood, **kwargs), VAEGuide(x_dim, **kwargs)
+
+
+def build_m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    kwargs = dict(num_classes=num_classes, z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
+    return M2(x_dim, likelihood=config.likelihood, **kwargs), M2Guide(x_dim, **kwargs)
+
+
+def build_m1m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """M1 from ``config.m1_checkpoint`` (frozen unless ``config.end_to_end``), or a fresh M1
+    trained end to end with M2."""
+    from .checkpoint import load_checkpoint
+
+    frozen = not config.end_to_end
+    if frozen and not config.m1_checkpoint:
+        raise ValueError("m1m2 with a pre-trained M1 needs --m1-checkpoint (or --end-to-end)")
+    if config.m1_checkpoint:
+        state = load_checkpoint(config.m1_checkpoint)
+        from .training import TrainConfig
+
+        m1_config = TrainConfig(**state["config"])
+        if m1_config.model != "m1":
+            raise ValueError(f"{config.m1_checkpoint} holds a '{m1_config.model}' model, not 'm1'")
+        m1, m1_guide = build_m1(m1_config, x_dim, num_classes)
+        m1.load_state_dict(state["model"])
+        m1_guide.load_state_dict(state["guide"])
+        z1_dim = m1_config.z_dim
+    else:
+        z1_dim = config.m1_z_dim
+        m1, m1_guide = VAE(x_dim, z1_dim, (600, 600), "softplus", config.likelihood), VAEGuide(x_dim, z1_dim, (600, 600))
+    kwargs = dict(num_classes=num_classes, z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
+    m2, m2_guide = M2(z1_dim, likelihood="gaussian", **kwargs), M2Guide(z1_dim, **kwargs)
+    return M1M2(m1, m2, freeze_m1=frozen), M1M2Guide(m1_guide, m2_guide, freeze_m1=frozen)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe_.name: recipe_
+    for recipe_ in (
+        Recipe(
+            "m1",
+            build_m1,
+            "VAE / latent-feature model M1 (Kingma et al. 2014): z 50, 2x600 softplus MLPs",
+            dict(z_dim=50, hidden=(600, 600), labels=0, labelled_per_batch=0, batch_size=100),
+            label_site=None,
+        ),
+        Recipe(
+            "m2",
+            build_m2,
+            "generative semi-supervised model M2 (Kingma et al. 2014): z 50, 1x500 softplus MLPs, alpha 0.1 N",
+            dict(z_dim=50, hidden=(500,)),
+        ),
+        Recipe(
+            "m1m2",
+            build_m1m2,
+            "stacked M1+M2 (Kingma et al. 2014): M2 (z2 50, 1x500) on the 50-d features of a pre-trained M1",
+            dict(z_dim=50, hidden=(500,)),
+            latent_site="z2",
+        ),
+    )
+}
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe called ``name``."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(RECIPES)}") from None
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def to_device(modules: tuple[nn.Module, ...], device: torch.device) -> None:
+    for module in modules:
+        module.to(device)

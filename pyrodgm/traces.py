@@ -96,14 +96,15 @@ def _num_categories(fn: dist.Distribution) -> int:
     return _categorical_logits(fn).shape[-1]
 
 
-def _check_label_range(labels: torch.Tensor, fn: dist.Distribution, site: str) -> None:
+def _label_range_error(labels: torch.Tensor, fn: dist.Distribution, site: str) -> Optional[str]:
     num_classes = _num_categories(fn)
     bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.numel():
-        raise ValueError(
-            f"label {bad[0].item()} is out of range for site '{site}' with {num_classes} classes "
-            f"(labels must lie in [0, {num_classes - 1}], or be -1 for unlabelled rows)"
-        )
+    if not bad.numel():
+        return None
+    return (
+        f"label {bad[0].item()} is out of range for site '{site}' with {num_classes} classes "
+        f"(labels must lie in [0, {num_classes - 1}], or be -1 for unlabelled rows)"
+    )
 
 
 class ObserveLabels(Messenger):
@@ -118,13 +119,24 @@ class ObserveLabels(Messenger):
         self.site = site
         self.labels = labels
         self.seen = False
+        self.error: Optional[str] = None
+
+    def check(self) -> None:
+        """Raise the label problem found during the run, if any."""
+        if self.error:
+            raise ValueError(self.error)
 
     def _pyro_sample(self, msg) -> None:
         if msg["name"] != self.site:
             return
+        labels = self.labels
         if is_validation_enabled():
-            _check_label_range(self.labels, msg["fn"], self.site)
-        msg["value"] = encode_labels(self.labels, msg["fn"])
+            # raised by check() after the run: an exception inside a trace gets Pyro's
+            # whole shape table appended, which buries the message
+            self.error = _label_range_error(labels, msg["fn"], self.site)
+            if self.error:
+                labels = labels.clamp(0, _num_categories(msg["fn"]) - 1)
+        msg["value"] = encode_labels(labels, msg["fn"])
         msg["is_observed"] = True
         # a guide-side observed label is no latent variable: mark it auxiliary so Pyro's
         # model/guide match check does not look for it among the model's latents
@@ -138,7 +150,9 @@ class ObserveLabels(Messenger):
 def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
     """Number of plate dims the guide (and the model, if given) use, from one
     un-enumerated run."""
-    with poutine.block():
+    # The trial run must not advance the random number generators: a resumed run guesses
+    # again where an uninterrupted one did not, and must still draw the same numbers.
+    with poutine.block(), torch.random.fork_rng(devices=_cuda_devices()):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         traces = [prune_subsample_sites(guide_trace)]
         if model is not None:
@@ -153,6 +167,12 @@ def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple,
         if frame.vectorized
     ]
     return -min(dims) if dims else 0
+
+
+def _cuda_devices() -> list[int]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
 
 
 def particle_guide(guide: Callable, num_particles: int, plate_nesting: int, enumerate_guide: bool = True) -> Callable:

@@ -147,6 +147,8 @@ def _prepare(config: TrainConfig) -> Run:
     pyro.enable_validation(config.validate_inputs)
     train_data = load_dataset(config.dataset, root=config.root, train=True, download=config.download)
     labels = config.labels if recipe_.label_site else 0
+    if recipe_.label_site and labels == 0:
+        raise ValueError(f"'{config.model}' is semi-supervised: --labels 0 gives an empty labelled set")
     labelled_per_batch = config.labelled_per_batch if labels else 0
     split = semi_supervised_split(
         train_data.y, labels, train_data.num_classes, config.num_validation, config.seed

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
+from pyro.infer.util import is_validation_enabled
 
 from ..traces import (
     ObserveLabels,
@@ -99,6 +100,8 @@ class _TracingLoss(Loss):
     def _labelled_terms(self, model, guide, args, kwargs, label_site: str, labels: torch.Tensor) -> TraceTerms:
         in_model, in_guide = ObserveLabels(label_site, labels), ObserveLabels(label_site, labels)
         terms = self._terms(in_model(model), in_guide(guide), args, kwargs)
+        in_model.check()
+        in_guide.check()
         if not in_model.seen:
             raise ValueError(f"labels were given but the model has no sample site '{label_site}'")
         return terms
@@ -143,7 +146,7 @@ class SemiSupervisedELBO(_TracingLoss):
         self.last_components = {}
         if labels is None:
             return -self._record("unlabelled_elbo", self._terms(model, guide, args, kwargs).elbo())
-        check_labels(labels, num_classes=_num_classes_unknown(), batch_size=_batch_size(args, kwargs, labels))
+        _check_batch_labels(labels, args, kwargs)
         args_l, kwargs_l, args_u, kwargs_u, labels_l = split_batch(labels, args, kwargs)
         loss = torch.zeros((), device=labels.device)
         if labels_l.numel():
@@ -176,7 +179,7 @@ class ClassifierCrossEntropy(_TracingLoss):
         labels = kwargs.pop(self.label_site, None)
         if labels is None:
             raise ValueError(f"ClassifierCrossEntropy needs labels as the keyword '{self.label_site}'")
-        check_labels(labels, num_classes=_num_classes_unknown(), batch_size=_batch_size(args, kwargs, labels))
+        _check_batch_labels(labels, args, kwargs)
         args_l, kwargs_l, _, _, labels_l = split_batch(labels, args, kwargs)
         if not labels_l.numel():
             raise ValueError("the batch has an empty labelled set: every label is -1")
@@ -186,11 +189,17 @@ class ClassifierCrossEntropy(_TracingLoss):
         return value
 
 
-def _num_classes_unknown() -> int:
-    # Label values are checked against the label site's distribution when it is built
-    # (one_hot / gather fail on out-of-range values); here only the dtype, shape and the
-    # lower bound are known, so the upper bound is left open.
-    return 2**62
+def _check_batch_labels(labels: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    """Type, shape and (while Pyro's validation is on) the lower bound of a batch's labels;
+    the upper bound is checked at the label site, where the number of classes is known."""
+    if not torch.is_tensor(labels) or labels.dtype in (torch.bool,) or labels.is_floating_point() or labels.is_complex():
+        check_labels(labels, num_classes=1)  # raises the TypeError naming the problem
+    batch = _batch_size(args, kwargs, labels)
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"y must have shape [{batch}] (one label per row, -1 for unlabelled), got {tuple(labels.shape)}")
+    if is_validation_enabled() and bool((labels < UNLABELLED).any()):
+        bad = labels[labels < UNLABELLED].unique().tolist()
+        raise ValueError(f"label(s) {bad} out of range: labels must be class indices, or -1 for unlabelled rows")
 
 
 def _batch_size(args: tuple, kwargs: dict, labels: torch.Tensor) -> int:

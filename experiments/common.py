@@ -1,0 +1,62 @@
+"""Shared plumbing of the experiment scripts: arguments every script takes, and the
+results JSON (device, epochs, wall time, the paper's target beside what we measured)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str, epochs: int) -> argparse.ArgumentParser:
+    """Arguments shared by every experiment (the paper's schedule is the default)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dataset", default="mnist", help="mnist (paper) or digits (offline smoke runs)")
+    p.add_argument("--root", default=None, help="data folder in torchvision layout, e.g. ../shared/data")
+    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--validation", type=int, default=None)
+    p.add_argument("--out", default=None, help="run folder (default runs/experiments/NAME_seedS)")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def setup(args: argparse.Namespace) -> float:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return time.perf_counter()
+
+
+def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dict, started: float, extra: dict | None = None) -> Path:
+    """Write ``results/NAME_DATASET_seedS.json`` and return its path."""
+    result = {
+        "experiment": name,
+        "date": datetime.date.today().isoformat(),
+        "device": metrics["device"],
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "epochs_planned": args.epochs,
+        "epochs_completed": metrics["epochs_completed"],
+        "train_seconds": metrics["train_seconds_total"],
+        "wall_seconds": time.perf_counter() - started,
+        "best_validation": metrics["best_validation"],
+        "test": metrics.get("test"),
+        "paper": target,
+        **(extra or {}),
+    }
+    path = Path(args.results) / f"{name}_{args.dataset}_seed{args.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("experiment", "device", "epochs_completed", "test")}, indent=2))
+    return path

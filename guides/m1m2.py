@@ -11,15 +11,14 @@ from typing import Optional
 
 import pyro
 import torch
-from torch import nn
 
-from pyrodgm.modeling import check_model_input
+from pyrodgm.modeling import PlatedGuide
 
 from .m2 import M2Guide
 from .vae import VAEGuide
 
 
-class M1M2Guide(nn.Module):
+class M1M2Guide(PlatedGuide):
     """``q(z1|x) q(y|z1) q(z2|y,z1)``.
 
     :param VAEGuide m1_guide: M1's encoder.
@@ -39,18 +38,23 @@ class M1M2Guide(nn.Module):
             self.m1_guide.requires_grad_(False)
             self.m1_guide.eval()
 
+    def register(self) -> None:
+        """Register M2's parameters, and M1's unless it is frozen (frozen parameters stay
+        out of the param store, and out of the optimiser)."""
+        pyro.module(f"{self.pyro_name}.m2_guide", self.m2_guide)
+        if not self.freeze_m1:
+            pyro.module(f"{self.pyro_name}.m1_guide", self.m1_guide)
+
     def train(self, mode: bool = True) -> "M1M2Guide":
         super().train(mode)
         if self.freeze_m1:
             self.m1_guide.eval()
         return self
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pyro.module(self.pyro_name, self)
-        check_model_input(x, self.x_dim, unit_interval=False)
-        with pyro.plate("data", x.shape[0]):
-            z1 = self.m1_guide.infer(x, "z1")
-            return self.m2_guide.infer(z1, y, names=("y", "z2"))
+    def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``z1`` from M1's encoder, then M2's ``y, z2`` on it."""
+        z1 = self.m1_guide.infer(x, name="z1")
+        return self.m2_guide.infer(z1, y, names=("y", "z2"))
 
     def label_distribution(self, x: torch.Tensor):
         """The classifier ``q(y|z1)`` at the mean of ``q(z1|x)`` (a quick point prediction;

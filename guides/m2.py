@@ -11,13 +11,12 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
-from pyrodgm.modeling import check_model_input, one_hot
+from pyrodgm.modeling import PlatedGuide, one_hot
 from pyrodgm.nets import MLP, CategoricalHead, NormalHead, broadcast_cat
 
 
-class M2Guide(nn.Module):
+class M2Guide(PlatedGuide):
     """``q(y|x) q(z|x,y)``; ``y`` is marked for parallel enumeration."""
 
     pyro_name = "m2_guide"
@@ -37,12 +36,6 @@ class M2Guide(nn.Module):
         self.classifier_head = CategoricalHead(self.classifier.out_features, num_classes)
         self.encoder = MLP(x_dim + num_classes, hidden, activation=activation, batch_norm=batch_norm)
         self.encoder_head = NormalHead(self.encoder.out_features, z_dim)
-
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        pyro.module(self.pyro_name, self)
-        check_model_input(x, self.x_dim, unit_interval=False)
-        with pyro.plate("data", x.shape[0]):
-            return self.infer(x, y)
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, names: tuple[str, str] = ("y", "z")) -> torch.Tensor:
         """The sites ``y, z`` under the given names; ``y`` is sampled (enumerated) only when

@@ -3,17 +3,16 @@ r"""The amortised guide of the VAE / M1: ``q(z|x) = N(mu(x), diag sigma^2(x))``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pyro
 import torch
-from torch import nn
 
-from pyrodgm.modeling import check_model_input
+from pyrodgm.modeling import PlatedGuide
 from pyrodgm.nets import MLP, NormalHead
 
 
-class VAEGuide(nn.Module):
+class VAEGuide(PlatedGuide):
     """``q(z|x)``, an MLP encoder with a Normal head."""
 
     pyro_name = "vae_guide"
@@ -31,12 +30,6 @@ class VAEGuide(nn.Module):
         self.encoder = MLP(x_dim, hidden, activation=activation, batch_norm=batch_norm)
         self.head = NormalHead(self.encoder.out_features, z_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pyro.module(self.pyro_name, self)
-        check_model_input(x, self.x_dim, unit_interval=False)
-        with pyro.plate("data", x.shape[0]):
-            return self.infer(x, "z")
-
-    def infer(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Sample site ``name`` from ``q(z|x)``."""
+    def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, name: str = "z") -> torch.Tensor:
+        """Sample site ``name`` from ``q(z|x)`` (M1 has no label; ``y`` is ignored)."""
         return pyro.sample(name, self.head.distribution(self.encoder(x)))

@@ -27,7 +27,7 @@ import pyro
 import torch
 from torch import nn
 
-from pyrodgm.modeling import check_model_input, data_size
+from pyrodgm.modeling import PlatedModel
 
 from .m2 import M2
 from .vae import VAE
@@ -39,7 +39,7 @@ def check_stack(m1_z_dim: int, m2: nn.Module) -> None:
         raise ValueError(f"M2 models {m2.x_dim} features but M1's latent has {m1_z_dim} dimensions")
 
 
-class M1M2(nn.Module):
+class M1M2(PlatedModel):
     """``p(y) p(z2) p(z1|y,z2) p(x|z1)``.
 
     :param VAE m1: the M1 model (its decoder gives ``p(x|z1)``).
@@ -55,10 +55,17 @@ class M1M2(nn.Module):
         if m2.likelihood_kind != "gaussian":
             raise ValueError("M2 inside M1+M2 models continuous features: use likelihood='gaussian'")
         self.m1, self.m2, self.freeze_m1 = m1, m2, freeze_m1
-        self.x_dim, self.num_classes = m1.x_dim, m2.num_classes
+        self.x_dim, self.num_classes, self.likelihood_kind = m1.x_dim, m2.num_classes, m1.likelihood_kind
         if freeze_m1:
             self.m1.requires_grad_(False)
             self.m1.eval()
+
+    def register(self) -> None:
+        """Register M2's parameters, and M1's unless it is frozen (frozen parameters stay
+        out of the param store, and out of the optimiser)."""
+        pyro.module(f"{self.pyro_name}.m2", self.m2)
+        if not self.freeze_m1:
+            pyro.module(f"{self.pyro_name}.m1", self.m1)
 
     def train(self, mode: bool = True) -> "M1M2":
         super().train(mode)
@@ -66,15 +73,7 @@ class M1M2(nn.Module):
             self.m1.eval()
         return self
 
-    def forward(
-        self,
-        x: Optional[torch.Tensor] = None,
-        y: Optional[torch.Tensor] = None,
-        *,
-        batch_size: Optional[int] = None,
-    ) -> torch.Tensor:
-        pyro.module(self.pyro_name, self)
-        check_model_input(x, self.x_dim, self.m1.likelihood_kind == "bernoulli")
-        with pyro.plate("data", data_size(x, y, batch_size)):
-            z1 = self.m2.generate(None, y, names=("y", "z2", "z1"))
-            return self.m1.observe("x", z1, x)
+    def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
+        """M2's sites as ``y, z2, z1``, then M1's ``x``."""
+        z1 = self.m2.generate(None, y, names=("y", "z2", "z1"))
+        return self.m1.observe("x", z1, x)

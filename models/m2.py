@@ -23,13 +23,12 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
-from pyrodgm.modeling import check_model_input, data_size, one_hot
+from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import MLP, broadcast_cat, likelihood_head
 
 
-class M2(nn.Module):
+class M2(PlatedModel):
     """``p(y) p(z) p(x|y,z)``.
 
     :param int x_dim: features per example.
@@ -58,18 +57,6 @@ class M2(nn.Module):
         self.register_buffer("y_logits", torch.zeros(num_classes))
         self.register_buffer("z_loc", torch.zeros(z_dim))
         self.register_buffer("z_scale", torch.ones(z_dim))
-
-    def forward(
-        self,
-        x: Optional[torch.Tensor] = None,
-        y: Optional[torch.Tensor] = None,
-        *,
-        batch_size: Optional[int] = None,
-    ) -> torch.Tensor:
-        pyro.module(self.pyro_name, self)
-        check_model_input(x, self.x_dim, self.likelihood_kind == "bernoulli")
-        with pyro.plate("data", data_size(x, y, batch_size)):
-            return self.generate(x, y)
 
     def generate(
         self,

@@ -22,13 +22,12 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
-from pyrodgm.modeling import check_model_input, data_size
+from pyrodgm.modeling import PlatedModel
 from pyrodgm.nets import MLP, likelihood_head
 
 
-class VAE(nn.Module):
+class VAE(PlatedModel):
     """``p(z) p(x|z)``.
 
     :param int x_dim: features per example (flattened image).
@@ -55,12 +54,12 @@ class VAE(nn.Module):
         self.register_buffer("z_loc", torch.zeros(z_dim))
         self.register_buffer("z_scale", torch.ones(z_dim))
 
-    def forward(self, x: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None) -> torch.Tensor:
-        pyro.module(self.pyro_name, self)
-        check_model_input(x, self.x_dim, self.likelihood_kind == "bernoulli")
-        with pyro.plate("data", data_size(x, batch_size=batch_size)):
-            z = pyro.sample("z", self.prior())
-            return self.observe("x", z, x)
+    def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sites ``z, x``.  M1 has no label: passing ``y`` is an error."""
+        if y is not None:
+            raise ValueError("the VAE (M1) has no label site: call it without y")
+        z = pyro.sample("z", self.prior())
+        return self.observe("x", z, x)
 
     def prior(self) -> dist.TorchDistribution:
         """``p(z) = N(0, I)``."""

@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
         report["test_error"] = classification_error(guide, x, test.y, num_particles=config.eval_particles, label_site=recipe_.label_site)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
 
 

@@ -109,6 +109,8 @@ def iwae_log_likelihood(model: Callable, guide: Callable, *args, num_particles: 
 def importance_diagnostics(log_weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """PSIS Pareto ``k-hat`` (ArviZ's :func:`arviz.psislw`) and the importance-sampling
     effective sample size ``1 / sum(w_norm^2)`` of the smoothed weights, per datapoint.
+    ``k-hat`` is ``inf`` where the tail fit has too few particles (k of about 20 or less),
+    and ``0`` where all weights are equal.
 
     :param log_weights: ``(num_particles, batch)``.
     """
@@ -122,7 +124,12 @@ def importance_diagnostics(log_weights: torch.Tensor) -> tuple[np.ndarray, np.nd
         warnings.simplefilter("ignore", UserWarning)
         smoothed, khat = arviz.psislw(lw.copy())
     ess = 1.0 / np.exp(2 * smoothed).sum(axis=-1)
-    return np.asarray(khat, dtype=float), ess
+    khat = np.asarray(khat, dtype=float)
+    # ArviZ finds no tail to fit when all weights are equal (a perfect proposal) and says
+    # inf; the weights are then bounded, k-hat = 0.  With too few particles (about 20 or
+    # fewer) the tail fit is impossible and inf is kept: the diagnostic is unavailable.
+    khat[np.ptp(lw, axis=-1) == 0] = 0.0
+    return khat, ess
 
 
 @dataclass
@@ -136,16 +143,23 @@ class IWAEResult:
 
     def summary(self) -> dict:
         """Mean log-likelihood and the diagnostics, as JSON-ready numbers."""
+        k, ess = self.pareto_k, self.ess
         return {
-            "iwae_log_likelihood": float(self.log_likelihood.mean()),
+            "iwae_log_likelihood": _finite(self.log_likelihood.mean()),
             "iwae_k": self.num_particles,
             "num_examples": int(self.log_likelihood.numel()),
-            "pareto_k_mean": float(self.pareto_k.mean()),
-            "pareto_k_max": float(self.pareto_k.max()),
-            "pareto_k_frac_above_0.7": float((self.pareto_k > 0.7).mean()),
-            "ess_mean": float(self.ess.mean()),
-            "ess_min": float(self.ess.min()),
+            # k-hat is inf when too few particles reach the tail fit; JSON gets null then
+            "pareto_k_mean": _finite(k.mean()),
+            "pareto_k_max": _finite(k.max()),
+            "pareto_k_frac_above_0.7": float((k > 0.7).mean()),
+            "ess_mean": _finite(ess.mean()),
+            "ess_min": _finite(ess.min()),
         }
+
+
+def _finite(value) -> Optional[float]:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def iwae_evaluate(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
+from torch import nn
 
 from .validation import check_features, check_labels
 
-__all__ = ["data_size", "one_hot", "check_model_input"]
+__all__ = ["PlatedModel", "PlatedGuide", "data_size", "one_hot", "check_model_input"]
 
 
 def data_size(x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> int:
@@ -43,3 +45,52 @@ def check_model_input(x: Optional[torch.Tensor], num_features: int, unit_interva
             raise ValueError(f"{name} must have shape [batch, {num_features}], got {tuple(x.shape)}")
     elif is_validation_enabled():
         check_features(x, name=name, event_shape=(num_features,), unit_interval=unit_interval)
+
+
+class PlatedModel(nn.Module):
+    """Base of the generative models: ``forward(x, y=None, *, batch_size=None)`` registers
+    the module's parameters with :func:`pyro.module`, checks ``x`` and runs
+    :meth:`generate` inside ``pyro.plate("data", ...)``.  Subclasses set ``pyro_name``,
+    ``x_dim`` and ``likelihood_kind`` and write :meth:`generate`."""
+
+    pyro_name: str
+    x_dim: int
+    likelihood_kind: str = "bernoulli"
+
+    def forward(
+        self,
+        x: Optional[torch.Tensor] = None,
+        y: Optional[torch.Tensor] = None,
+        *,
+        batch_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        self.register()
+        check_model_input(x, self.x_dim, self.likelihood_kind == "bernoulli")
+        with pyro.plate("data", data_size(x, y, batch_size)):
+            return self.generate(x, y)
+
+    def register(self) -> None:
+        """Register the trainable parameters with :func:`pyro.module`."""
+        pyro.module(self.pyro_name, self)
+
+    def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PlatedGuide(nn.Module):
+    """Base of the amortised guides: ``forward(x, y=None)`` registers the parameters,
+    checks ``x`` and runs :meth:`infer` inside ``pyro.plate("data", ...)``."""
+
+    pyro_name: str
+    x_dim: int
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.register()
+        check_model_input(x, self.x_dim, unit_interval=False)
+        with pyro.plate("data", x.shape[0]):
+            return self.infer(x, y)
+
+    register = PlatedModel.register
+
+    def infer(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError

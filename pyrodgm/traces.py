@@ -240,6 +240,7 @@ class Term:
     name: str
     value: torch.Tensor
     data_dim: Optional[int]
+    enumerated_guide: bool = False
 
 
 def _is_enumerated(site) -> bool:
@@ -322,7 +323,7 @@ def log_weight_terms(
             terms.append(Term(name, site["log_prob"], _data_dim(site)))
     for name, site in guide_trace.nodes.items():
         if _is_latent(site) and name not in kl_sites:
-            terms.append(Term(name, -site["log_prob"], _data_dim(site)))
+            terms.append(Term(name, -site["log_prob"], _data_dim(site), enumerated_guide=_is_enumerated(site)))
     return terms, kl_sites
 
 
@@ -379,8 +380,7 @@ class TraceTerms:
     def elbo(self) -> torch.Tensor:
         """The ELBO of the trace pair (a scalar): enumerated sites summed exactly with their
         guide probabilities, mean over particles, sum over everything else."""
-        total = sum(self._enum_expectation(term).sum() for term in self.terms)
-        return total / self.num_particles
+        return sum(self._particle_mean(self._enum_expectation(term)).sum() for term in self.terms)
 
     def elbo_per_datapoint(self) -> torch.Tensor:
         """The ELBO integrand as a ``(particles, batch)`` tensor, enumerated sites summed
@@ -391,11 +391,13 @@ class TraceTerms:
     def importance_log_weights(self) -> torch.Tensor:
         """``log sum_y p(x, y, z) / q(z, ... | x, y)`` per particle and datapoint, shape
         ``(particles, batch)``: the enumerated sites are summed exactly (their guide
-        probabilities cancel), so each particle's weight is an unbiased estimate of
-        ``p(x)``.  Every site must be local to the data plate."""
+        probabilities do not enter: the sum over ``y`` is exact, not sampled), so each
+        particle's weight is an unbiased estimate of ``p(x)``.  Every site must be local to
+        the data plate."""
         if self.kl_sites:
             raise ValueError("importance weights need log-densities, not analytic KL terms")
-        total = sum(self._collapse_plates(term, term.value) for term in self.terms)
+        terms = [term for term in self.terms if not term.enumerated_guide]
+        total = sum(self._collapse_plates(term, term.value) for term in terms)
         enum_dims = total.dim() - 2
         if enum_dims > 0:
             total = total.logsumexp(dim=tuple(range(enum_dims)))
@@ -426,6 +428,11 @@ class TraceTerms:
             )
         weighted = self.enum_weight * value
         return weighted.sum(dim=tuple(range(weighted.dim() - (self.plate_nesting + 1))))
+
+    def _particle_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over the particle dim (a term constant across particles is kept once)."""
+        dim = -(self.plate_nesting + 1)
+        return value.mean(dim) if value.dim() >= -dim else value
 
     def _collapse_plates(self, term: Term, value: torch.Tensor) -> torch.Tensor:
         """Sum every plate dim but the data plate: ``(enum..., particles, batch)``."""

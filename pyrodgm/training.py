@@ -62,6 +62,7 @@ class TrainConfig:
     binarize: bool = True
     z_dim: int = 50
     m1_z_dim: int = 50
+    m1_hidden: tuple[int, ...] = (600, 600)
     hidden: tuple[int, ...] = (500,)
     activation: str = "softplus"
     likelihood: str = "bernoulli"
@@ -73,6 +74,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.hidden = tuple(self.hidden)
+        self.m1_hidden = tuple(self.m1_hidden)
         for name in ("epochs", "batch_size", "num_particles", "eval_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -170,7 +172,7 @@ def _prepare(config: TrainConfig) -> Run:
         binarize=config.binarize,
         num_classes=train_data.num_classes,
     )
-    model, guide = recipe_.build(config, train_data.num_features, train_data.num_classes)
+    model, guide = recipe_.create(config, train_data.num_features, train_data.num_classes)
     model.to(device), guide.to(device)
     loss = recipe_.loss(config, num_data=len(unlabelled_index), num_labels=labels)
     optim = pyro.optim.Adam({"lr": learning_rate(config, 0), "betas": config.betas})
@@ -279,11 +281,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if run.best["epoch"] == run.epoch:
             shutil.copyfile(checkpoint, out / "best.pt")
         if config.samples:
-            _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")
+            with torch.random.fork_rng(devices=_cuda_devices(run.device)):  # resume stays exact
+                _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")
         if progress:
             tqdm.write(_format_record(record))
         _write_metrics(out, run, wall_seconds=time.perf_counter() - started)
     return _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _check_resumable(config: TrainConfig, saved: dict) -> None:

@@ -34,6 +34,8 @@ class Recipe:
     :param defaults: the paper's hyper-parameters, overriding :class:`TrainConfig`'s.
     :param label_site: the guide's classifier site, or ``None`` for unsupervised models.
     :param latent_site: the continuous latent plotted as a 2-D manifold.
+    :param configure: adjusts the config before a fresh run builds the pair.
+    :param initialize: loads pre-trained weights into a fresh run's pair.
     """
 
     name: str
@@ -42,6 +44,17 @@ class Recipe:
     defaults: dict = field(default_factory=dict)
     label_site: Optional[str] = "y"
     latent_site: str = "z"
+    configure: Optional[Callable[[object], None]] = None
+    initialize: Optional[Callable[[object, nn.Module, nn.Module], None]] = None
+
+    def create(self, config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+        """The pair for a fresh run: :attr:`configure`, :attr:`build`, :attr:`initialize`."""
+        if self.configure is not None:
+            self.configure(config)
+        model, guide = self.build(config, x_dim, num_classes)
+        if self.initialize is not None:
+            self.initialize(config, model, guide)
+        return model, guide
 
     def loss(self, config, num_data: int, num_labels: int) -> Loss:
         """The training loss: the semi-supervised ELBO with the paper's alpha."""
@@ -64,30 +77,45 @@ def build_m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module
 
 
 def build_m1m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """M1 from ``config.m1_checkpoint`` (frozen unless ``config.end_to_end``), or a fresh M1
-    trained end to end with M2."""
-    from .checkpoint import load_checkpoint
-
+    """M1 (``m1_z_dim``, ``m1_hidden``) under M2; M1 frozen unless ``config.end_to_end``.
+    The architecture comes from the config alone, so an m1m2 checkpoint is self-contained."""
     frozen = not config.end_to_end
     if frozen and not config.m1_checkpoint:
         raise ValueError("m1m2 with a pre-trained M1 needs --m1-checkpoint (or --end-to-end)")
-    if config.m1_checkpoint:
-        state = load_checkpoint(config.m1_checkpoint)
-        from .training import TrainConfig
-
-        m1_config = TrainConfig(**state["config"])
-        if m1_config.model != "m1":
-            raise ValueError(f"{config.m1_checkpoint} holds a '{m1_config.model}' model, not 'm1'")
-        m1, m1_guide = build_m1(m1_config, x_dim, num_classes)
-        m1.load_state_dict(state["model"])
-        m1_guide.load_state_dict(state["guide"])
-        z1_dim = m1_config.z_dim
-    else:
-        z1_dim = config.m1_z_dim
-        m1, m1_guide = VAE(x_dim, z1_dim, (600, 600), "softplus", config.likelihood), VAEGuide(x_dim, z1_dim, (600, 600))
+    m1_kwargs = dict(z_dim=config.m1_z_dim, hidden=tuple(config.m1_hidden), activation=config.activation)
+    m1, m1_guide = VAE(x_dim, likelihood=config.likelihood, **m1_kwargs), VAEGuide(x_dim, **m1_kwargs)
     kwargs = dict(num_classes=num_classes, z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
-    m2, m2_guide = M2(z1_dim, likelihood="gaussian", **kwargs), M2Guide(z1_dim, **kwargs)
+    m2, m2_guide = M2(config.m1_z_dim, likelihood="gaussian", **kwargs), M2Guide(config.m1_z_dim, **kwargs)
     return M1M2(m1, m2, freeze_m1=frozen), M1M2Guide(m1_guide, m2_guide, freeze_m1=frozen)
+
+
+def _m1_checkpoint(config) -> Optional[dict]:
+    if not config.m1_checkpoint:
+        return None
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(config.m1_checkpoint)
+    if state["config"]["model"] != "m1":
+        raise ValueError(f"{config.m1_checkpoint} holds a '{state['config']['model']}' model, not 'm1'")
+    for key in ("activation", "likelihood", "dataset"):
+        if state["config"][key] != getattr(config, key):
+            raise ValueError(f"{config.m1_checkpoint} was trained with {key}={state['config'][key]!r}, this run uses {getattr(config, key)!r}")
+    return state
+
+
+def configure_m1m2(config) -> None:
+    """Take M1's architecture from the M1 checkpoint, if one is given."""
+    state = _m1_checkpoint(config)
+    if state is not None:
+        config.m1_z_dim, config.m1_hidden = state["config"]["z_dim"], tuple(state["config"]["hidden"])
+
+
+def initialize_m1m2(config, model: nn.Module, guide: nn.Module) -> None:
+    """Load the pre-trained M1 weights into a freshly built stack."""
+    state = _m1_checkpoint(config)
+    if state is not None:
+        model.m1.load_state_dict(state["model"])
+        guide.m1_guide.load_state_dict(state["guide"])
 
 
 RECIPES: dict[str, Recipe] = {
@@ -112,6 +140,8 @@ RECIPES: dict[str, Recipe] = {
             "stacked M1+M2 (Kingma et al. 2014): M2 (z2 50, 1x500) on the 50-d features of a pre-trained M1",
             dict(z_dim=50, hidden=(500,)),
             latent_site="z2",
+            configure=configure_m1m2,
+            initialize=initialize_m1m2,
         ),
     )
 }

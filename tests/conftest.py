@@ -1,0 +1,57 @@
+"""Shared fixtures.
+
+They are *not* autouse here, so that test modules written for float32 keep their
+defaults; a module opts in with ``pytestmark = pytest.mark.usefixtures("pyro_test_env")``
+(Pyro's own test conventions: float64, a cleared param store, a fixed seed, validation on).
+"""
+
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture
+def float64_default():
+    """``torch.float64`` as the default dtype for the test, restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def clean_param_store():
+    """An empty Pyro param store before and after the test."""
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def pyro_validation():
+    """Pyro's validation enabled for the test, the previous setting restored afterwards."""
+    from pyro.infer.util import is_validation_enabled
+
+    old = is_validation_enabled()
+    pyro.enable_validation(True)
+    yield
+    pyro.enable_validation(old)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op torch thread for the test (restored afterwards): the tests' tiny
+    networks gain nothing from threads, and on a busy machine OpenMP's spinning threads
+    slow small matrix products down by orders of magnitude."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def pyro_test_env(float64_default, clean_param_store, pyro_validation, single_thread):
+    """float64, a cleared param store, validation on, one torch thread and the RNG seeded
+    with 0."""
+    pyro.set_rng_seed(0)
+    yield

@@ -1,0 +1,192 @@
+"""Tests of the ``pyrodgm`` command (pyrodgm.cli.main, called in-process on scikit-learn's
+digits): train, evaluate, plot, models, error exits and the console-script entry point."""
+
+import contextlib
+import importlib.metadata
+import io
+import json
+import math
+import re
+
+import pyro
+import pytest
+import torch
+from PIL import Image
+
+from pyrodgm.cli import main
+
+pytestmark = pytest.mark.usefixtures("clean_param_store", "pyro_validation", "single_thread")
+
+SMALL = [
+    "--dataset", "digits",
+    "--validation", "300",
+    "--batch-size", "100",
+    "--labelled-per-batch", "50",
+    "--hidden", "32",
+    "--z-dim", "4",
+    "--eval-particles", "2",
+    "--quiet",
+]  # fmt: skip
+
+
+def run_main(argv):
+    """``main(argv)`` with one torch thread, capturing stdout and stderr (for module-scoped
+    fixtures, which cannot use capsys)."""
+    from pyro.infer.util import is_validation_enabled
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads, validation = torch.get_num_threads(), is_validation_enabled()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        pyro.enable_validation(validation)
+        pyro.clear_param_store()
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``pyrodgm train m2`` for one epoch; returns (out folder, exit code, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("cli") / "m2"
+    code, stdout, stderr = run_main(["train", "m2", "--labels", "100", "--epochs", "1", "--out", str(out), *SMALL])
+    return out, code, stdout, stderr
+
+
+def test_train(trained):
+    out, code, stdout, stderr = trained
+    assert code == 0, stderr
+    assert {"checkpoint.pt", "best.pt", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "samples" / "epoch_0001.png").is_file()
+    summary = json.loads(stdout)
+    assert summary["out"] == str(out)
+    assert summary["best_validation"]["epoch"] == 1
+    assert 0 <= summary["test"]["error"] <= 1 and summary["test"]["elbo"] < 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert summary["test"] == metrics["test"]
+    # the command line reached the config; the recipe filled in the rest
+    config = metrics["config"]
+    assert (config["model"], config["labels"], config["epochs"], config["hidden"], config["z_dim"]) == ("m2", 100, 1, [32], 4)
+    assert config["batch_size"] == 100 and config["labelled_per_batch"] == 50 and config["validation"] == 300
+    assert config["alpha_factor"] == 0.1 and config["binarize"] is True and config["likelihood"] == "bernoulli"
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["model"]["decoder.hidden_layers.0.0.weight"].shape == (32, 4 + 10)
+
+
+def test_evaluate(trained, tmp_path, capsys):
+    out, code, _, _ = trained
+    assert code == 0
+    report_path = tmp_path / "reports" / "f.json"
+    argv = ["evaluate", str(out / "best.pt"), "--iwae-k", "20", "--limit", "30", "--output", str(report_path), "--quiet"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads(report_path.read_text())
+    assert report == printed
+    assert report["model"] == "m2" and report["dataset"] == "digits" and report["epoch"] == 1
+    assert report["iwae_k"] == 20 and report["num_examples"] == 30
+    assert math.isfinite(report["iwae_log_likelihood"]) and report["iwae_log_likelihood"] < 0
+    # with 20 particles ArviZ's PSIS tail has only 4 weights, too few for a Pareto fit:
+    # k-hat is inf, written as null so that the JSON stays standard
+    assert report["pareto_k_mean"] is None and report["pareto_k_frac_above_0.7"] == 1.0
+    assert 1 <= report["ess_min"] <= report["ess_mean"] <= 20
+    assert 0 <= report["test_error"] <= 1
+    assert report["iwae_seconds"] > 0 and "CPU" in report["device"]
+
+
+def test_evaluate_pareto_k_with_enough_particles(trained, tmp_path, capsys):
+    out, code, _, _ = trained
+    assert code == 0
+    assert main(["evaluate", str(out / "best.pt"), "--iwae-k", "60", "--limit", "5", "--chunk-size", "25", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["iwae_k"] == 60 and report["num_examples"] == 5
+    assert math.isfinite(report["pareto_k_mean"]) and math.isfinite(report["pareto_k_max"])
+    assert math.isfinite(report["iwae_log_likelihood"]) and report["iwae_log_likelihood"] < 0
+    assert 1 <= report["ess_min"] <= report["ess_mean"] <= 60
+
+
+def reject_constant(name):
+    raise ValueError(f"not standard JSON: {name}")
+
+
+def test_evaluate_writes_standard_json(trained, tmp_path, capsys):
+    out, code, _, _ = trained
+    assert code == 0
+    path = tmp_path / "f.json"
+    assert main(["evaluate", str(out / "best.pt"), "--iwae-k", "20", "--limit", "5", "--output", str(path), "--quiet"]) == 0
+    json.loads(path.read_text(), parse_constant=reject_constant)
+    json.loads(capsys.readouterr().out, parse_constant=reject_constant)
+
+
+def test_plot(trained, tmp_path, capsys):
+    out, code, _, _ = trained
+    assert code == 0
+    assert main(["plot", str(out / "best.pt"), "--steps", "5", "--out", str(tmp_path / "plots")]) == 0
+    written = json.loads(capsys.readouterr().out)["written"]
+    expected = ["samples.png", *(f"manifold_class{k}.png" for k in range(10))]
+    assert written == [str(tmp_path / "plots" / name) for name in expected]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(expected)
+    with Image.open(tmp_path / "plots" / "samples.png") as image:
+        assert image.size == (10 * 9 + 1, 10 * 9 + 1)
+    with Image.open(tmp_path / "plots" / "manifold_class3.png") as image:
+        assert image.size == (5 * 9 + 1, 5 * 9 + 1)
+
+
+def test_models(capsys):
+    assert main(["models"]) == 0
+    models = json.loads(capsys.readouterr().out)
+    assert set(models) == {"m1", "m2", "m1m2"}
+    assert all(isinstance(text, str) and text for text in models.values())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "m2", "--labels", "7"], r"num_labels=7 is not divisible by num_classes=10"),
+        (["train", "m2", "--labels", "0"], r"'m2' is semi-supervised: --labels 0 gives an empty labelled set"),
+        (["train", "m2", "--labels", "100000"], r"num_labels=100000 is more labels than data"),
+        (["train", "m2", "--epochs", "0"], r"epochs must be at least 1"),
+        (["train", "m1m2", "--labels", "100"], r"needs --m1-checkpoint \(or --end-to-end\)"),
+        (["train", "m2", "--likelihood", "bernoulli", "--no-binarize"], r"Bernoulli likelihood needs binary pixels"),
+        (["evaluate", "missing.pt"], r"no checkpoint at missing\.pt"),
+        (["plot", "missing.pt"], r"no checkpoint at missing\.pt"),
+    ],
+)
+def test_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "train":
+        epochs = [] if "--epochs" in argv else ["--epochs", "1"]
+        argv = [*argv, *epochs, "--out", str(tmp_path / "run"), *SMALL]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"pyrodgm {argv[0]}: error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "m3"], "invalid choice: 'm3'"),
+        (["train", "m2", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["train", "m2", "--hidden", "5x"], "expected comma-separated integers"),
+        (["train", "m2", "--labels", "ten"], "invalid int value: 'ten'"),
+        ([], "required: command"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    (entry,) = [e for e in scripts if e.name == "pyrodgm"]
+    assert entry.value == "pyrodgm.cli:main"
+    assert entry.load() is main

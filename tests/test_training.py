@@ -1,0 +1,345 @@
+"""Tests of pyrodgm.training on scikit-learn's digits (offline): exact resume, checkpoints
+and metrics, the plain training step, config errors, and the m1 -> m1m2 pipeline.
+
+Training runs use float32 (the data's dtype) with tiny networks and 1-3 epochs."""
+
+import json
+import shutil
+
+import pyro
+import pytest
+import torch
+from pyro.optim import Adam
+
+from pyrodgm.checkpoint import load_checkpoint, save_checkpoint
+from pyrodgm.guides import M2Guide, VAEGuide
+from pyrodgm.losses import SemiSupervisedELBO
+from pyrodgm.models import M2, VAE
+from pyrodgm.training import TrainConfig, build_from_checkpoint, train, training_step
+from pyrodgm.zoo import recipe
+
+pytestmark = pytest.mark.usefixtures("clean_param_store", "pyro_validation", "single_thread")
+
+# Pyro warns for each frozen M1 parameter while training m1m2 (see tests/test_models.py,
+# test_frozen_m1m2_svi_emits_no_warnings); ignored where the test is about something else.
+FROZEN_PARAM_WARNING = "ignore:.*was not registered in the param store because requires_grad=False:UserWarning"
+
+SMALL = dict(
+    dataset="digits",
+    validation=300,
+    batch_size=100,
+    labelled_per_batch=50,
+    hidden=(32,),
+    z_dim=4,
+    eval_particles=2,
+    lr=1e-3,
+)
+
+
+def config(out, **overrides):
+    values = {"model": "m2", "labels": 100, "epochs": 1, "samples": False, **SMALL, **overrides}
+    return TrainConfig(out=str(out), **values)
+
+
+def assert_same(a, b, path="state"):
+    """Exact (bitwise for tensors) equality of nested checkpoint values."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def without_timing(history):
+    return [{k: v for k, v in record.items() if k != "epoch_seconds"} for record in history]
+
+
+def one_thread_run(cfg, **kwargs):
+    """``train`` with one torch thread and Pyro's validation restored afterwards, for
+    module-scoped fixtures (which run before the function-scoped ones)."""
+    from pyro.infer.util import is_validation_enabled
+
+    threads, validation = torch.get_num_threads(), is_validation_enabled()
+    torch.set_num_threads(1)
+    try:
+        return train(cfg, progress=False, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+        pyro.enable_validation(validation)
+        pyro.clear_param_store()
+
+
+@pytest.fixture(scope="module")
+def m2_run(tmp_path_factory):
+    """Two epochs of m2 with sample grids; returns (out folder, metrics)."""
+    out = tmp_path_factory.mktemp("m2")
+    return out, one_thread_run(config(out, epochs=2, samples=True))
+
+
+@pytest.fixture(scope="module")
+def m1_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m1")
+    return out, one_thread_run(config(out, model="m1", labels=0, labelled_per_batch=0, samples=True))
+
+
+# --------------------------------------------------------------------------------------
+# resume
+# --------------------------------------------------------------------------------------
+def check_resume_equals_uninterrupted(tmp_path, samples):
+    uninterrupted = train(config(tmp_path / "a", epochs=3, samples=samples), progress=False)
+    train(config(tmp_path / "b", epochs=2, samples=samples), progress=False)
+    # a run killed while writing epoch 3's checkpoint leaves a partial temporary file
+    (tmp_path / "b" / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 partial checkpoint")
+    resumed = train(config(tmp_path / "b", epochs=3, samples=samples), resume=True, progress=False)
+
+    assert not (tmp_path / "b" / "checkpoint.pt.tmp").exists()
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same(a["model"], b["model"], "model")
+    assert_same(a["guide"], b["guide"], "guide")
+    assert a["optim"], "the optimiser state is empty"
+    assert_same(a["optim"], b["optim"], "optim")
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    assert without_timing(uninterrupted["history"]) == without_timing(resumed["history"])
+    assert uninterrupted["test"] == resumed["test"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    check_resume_equals_uninterrupted(tmp_path, samples=False)
+
+
+def test_resume_equals_uninterrupted_with_sample_grids(tmp_path):
+    check_resume_equals_uninterrupted(tmp_path, samples=True)
+
+
+def test_resume_of_finished_run_trains_no_more(m2_run, tmp_path):
+    out, metrics = m2_run
+    shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    shutil.copy(out / "best.pt", tmp_path / "best.pt")
+    again = train(config(tmp_path, epochs=2, samples=True), resume=True, progress=False)
+    assert without_timing(again["history"]) == without_timing(metrics["history"])
+    assert_same(load_checkpoint(tmp_path / "checkpoint.pt")["model"], load_checkpoint(out / "checkpoint.pt")["model"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("labels", 200), ("lr", 3e-4), ("hidden", (16,)), ("seed", 1), ("z_dim", 5)],
+)
+def test_resume_with_different_config(m2_run, tmp_path, field, value):
+    out, _ = m2_run
+    shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=rf"cannot resume.*different {field}\b"):
+        train(config(tmp_path, epochs=3, samples=True, **{field: value}), resume=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints, metrics, samples
+# --------------------------------------------------------------------------------------
+def test_checkpoint_files(m2_run):
+    out, metrics = m2_run
+    for name in ("checkpoint.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)
+        assert {"config", "epoch", "model", "guide", "optim", "rng", "history", "best"} <= set(state)
+        assert state["config"]["model"] == "m2" and state["config"]["labels"] == 100
+        assert all(torch.is_tensor(v) for v in state["model"].values())
+        assert any(k.startswith("decoder.") for k in state["model"])
+        assert any(k.startswith("classifier.") for k in state["guide"])
+    last = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert last["history"] == metrics["history"]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == metrics["best_validation"]["epoch"]
+    # the checkpoint rebuilds the model and guide
+    cfg, recipe_, model, guide, _ = build_from_checkpoint(out / "checkpoint.pt")
+    assert cfg == config(out, epochs=2, samples=True)
+    assert isinstance(model, M2) and isinstance(guide, M2Guide) and not model.training
+    assert_same(model.state_dict(), last["model"])
+
+
+def test_metrics_json(m2_run):
+    out, metrics = m2_run
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    history = written["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+    for record in history:
+        assert record["epoch_seconds"] > 0
+        assert 0 <= record["valid_error"] <= 1
+        assert record["valid_elbo"] < 0
+        assert record["train_loss_per_example"] > 0
+    best = written["best_validation"]
+    assert best["epoch"] in (1, 2)
+    assert best["error"] == min(r["valid_error"] for r in history)
+    assert best["error"] == history[best["epoch"] - 1]["valid_error"]
+    test = written["test"]
+    assert test["num_examples"] == 297 and test["epoch"] == best["epoch"]
+    assert 0 <= test["error"] <= 1 and test["elbo"] < 0
+    assert isinstance(written["device"], str) and "CPU" in written["device"]
+    assert written["epochs_completed"] == 2
+    assert written["train_seconds_total"] == pytest.approx(sum(r["epoch_seconds"] for r in history))
+    assert written["wall_seconds_this_session"] >= written["train_seconds_total"] > 0
+    assert written["config"]["out"] == str(out)
+
+
+def test_sample_grids_per_epoch(m2_run):
+    from PIL import Image
+
+    out, _ = m2_run
+    pngs = sorted(p.name for p in (out / "samples").iterdir())
+    assert pngs == ["epoch_0001.png", "epoch_0002.png"]
+    with Image.open(out / "samples" / "epoch_0002.png") as image:
+        assert image.size == (91, 91)  # 10 classes x 10 samples of 8x8 digits, padding 1
+
+
+def test_no_sample_grids_when_disabled(tmp_path):
+    train(config(tmp_path), progress=False)
+    assert not (tmp_path / "samples").exists()
+    assert {"checkpoint.pt", "best.pt", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+# --------------------------------------------------------------------------------------
+# training_step
+# --------------------------------------------------------------------------------------
+def test_training_step_semi_supervised():
+    pyro.set_rng_seed(0)
+    model, guide = M2(16, 3, 2, (8,)), M2Guide(16, 3, 2, (8,))
+    x = torch.rand(10, 16).bernoulli()
+    y = torch.tensor([0, 1, 2, 0, -1, -1, -1, -1, -1, -1])
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *guide.named_parameters()]}
+    optim = Adam({"lr": 0.01})
+    loss = training_step(model, guide, SemiSupervisedELBO(alpha=1.0), optim, (x, y))
+    assert type(loss) is float and loss > 0
+    after = dict([*model.named_parameters(), *guide.named_parameters()])
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    # the optimiser carries its state across calls
+    second = training_step(model, guide, SemiSupervisedELBO(alpha=1.0), optim, (x, y))
+    assert type(second) is float
+    assert all(int(state["state"][0]["step"]) == 2 for state in optim.get_state().values())
+
+
+def test_training_step_unsupervised():
+    pyro.set_rng_seed(0)
+    model, guide = VAE(16, 2, (8,)), VAEGuide(16, 2, (8,))
+    x = torch.rand(10, 16).bernoulli()
+    before = [p.detach().clone() for p in guide.parameters()]
+    loss = training_step(model, guide, SemiSupervisedELBO(), Adam({"lr": 0.01}), (x, None))
+    assert type(loss) is float and loss > 0
+    assert all(not torch.equal(b, p) for b, p in zip(before, guide.parameters()))
+
+
+# --------------------------------------------------------------------------------------
+# bad configurations stop with a clear message
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(labels=0), r"--labels 0 gives an empty labelled set"),
+        (dict(model="m1m2", end_to_end=True, labels=0), r"empty labelled set"),
+        (dict(labels=5000), r"more labels than data"),
+        (dict(labels=105), r"not divisible by num_classes=10"),
+        (dict(labels=-10), r"labels must be non-negative"),
+        (dict(epochs=0), r"epochs must be at least 1"),
+        (dict(batch_size=0), r"batch_size must be at least 1"),
+        (dict(labelled_per_batch=100), r"labelled_per_batch=100 must be smaller than batch_size=100"),
+        (dict(likelihood="bernoulli", binarize=False), r"Bernoulli likelihood needs binary pixels"),
+        (dict(model="m3"), r"unknown model 'm3'; choose one of m1, m2, m1m2"),
+        (dict(dataset="cifar"), r"unknown dataset 'cifar'; valid names are digits, mnist"),
+        (dict(validation=1500), r"num_validation=1500 leaves no training data"),
+    ],
+)
+def test_bad_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(config(tmp_path / "run", **overrides), progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_gpu(tmp_path):
+    with pytest.raises(ValueError, match="device 'cuda' was asked for but CUDA is not available"):
+        config(tmp_path, device="cuda")
+
+
+# --------------------------------------------------------------------------------------
+# m1 (unsupervised) and m1m2
+# --------------------------------------------------------------------------------------
+def test_m1_trains_without_labels(m1_run):
+    out, metrics = m1_run
+    assert [r["epoch"] for r in metrics["history"]] == [1]
+    record = metrics["history"][0]
+    assert record["valid_elbo"] < 0 and "valid_error" not in record
+    assert set(metrics["best_validation"]) == {"epoch", "elbo"}
+    assert metrics["test"]["elbo"] < 0 and "error" not in metrics["test"]
+    assert (out / "samples" / "epoch_0001.png").is_file()
+    _, _, model, guide, _ = build_from_checkpoint(out / "best.pt")
+    assert isinstance(model, VAE) and isinstance(guide, VAEGuide) and model.z_dim == 4
+
+
+@pytest.mark.filterwarnings(FROZEN_PARAM_WARNING)
+def test_m1m2_with_frozen_m1_checkpoint(m1_run, tmp_path):
+    m1_out, _ = m1_run
+    m1_state = load_checkpoint(m1_out / "best.pt")
+    metrics = train(config(tmp_path, model="m1m2", m1_checkpoint=str(m1_out / "best.pt")), progress=False)
+    assert 0 <= metrics["test"]["error"] <= 1 and metrics["test"]["elbo"] < 0
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    # M1 was loaded from its checkpoint and stayed frozen: bit-identical after training
+    m1_in_stack = {k[len("m1.") :]: v for k, v in state["model"].items() if k.startswith("m1.")}
+    m1_guide_in_stack = {k[len("m1_guide.") :]: v for k, v in state["guide"].items() if k.startswith("m1_guide.")}
+    assert_same(m1_in_stack, m1_state["model"], "m1")
+    assert_same(m1_guide_in_stack, m1_state["guide"], "m1_guide")
+    # M2 sits on M1's 4-d latent and was trained
+    assert state["model"]["m2.decoder.hidden_layers.0.0.weight"].shape == (32, 4 + 10)
+    _, recipe_, model, _, _ = build_from_checkpoint(tmp_path / "checkpoint.pt")
+    assert recipe_.latent_site == "z2" and model.freeze_m1
+
+
+def test_m1m2_refuses_a_non_m1_checkpoint(m2_run, tmp_path):
+    out, _ = m2_run
+    with pytest.raises(ValueError, match=r"holds a 'm2' model, not 'm1'"):
+        train(config(tmp_path, model="m1m2", m1_checkpoint=str(out / "best.pt")), progress=False)
+
+
+def test_m1m2_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train(config(tmp_path / "a", model="m1m2", m1_checkpoint=str(tmp_path / "missing.pt")), progress=False)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a pyrodgm checkpoint"):
+        train(config(tmp_path / "b", model="m1m2", m1_checkpoint=str(tmp_path / "foreign.pt")), progress=False)
+
+
+def test_m1m2_needs_m1_checkpoint_or_end_to_end(tmp_path):
+    with pytest.raises(ValueError, match=r"needs --m1-checkpoint \(or --end-to-end\)"):
+        train(config(tmp_path, model="m1m2"), progress=False)
+
+
+@pytest.mark.filterwarnings(FROZEN_PARAM_WARNING)
+def test_m1m2_checkpoint_is_self_contained(m1_run, tmp_path):
+    m1_out, _ = m1_run
+    m1_copy = tmp_path / "m1.pt"
+    shutil.copy(m1_out / "best.pt", m1_copy)
+    train(config(tmp_path / "stack", model="m1m2", m1_checkpoint=str(m1_copy)), progress=False)
+    m1_copy.unlink()
+    _, _, model, _, state = build_from_checkpoint(tmp_path / "stack" / "best.pt")
+    assert_same(model.state_dict(), state["model"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_m1_checkpoint_trained_on_gpu_stacks_on_cpu(m1_run, tmp_path):
+    m1_out, _ = m1_run
+    state = load_checkpoint(m1_out / "best.pt")
+    del state["format"]
+    state["config"]["device"] = "cuda"
+    save_checkpoint(tmp_path / "m1_gpu.pt", state)
+    cfg = config(tmp_path, model="m1m2", m1_checkpoint=str(tmp_path / "m1_gpu.pt"))
+    model, _ = recipe("m1m2").create(cfg, 64, 10)
+    assert_same(model.m1.state_dict(), state["model"])

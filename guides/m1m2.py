@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import pyro
 import torch
 
-from pyrodgm.modeling import PlatedGuide
+from pyrodgm.modeling import FreezableStack, PlatedGuide
 
 from .m2 import M2Guide
 from .vae import VAEGuide
 
 
-class M1M2Guide(PlatedGuide):
+class M1M2Guide(FreezableStack, PlatedGuide):
     """``q(z1|x) q(y|z1) q(z2|y,z1)``.
 
     :param VAEGuide m1_guide: M1's encoder.
@@ -27,6 +26,7 @@ class M1M2Guide(PlatedGuide):
     """
 
     pyro_name = "m1m2_guide"
+    lower, upper = "m1_guide", "m2_guide"
 
     def __init__(self, m1_guide: VAEGuide, m2_guide: M2Guide, freeze_m1: bool = True) -> None:
         super().__init__()
@@ -34,22 +34,7 @@ class M1M2Guide(PlatedGuide):
             raise ValueError(f"M2's guide reads {m2_guide.x_dim} features but M1's latent has {m1_guide.z_dim}")
         self.m1_guide, self.m2_guide, self.freeze_m1 = m1_guide, m2_guide, freeze_m1
         self.x_dim, self.num_classes = m1_guide.x_dim, m2_guide.num_classes
-        if freeze_m1:
-            self.m1_guide.requires_grad_(False)
-            self.m1_guide.eval()
-
-    def register(self) -> None:
-        """Register M2's parameters, and M1's unless it is frozen (frozen parameters stay
-        out of the param store, and out of the optimiser)."""
-        pyro.module(f"{self.pyro_name}.m2_guide", self.m2_guide)
-        if not self.freeze_m1:
-            pyro.module(f"{self.pyro_name}.m1_guide", self.m1_guide)
-
-    def train(self, mode: bool = True) -> "M1M2Guide":
-        super().train(mode)
-        if self.freeze_m1:
-            self.m1_guide.eval()
-        return self
+        self._freeze_lower()
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``z1`` from M1's encoder, then M2's ``y, z2`` on it."""

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import pyro
 import torch
 from torch import nn
 
-from pyrodgm.modeling import PlatedModel
+from pyrodgm.modeling import FreezableStack, PlatedModel
 
 from .m2 import M2
 from .vae import VAE
@@ -39,7 +38,7 @@ def check_stack(m1_z_dim: int, m2: nn.Module) -> None:
         raise ValueError(f"M2 models {m2.x_dim} features but M1's latent has {m1_z_dim} dimensions")
 
 
-class M1M2(PlatedModel):
+class M1M2(FreezableStack, PlatedModel):
     """``p(y) p(z2) p(z1|y,z2) p(x|z1)``.
 
     :param VAE m1: the M1 model (its decoder gives ``p(x|z1)``).
@@ -48,6 +47,7 @@ class M1M2(PlatedModel):
     """
 
     pyro_name = "m1m2"
+    lower, upper = "m1", "m2"
 
     def __init__(self, m1: VAE, m2: M2, freeze_m1: bool = True) -> None:
         super().__init__()
@@ -56,22 +56,7 @@ class M1M2(PlatedModel):
             raise ValueError("M2 inside M1+M2 models continuous features: use likelihood='gaussian'")
         self.m1, self.m2, self.freeze_m1 = m1, m2, freeze_m1
         self.x_dim, self.num_classes, self.likelihood_kind = m1.x_dim, m2.num_classes, m1.likelihood_kind
-        if freeze_m1:
-            self.m1.requires_grad_(False)
-            self.m1.eval()
-
-    def register(self) -> None:
-        """Register M2's parameters, and M1's unless it is frozen (frozen parameters stay
-        out of the param store, and out of the optimiser)."""
-        pyro.module(f"{self.pyro_name}.m2", self.m2)
-        if not self.freeze_m1:
-            pyro.module(f"{self.pyro_name}.m1", self.m1)
-
-    def train(self, mode: bool = True) -> "M1M2":
-        super().train(mode)
-        if self.freeze_m1:
-            self.m1.eval()
-        return self
+        self._freeze_lower()
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         """M2's sites as ``y, z2, z1``, then M1's ``x``."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from .validation import check_features, check_labels
 
-__all__ = ["PlatedModel", "PlatedGuide", "data_size", "one_hot", "check_model_input"]
+__all__ = ["PlatedModel", "PlatedGuide", "FreezableStack", "data_size", "one_hot", "check_model_input"]
 
 
 def data_size(x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> int:
@@ -94,3 +94,33 @@ class PlatedGuide(nn.Module):
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+class FreezableStack:
+    """Mixin for a stack of two parts whose lower part may be frozen (a pre-trained M1
+    under M2): frozen parameters get ``requires_grad=False``, stay out of the param store
+    (so out of the optimiser) and the part stays in eval mode (fixed batch-norm
+    statistics).  Set ``lower``/``upper`` to the attribute names and call
+    :meth:`_freeze_lower` at the end of ``__init__``."""
+
+    lower: str
+    upper: str
+    freeze_m1: bool
+    pyro_name: str
+
+    def _freeze_lower(self) -> None:
+        if self.freeze_m1:
+            getattr(self, self.lower).requires_grad_(False)
+            getattr(self, self.lower).eval()
+
+    def register(self) -> None:
+        """Register the upper part's parameters, and the lower part's unless frozen."""
+        pyro.module(f"{self.pyro_name}.{self.upper}", getattr(self, self.upper))
+        if not self.freeze_m1:
+            pyro.module(f"{self.pyro_name}.{self.lower}", getattr(self, self.lower))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_m1:
+            getattr(self, self.lower).eval()
+        return self

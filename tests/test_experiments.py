@@ -16,7 +16,7 @@ SCRIPTS = {
 
 
 def test_every_experiment_script_is_covered():
-    scripts = {p.name for p in EXPERIMENTS.glob("*.py") if p.name != "common.py"}
+    scripts = {p.name for p in EXPERIMENTS.glob("*.py") if p.name not in ("common.py", "results_table.py")}
     assert scripts == set(SCRIPTS)
 
 
@@ -32,3 +32,14 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     assert result["device"] and result["wall_seconds"] > 0
     assert 0.0 <= result["test"]["error"] <= 1.0
     assert result["paper"]["test_error"] > 0
+
+
+def test_readme_results_table_is_generated_from_the_results_json():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import results_table
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    readme = (EXPERIMENTS.parent / "README.md").read_text()
+    table = "\n".join(results_table.rows(EXPERIMENTS / "results"))
+    assert results_table.BEGIN + "\n" + table + "\n" + results_table.END in readme

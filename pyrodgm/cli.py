@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-particles", type=int, help="samples the classifier is averaged over when evaluating")
     train.add_argument("--alpha-factor", type=float, help="Kingma et al.'s alpha = FACTOR * N (default 0.1)")
     train.add_argument("--z-dim", type=int)
+    train.add_argument("--a-dim", type=int, help="auxiliary dimension (adgm, sdgm)")
     train.add_argument("--hidden", type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")
     train.add_argument("--activation")
     train.add_argument("--likelihood", choices=("bernoulli", "gaussian"))
@@ -107,7 +108,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 def _evaluate(args: argparse.Namespace) -> dict:
     from .data import load_dataset
-    from .evaluation import classification_error, iwae_evaluate
+    from .evaluation import active_units, classification_error, continuous_latent_sites, iwae_evaluate
     from .training import build_from_checkpoint, device_description, evaluation_data
 
     config, recipe_, model, guide, state = build_from_checkpoint(args.checkpoint, args.device)
@@ -130,6 +131,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
         "device": device_description(torch.device(args.device)),
         "iwae_seconds": seconds,
         **result.summary(),
+    }
+    report["active_units"] = {
+        site: active_units(guide, x, site, num_particles=config.eval_particles)[0] for site in continuous_latent_sites(guide, x[:2])
     }
     if recipe_.label_site:
         report["test_error"] = classification_error(guide, x, test.y, num_particles=config.eval_particles, label_site=recipe_.label_site)

@@ -52,6 +52,7 @@ from .traces import (
 __all__ = [
     "IWAEResult",
     "active_units",
+    "continuous_latent_sites",
     "classification_error",
     "importance_diagnostics",
     "importance_log_weights",
@@ -267,3 +268,14 @@ def active_units(
     )
     variances = means.var(dim=0)
     return int((variances > threshold).sum()), variances
+
+
+def continuous_latent_sites(guide: Callable, x: torch.Tensor) -> list[str]:
+    """The guide's latent sites that are neither enumerated nor observed, in order."""
+    nesting = guess_plate_nesting(None, guide, (x,), {})
+    trace = guide_trace(guide, (x,), {}, 1, nesting)
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and site["infer"].get("_enumerate_dim") is None
+    ]

@@ -92,6 +92,7 @@ def test_evaluate(trained, tmp_path, capsys):
     assert report["pareto_k_mean"] is None and report["pareto_k_frac_above_0.7"] == 1.0
     assert 1 <= report["ess_min"] <= report["ess_mean"] <= 20
     assert 0 <= report["test_error"] <= 1
+    assert set(report["active_units"]) == {"z"} and 0 <= report["active_units"]["z"] <= 4  # z_dim 4 in these runs
     assert report["iwae_seconds"] > 0 and "CPU" in report["device"]
 
 
@@ -136,7 +137,9 @@ def test_plot(trained, tmp_path, capsys):
 def test_models(capsys):
     assert main(["models"]) == 0
     models = json.loads(capsys.readouterr().out)
-    assert set(models) == {"m1", "m2", "m1m2"}
+    from pyrodgm.zoo import RECIPES
+
+    assert set(models) == set(RECIPES) and {"m1", "m2", "m1m2"} <= set(models)
     assert all(isinstance(text, str) and text for text in models.values())
 
 

@@ -15,8 +15,20 @@ SCRIPTS = {
 }
 
 
+# helpers imported by the scripts and the tests below, and scripts with a test of their own
+NOT_TRAINING_SCRIPTS = {"common.py", "results_table.py", "references.py", "bench_speed.py"}
+
+
+def _import_experiment(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
 def test_every_experiment_script_is_covered():
-    scripts = {p.name for p in EXPERIMENTS.glob("*.py") if p.name not in ("common.py", "results_table.py")}
+    scripts = {p.name for p in EXPERIMENTS.glob("*.py")} - NOT_TRAINING_SCRIPTS
     assert scripts == set(SCRIPTS)
 
 
@@ -35,11 +47,40 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
 
 
 def test_readme_results_table_is_generated_from_the_results_json():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import results_table
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    results_table = _import_experiment("results_table")
     readme = (EXPERIMENTS.parent / "README.md").read_text()
     table = "\n".join(results_table.rows(EXPERIMENTS / "results"))
     assert results_table.BEGIN + "\n" + table + "\n" + results_table.END in readme
+
+
+def test_speed_reference_computes_the_same_loss_as_pyrodgm(pyro_test_env):
+    import pyro
+    import torch
+
+    from pyrodgm.guides import M2Guide
+    from pyrodgm.losses import SemiSupervisedELBO
+    from pyrodgm.models import M2
+
+    references = _import_experiment("references")
+    model, guide = M2(20, 4, 3, (16,)), M2Guide(20, 4, 3, (16,))
+    x = torch.rand(10, 20).bernoulli()
+    y = torch.tensor([0, 1, 2, 3, 1, -1, -1, -1, -1, -1])
+    pyro.set_rng_seed(5)
+    ours = SemiSupervisedELBO(alpha=3.0, max_plate_nesting=1).differentiable_loss(model, guide, x, y=y)
+    pyro.set_rng_seed(5)
+    reference = references.m2_loss(model, guide, x, y, 3.0)
+    assert torch.allclose(ours, reference, rtol=1e-12)
+    pyro.set_rng_seed(6)  # other noise, other value: the agreement is not a coincidence
+    assert not torch.allclose(references.m2_loss(model, guide, x, y, 3.0), reference)
+
+
+@pytest.mark.slow
+def test_bench_speed_runs_and_writes_json(tmp_path):
+    output = tmp_path / "bench.json"
+    args = [sys.executable, str(EXPERIMENTS / "bench_speed.py"), "--device", "cpu", "--steps", "2", "--warmup", "1",
+            "--batch", "20", "--iwae-k", "30", "--iwae-images", "4", "--iwae-chunk", "16", "--output", str(output)]
+    subprocess.run(args, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(output.read_text())
+    row = report["models"]["m2"]
+    assert abs(row["loss_pyrodgm"] - row["loss_reference"]) <= 1e-4 * abs(row["loss_reference"])
+    assert row["step_validation_off"]["ratio"] > 0 and row["iwae"]["images_per_second"] > 0

@@ -1,0 +1,167 @@
+"""Speed of pyrodgm's SVI step against a hand-written PyTorch loss of the same maths.
+
+For each model, at the paper's sizes (M2: 784-500-50, batch of 100 labelled + 100
+unlabelled rows), it first checks that the reference (``references.py``) and
+:class:`pyrodgm.losses.SemiSupervisedELBO` compute the same loss for the same noise, then
+times whole optimisation steps (loss, backward, Adam) of both, interleaved, and reports the
+median of each and their ratio, with Pyro's input validation on (the default) and off
+(``pyro.enable_validation(False)``, the like-for-like comparison).  It also times the IWAE
+evaluation (test images per second at ``--iwae-k``) and records peak memory.
+
+    python experiments/bench_speed.py --device cpu --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from references import m2_loss
+
+from pyrodgm.evaluation import iwae_log_likelihood
+from pyrodgm.guides import M2Guide
+from pyrodgm.losses import SemiSupervisedELBO
+from pyrodgm.models import M2
+from pyrodgm.training import device_description
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def m2_setup(device: torch.device, batch: int) -> dict:
+    """M2 at Kingma et al.'s MNIST sizes, a synthetic binary batch, half of it labelled."""
+    model, guide = M2(784, 10, 50, (500,)).to(device), M2Guide(784, 10, 50, (500,)).to(device)
+    x = torch.rand(2 * batch, 784, device=device).bernoulli()
+    y = torch.cat([torch.randint(0, 10, (batch,), device=device), torch.full((batch,), -1, device=device)])
+    alpha = 50.0
+    return {
+        "model": model,
+        "guide": guide,
+        "x": x,
+        "y": y,
+        "loss": SemiSupervisedELBO(alpha=alpha, max_plate_nesting=1),
+        "reference": lambda: m2_loss(model, guide, x, y, alpha),
+    }
+
+
+SETUPS = {"m2": m2_setup}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_same_loss(setup: dict, seed: int = 0) -> tuple[float, float]:
+    """The two losses for the same noise (they must agree)."""
+    pyro.set_rng_seed(seed)
+    ours = setup["loss"].loss(setup["model"], setup["guide"], setup["x"], y=setup["y"])
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        reference = float(setup["reference"]())
+    return ours, reference
+
+
+def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, validate: bool) -> dict:
+    """Median seconds per step of the reference and of pyrodgm, interleaved."""
+    pyro.clear_param_store()
+    pyro.enable_validation(validate)
+    model, guide = setup["model"], setup["guide"]
+    params = list(model.parameters()) + list(guide.parameters())
+    reference_optim = torch.optim.Adam(params, lr=1e-4)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-4}), setup["loss"])
+
+    def reference_step() -> None:
+        reference_optim.zero_grad()
+        setup["reference"]().backward()
+        reference_optim.step()
+
+    def pyro_step() -> None:
+        svi.step(setup["x"], y=setup["y"])
+
+    times: dict[str, list[float]] = {"reference": [], "pyrodgm": []}
+    for step in range(warmup + steps):
+        for name, fn in (("reference", reference_step), ("pyrodgm", pyro_step)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    pyro.enable_validation(True)
+    reference, ours = statistics.median(times["reference"]), statistics.median(times["pyrodgm"])
+    return {"reference_s": reference, "pyrodgm_s": ours, "ratio": ours / reference}
+
+
+def time_iwae(setup: dict, device: torch.device, k: int, images: int, chunk: int) -> dict:
+    x = setup["x"][:images]
+    _sync(device)
+    start = time.perf_counter()
+    iwae_log_likelihood(setup["model"], setup["guide"], x, num_particles=k, chunk_size=chunk)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"iwae_k": k, "images": images, "chunk_size": chunk, "seconds": seconds, "images_per_second": images / seconds}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=sorted(SETUPS), choices=sorted(SETUPS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=100, help="labelled rows (and as many unlabelled) per step")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iwae-k", type=int, default=5000)
+    parser.add_argument("--iwae-images", type=int, default=20)
+    parser.add_argument("--iwae-chunk", type=int, default=500)
+    parser.add_argument("--output", default=None, help="JSON file (default results/bench_speed_DEVICE.json)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "models": {},
+    }
+    for name in args.models:
+        pyro.set_rng_seed(0)
+        setup = SETUPS[name](device, args.batch)
+        ours, reference = check_same_loss(setup)
+        if abs(ours - reference) > 1e-4 * abs(reference):
+            raise AssertionError(f"{name}: pyrodgm loss {ours} != reference {reference}")
+        report["models"][name] = {
+            "loss_pyrodgm": ours,
+            "loss_reference": reference,
+            "step_validation_off": time_steps(setup, device, args.steps, args.warmup, validate=False),
+            "step_validation_on": time_steps(setup, device, args.steps, args.warmup, validate=True),
+            "iwae": time_iwae(setup, device, args.iwae_k, args.iwae_images, args.iwae_chunk),
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+    print(f"{'model':8} {'reference s/step':>17} {'pyrodgm s/step':>15} {'ratio':>6} {'ratio (validated)':>18} {'IWAE img/s':>11}")
+    for name, row in report["models"].items():
+        off, on = row["step_validation_off"], row["step_validation_on"]
+        print(f"{name:8} {off['reference_s']:17.4f} {off['pyrodgm_s']:15.4f} {off['ratio']:6.3f} {on['ratio']:18.3f} {row['iwae']['images_per_second']:11.2f}")
+    output = Path(args.output) if args.output else RESULTS / f"bench_speed_{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

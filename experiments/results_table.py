@@ -16,6 +16,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 COMMANDS = {
     "m2_100_labels": "python experiments/m2_mnist_100.py --root ../shared/data --no-download --epochs {epochs} --threads 1",
     "m1m2_100_labels": "python experiments/m1m2_mnist_100.py --root ../shared/data --no-download --m1-epochs {m1_epochs} --epochs {epochs} --threads 1",
+    "adgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 1 --epochs {epochs} --threads 1",
+    "adgm_10mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 10 --epochs {epochs} --threads 1",
+    "sdgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm --mc 1 --epochs {epochs} --threads 1",
 }
 
 

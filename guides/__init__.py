@@ -3,8 +3,9 @@
 Pyro guide with its data in ``pyro.plate("data", ...)``; discrete labels are marked for
 parallel enumeration."""
 
+from .adgm import ADGMGuide
 from .m1m2 import M1M2Guide
 from .m2 import M2Guide
 from .vae import VAEGuide
 
-__all__ = ["VAEGuide", "M2Guide", "M1M2Guide"]
+__all__ = ["VAEGuide", "M2Guide", "M1M2Guide", "ADGMGuide"]

@@ -3,8 +3,9 @@
 Pyro model with its data in ``pyro.plate("data", ...)``; its guide is in
 :mod:`pyrodgm.guides`."""
 
+from .adgm import ADGM, SDGM
 from .m1m2 import M1M2
 from .m2 import M2
 from .vae import VAE
 
-__all__ = ["VAE", "M2", "M1M2"]
+__all__ = ["VAE", "M2", "M1M2", "ADGM", "SDGM"]

@@ -32,6 +32,7 @@ __all__ = [
     "ConvDecoder",
     "ConvEncoder",
     "GaussianHead",
+    "GaussianMLP",
     "MLP",
     "NormalHead",
     "activation",
@@ -325,6 +326,39 @@ class CategoricalHead(nn.Module):
         if self.one_hot:
             return dist.OneHotCategorical(logits=logits)
         return dist.Categorical(logits=logits)
+
+
+class GaussianMLP(nn.Module):
+    """A diagonal Gaussian whose mean and scale are an MLP of the concatenated inputs
+    (broadcast against each other with :func:`broadcast_cat`, so that an
+    enumerated label ``[K, 1, 1, K]`` meets data ``[B, D]`` and particles ``[P, B, D']``).
+
+    :param int in_dim: total width of the inputs.
+    :param hidden: hidden widths.
+    :param int out_dim: event size.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        activation: str = "relu",
+        batch_norm: bool = False,
+        init: str = "xavier",
+        scale: str = "softplus",
+    ) -> None:
+        super().__init__()
+        self.net = MLP(in_dim, hidden, activation=activation, batch_norm=batch_norm, init=init)
+        self.head = NormalHead(self.net.out_features, out_dim, scale=scale, init=init)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of shape ``broadcast(inputs) + [out_dim]``."""
+        return self.head(self.net(broadcast_cat(inputs)))
+
+    def distribution(self, *inputs: torch.Tensor) -> dist.TorchDistribution:
+        """``Normal(loc, scale).to_event(1)``."""
+        return self.head.distribution(self.net(broadcast_cat(inputs)))
 
 
 def likelihood_head(kind: str, in_features: int, out_dim: int) -> nn.Module:

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.optim
@@ -61,6 +61,7 @@ class TrainConfig:
     alpha_factor: float = 0.1
     binarize: bool = True
     z_dim: int = 50
+    a_dim: Optional[int] = None  # auxiliary units (adgm, sdgm); None: 100. None keeps older checkpoints resumable
     m1_z_dim: int = 50
     m1_hidden: tuple[int, ...] = (600, 600)
     hidden: tuple[int, ...] = (500,)

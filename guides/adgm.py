@@ -1,0 +1,109 @@
+r"""The guide of the ADGM and the SDGM (Maaløe et al. 2016, eq. 6)::
+
+    q(a|x)     = N(a | mu(x), diag sigma^2(x))        drawn first
+    q(y|a,x)   = Cat(y | pi(a, x))                    the classifier, enumerated for unlabelled data
+    q(z|y,x)   = N(z | mu(y, x), diag sigma^2(y, x))  (q(z|a,y,x) with z_sees_a=True, the SDGM's)
+
+The classifier of the model is ``E_q(a|x)[q(y|a,x)]``: :func:`pyrodgm.evaluation.predict_proba`
+averages the categorical at ``y`` over samples of ``a`` (100 in the paper), and the
+``alpha`` term of :class:`pyrodgm.losses.SemiSupervisedELBO` is ``-log`` of it, averaged over
+the loss's particles (eq. 9).
+
+**Deterministic auxiliary unit** (``deterministic_auxiliary=True``, the paper's Fig. 2a
+ablation): ``a = f(x)`` is a linear layer on the auxiliary MLP and *no* site ``"a"`` is
+sampled, so the classifier is ``q(y|f(x), x)``.  The matching model has no ``a`` either
+(:class:`pyrodgm.models.ADGM` with ``auxiliary_prior="none"``), and the bound is then M2's
+bound, valid as it stands.  A :class:`~pyro.distributions.Delta` site would not do: its
+"log-density" is 0 at its point, so ``log p(a=f(x)|...) - log q(a|x)`` would add a density
+of the model at a point with no entropy term to pay for it, which is no bound on
+``log p(x)`` at all (a conditional ``p(a|x,y,z)`` could shrink its scale around ``f(x)`` and
+send the objective to infinity); the model and guide would also disagree about which
+sites are latent.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyrodgm.modeling import PlatedGuide, one_hot
+from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP, broadcast_cat
+
+__all__ = ["ADGMGuide"]
+
+
+class ADGMGuide(PlatedGuide):
+    """``q(a|x) q(y|a,x) q(z|y,x)`` (or ``q(z|a,y,x)``); ``y`` is marked for parallel
+    enumeration when no labels are given.  Sites ``"a"``, ``"y"``, ``"z"``.
+
+    :param int x_dim: features per example.
+    :param int num_classes: number of classes.
+    :param int z_dim: latent dimension.
+    :param int a_dim: auxiliary dimension.
+    :param hidden: hidden widths of every MLP.
+    :param str activation: hidden activation.
+    :param bool z_sees_a: ``q(z|a,y,x)`` instead of ``q(z|y,x)`` (the SDGM's encoder).
+    :param bool deterministic_auxiliary: ``a = f(x)``, no site ``"a"`` (module docstring).
+    :param bool batch_norm: batch-norm in the hidden layers.
+    :param str init: ``"xavier"`` (Glorot, the paper) or ``"default"``.
+    :param str scale: Gaussian scale parameterisation, ``"softplus"`` or ``"exp"``.
+    """
+
+    pyro_name = "adgm_guide"
+
+    def __init__(
+        self,
+        x_dim: int,
+        num_classes: int = 10,
+        z_dim: int = 100,
+        a_dim: int = 100,
+        hidden: Sequence[int] = (500, 500),
+        activation: str = "relu",
+        z_sees_a: bool = False,
+        deterministic_auxiliary: bool = False,
+        batch_norm: bool = False,
+        init: str = "xavier",
+        scale: str = "softplus",
+    ) -> None:
+        super().__init__()
+        self.x_dim, self.num_classes, self.z_dim, self.a_dim = x_dim, num_classes, z_dim, a_dim
+        self.z_sees_a, self.deterministic_auxiliary = z_sees_a, deterministic_auxiliary
+        if deterministic_auxiliary:
+            self.auxiliary = MLP(x_dim, hidden, out_dim=a_dim, activation=activation, batch_norm=batch_norm, init=init)
+        else:
+            self.auxiliary = GaussianMLP(x_dim, hidden, a_dim, activation, batch_norm, init, scale)
+        self.classifier = MLP(x_dim + a_dim, hidden, activation=activation, batch_norm=batch_norm, init=init)
+        self.classifier_head = CategoricalHead(self.classifier.out_features, num_classes, init=init)
+        encoder_in = x_dim + num_classes + (a_dim if z_sees_a else 0)
+        self.encoder = GaussianMLP(encoder_in, hidden, z_dim, activation, batch_norm, init, scale)
+
+    def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``a`` (``[particles, B, a_dim]`` under a particle plate), then ``y`` (enumerated
+        when not given, ``[K, 1, 1, K]``), then ``z`` (``[K, particles, B, z_dim]``)."""
+        a = self.auxiliary_sample(x)
+        if y is None:
+            y = pyro.sample("y", self.classify(a, x), infer={"enumerate": "parallel"})
+        else:
+            y = one_hot(y, self.num_classes, x)
+        inputs = (x, y, a) if self.z_sees_a else (x, y)
+        return pyro.sample("z", self.encoder.distribution(*inputs))
+
+    def auxiliary_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """``a ~ q(a|x)`` at the site ``"a"``, or ``a = f(x)`` for a deterministic unit."""
+        if self.deterministic_auxiliary:
+            return self.auxiliary(x)
+        return pyro.sample("a", self.auxiliary.distribution(x))
+
+    def classify(self, a: torch.Tensor, x: torch.Tensor) -> dist.TorchDistribution:
+        """The classifier ``q(y|a,x)``."""
+        return self.classifier_head.distribution(self.classifier(broadcast_cat([x, a])))
+
+    def label_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``q(y|a,x)`` at the mean of ``q(a|x)`` (a quick point prediction;
+        :func:`pyrodgm.evaluation.predict_proba` averages over samples of ``a``, which is
+        the model's classifier)."""
+        a = self.auxiliary(x) if self.deterministic_auxiliary else self.auxiliary(x)[0]
+        return self.classify(a, x)

@@ -1,13 +1,13 @@
 r"""The auxiliary deep generative model (ADGM) and the skip deep generative model (SDGM) of
 Maaløe et al. (2016).
 
-ADGM, generative story (eq. 5; the option the paper mentions below eq. 6 is the default)::
+ADGM, generative story (eq. 5; the paper's option ``p(a|x,y,z)`` with ``auxiliary_prior="conditional"``)::
 
     y ~ Cat(pi)                          p(y), uniform
     z ~ N(0, I)                          p(z)
     x ~ f(x; y, z, theta)                p(x|y,z), an MLP of [z, y]
-    a ~ N(mu(x, y, z), sigma^2(x, y, z)) p(a|x,y,z), an MLP of [x, y, z]   (default)
-    a ~ N(0, I)                          p(a), auxiliary_prior="standard"
+    a ~ N(0, I)                          p(a)                                  (default)
+    a ~ N(mu(x, y, z), sigma^2(x, y, z)) p(a|x,y,z), auxiliary_prior="conditional"
 
 ``a`` is *auxiliary*: it leaves the marginal ``p(x, y, z)`` untouched (``∫ p(a|...) da = 1``)
 and exists only so that the guide ``q(a|x) q(y|a,x) q(z|y,x)`` (eq. 6,
@@ -83,8 +83,8 @@ class _LabelledLatentModel(PlatedModel):
 
 
 class ADGM(_LabelledLatentModel):
-    """``p(y) p(z) p(x|y,z) p(a|x,y,z)`` (default), ``p(a) p(y) p(z) p(x|y,z)``
-    (``auxiliary_prior="standard"``, eq. 5) or ``p(y) p(z) p(x|y,z)`` (``"none"``, for a
+    """``p(a) p(y) p(z) p(x|y,z)`` (default, eq. 5), ``p(y) p(z) p(x|y,z) p(a|x,y,z)``
+    (``auxiliary_prior="conditional"``) or ``p(y) p(z) p(x|y,z)`` (``"none"``, for a
     guide with a deterministic auxiliary unit).  Sites ``"y"``, ``"z"``, ``"x"``, ``"a"``.
 
     :param int x_dim: features per example.
@@ -111,7 +111,7 @@ class ADGM(_LabelledLatentModel):
         hidden: Sequence[int] = (500, 500),
         activation: str = "relu",
         likelihood: str = "bernoulli",
-        auxiliary_prior: str = "conditional",
+        auxiliary_prior: str = "standard",
         batch_norm: bool = False,
         init: str = "xavier",
         scale: str = "softplus",

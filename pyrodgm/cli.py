@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha-factor", type=float, help="Kingma et al.'s alpha = FACTOR * N (default 0.1)")
     train.add_argument("--z-dim", type=int)
     train.add_argument("--a-dim", type=int, help="auxiliary dimension (adgm, sdgm)")
+    train.add_argument("--auxiliary-prior", choices=("standard", "conditional"), help="ADGM: p(a) (default) or p(a|x,y,z)")
     train.add_argument("--hidden", type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")
     train.add_argument("--activation")
     train.add_argument("--likelihood", choices=("bernoulli", "gaussian"))

@@ -62,6 +62,7 @@ class TrainConfig:
     binarize: bool = True
     z_dim: int = 50
     a_dim: Optional[int] = None  # auxiliary units (adgm, sdgm); None: 100. None keeps older checkpoints resumable
+    auxiliary_prior: Optional[str] = None  # adgm: "standard" p(a) (None) or "conditional" p(a|x,y,z)
     m1_z_dim: int = 50
     m1_hidden: tuple[int, ...] = (600, 600)
     hidden: tuple[int, ...] = (500,)

@@ -102,9 +102,11 @@ def _adgm_kwargs(config, num_classes: int) -> dict:
 
 
 def build_adgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """ADGM (Maaløe et al. 2016): ``p(y)p(z)p(x|y,z)p(a|x,y,z)``, ``q(a|x)q(y|a,x)q(z|y,x)``."""
+    """ADGM (Maaløe et al. 2016): ``p(a)p(y)p(z)p(x|y,z)`` (``--auxiliary-prior conditional``:
+    ``p(a|x,y,z)``), ``q(a|x)q(y|a,x)q(z|y,x)``."""
     kwargs = _adgm_kwargs(config, num_classes)
-    return ADGM(x_dim, likelihood=config.likelihood, **kwargs), ADGMGuide(x_dim, **kwargs)
+    prior = config.auxiliary_prior or "standard"
+    return ADGM(x_dim, likelihood=config.likelihood, auxiliary_prior=prior, **kwargs), ADGMGuide(x_dim, **kwargs)
 
 
 def build_sdgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:

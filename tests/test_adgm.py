@@ -482,3 +482,13 @@ def test_cli_trains(name, tmp_path):
     assert 0.0 <= metrics["test"]["error"] <= 1.0
     assert math.isfinite(metrics["test"]["elbo"])
     assert (out / "best.pt").exists()
+
+
+def test_adgm_recipe_uses_the_standard_auxiliary_prior_unless_asked():
+    """Eq. 5's p(a) = N(0, I) by default; p(a|x,y,z) only with auxiliary_prior="conditional"."""
+    x = torch.rand(3, 64).bernoulli()
+    for prior, order in ((None, ["a", "y", "z", "x"]), ("conditional", ["y", "z", "x", "a"])):
+        config = TrainConfig(model="adgm", hidden=(8,), z_dim=2, a_dim=3, auxiliary_prior=prior)
+        model, _ = recipe("adgm").build(config, 64, 10)
+        trace = poutine.trace(model).get_trace(x, y=torch.tensor([0, 1, 2]))
+        assert [n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "data"] == order

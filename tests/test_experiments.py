@@ -76,10 +76,38 @@ def test_speed_reference_computes_the_same_loss_as_pyrodgm(pyro_test_env):
     assert not torch.allclose(references.m2_loss(model, guide, x, y, 3.0), reference)
 
 
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_speed_reference_computes_the_same_adgm_loss_as_pyrodgm(pyro_test_env, num_particles):
+    import pyro
+    import torch
+
+    from pyrodgm.guides import ADGMGuide
+    from pyrodgm.losses import SemiSupervisedELBO
+    from pyrodgm.models import ADGM
+
+    references = _import_experiment("references")
+    model, guide = ADGM(20, 4, 3, 5, (16, 8)), ADGMGuide(20, 4, 3, 5, (16, 8))  # p(a) = N(0, I), the default
+    x = torch.rand(10, 20).bernoulli()
+    y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1])  # labelled and unlabelled rows interleaved
+    loss_fn = SemiSupervisedELBO(alpha=3.0, num_particles=num_particles, max_plate_nesting=1)
+    pyro.set_rng_seed(5)
+    ours = loss_fn.differentiable_loss(model, guide, x, y=y)
+    pyro.set_rng_seed(5)
+    reference = references.adgm_loss(model, guide, x, y, 3.0, num_particles)
+    assert torch.allclose(ours, reference, rtol=1e-10, atol=0)
+    # the same gradients too, as the benchmark's steps assume
+    params = list(model.parameters()) + list(guide.parameters())
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(reference, params)):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    pyro.set_rng_seed(6)  # other noise, other value: the agreement is not a coincidence
+    assert not torch.allclose(references.adgm_loss(model, guide, x, y, 3.0, num_particles), reference)
+
+
 @pytest.mark.slow
 def test_bench_speed_runs_and_writes_json(tmp_path):
     output = tmp_path / "bench.json"
-    args = [sys.executable, str(EXPERIMENTS / "bench_speed.py"), "--device", "cpu", "--steps", "2", "--warmup", "1",
+    args = [sys.executable, str(EXPERIMENTS / "bench_speed.py"), "--models", "m2", "adgm", "--threads", "1",
+            "--device", "cpu", "--steps", "2", "--warmup", "1",
             "--batch", "20", "--iwae-k", "30", "--iwae-images", "4", "--iwae-chunk", "16", "--output", str(output)]
     subprocess.run(args, check=True, cwd=tmp_path, timeout=600)
     report = json.loads(output.read_text())

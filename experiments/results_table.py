@@ -1,8 +1,10 @@
-"""Print the results table of README.md from experiments/results/*.json, so that every
-number in the README comes from a recorded run.
+"""Print the results tables of README.md from experiments/results/*.json, so that every
+number in the README comes from a recorded run: training runs (written by the experiment
+scripts), IWAE evaluations (``pyrodgm evaluate ... --output``) and speed benchmarks
+(``bench_speed.py``).
 
-    python experiments/results_table.py            # print the markdown table
-    python experiments/results_table.py --write    # replace the table in README.md
+    python experiments/results_table.py            # print the markdown tables
+    python experiments/results_table.py --write    # replace them in README.md
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 COMMANDS = {
     "m2_100_labels": "python experiments/m2_mnist_100.py --root ../shared/data --no-download --epochs {epochs} --threads 1",
     "m1m2_100_labels": "python experiments/m1m2_mnist_100.py --root ../shared/data --no-download --m1-epochs {m1_epochs} --epochs {epochs} --threads 1",
-    "adgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 1 --epochs {epochs} --threads 1",
-    "adgm_10mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 10 --epochs {epochs} --threads 1",
-    "sdgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm --mc 1 --epochs {epochs} --threads 1",
+    "adgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 1 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
+    "adgm_10mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 10 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
+    "sdgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm --mc 1 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
 }
 
 
@@ -26,42 +28,100 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def rows(results_dir: Path) -> list[str]:
+def _load(results_dir: Path) -> list[tuple[str, dict]]:
+    return [(path.name, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
+
+
+def training_rows(results: list[tuple[str, dict]]) -> list[str]:
     lines = [
-        "| experiment | test error | paper | epochs run (of paper's schedule) | train time | hardware | date | command |",
+        "| experiment | test error | paper | epochs run | train time | hardware | date | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for path in sorted(results_dir.glob("*.json")):
-        result = json.loads(path.read_text())
+    for _, result in results:
+        if "epochs_completed" not in result or "experiment" not in result:
+            continue
         name = result["experiment"]
-        command = COMMANDS.get(name, "").format(epochs=result["epochs_completed"], m1_epochs=result.get("m1_epochs_completed"))
+        eval_particles = result.get("eval_particles") or (result.get("config") or {}).get("eval_particles")
+        command = COMMANDS.get(name, "").format(
+            epochs=result["epochs_completed"], m1_epochs=result.get("m1_epochs_completed"), eval_particles=eval_particles
+        )
         epochs = f"{result['epochs_completed']}"
         if result.get("m1_epochs_completed"):
             epochs += f" (+{result['m1_epochs_completed']} M1)"
         seconds = result["train_seconds"] + (result.get("m1_train_seconds") or 0)
         test = result.get("test") or {}
         paper = result["paper"]
+        target = "n/a" if paper.get("test_error") is None else f"{_percent(paper['test_error'])} ± {_percent(paper.get('std'))}"
         lines.append(
             f"| {name} ({result['dataset']}, seed {result['seed']}) | {_percent(test.get('error'))} "
-            f"(epoch {test.get('epoch')}, chosen on validation) | {_percent(paper['test_error'])} ± {_percent(paper.get('std'))} "
+            f"(epoch {test.get('epoch')}, chosen on validation) | {target} "
             f"| {epochs} | {seconds / 60:.0f} min | {result['device']} | {result['date']} | `{command}` |"
         )
+    return lines
+
+
+def iwae_rows(results: list[tuple[str, dict]]) -> list[str]:
+    lines = [
+        "| model | test images | k | IWAE log p(x) | PSIS k-hat mean (share > 0.7) | ESS mean | test error | active units | time | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, result in results:
+        if "iwae_log_likelihood" not in result:
+            continue
+        khat = "n/a" if result["pareto_k_mean"] is None else f"{result['pareto_k_mean']:.2f}"
+        lines.append(
+            f"| {result['model']} (epoch {result['epoch']}) | {result['num_examples']} | {result['iwae_k']} "
+            f"| {result['iwae_log_likelihood']:.2f} nats | {khat} ({100 * result['pareto_k_frac_above_0.7']:.0f}%) "
+            f"| {result['ess_mean']:.0f} | {_percent(result.get('test_error'))} | {result.get('active_units')} "
+            f"| {result['iwae_seconds'] / 60:.1f} min | {result['device']} | {result['date']} | `{result['command']}` |"
+        )
+    return lines
+
+
+def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
+    lines = [
+        "| model | reference s/step | pyrodgm s/step | ratio (validation off) | ratio (validation on) | IWAE images/s (k) | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, result in results:
+        if "models" not in result or "command" not in result:
+            continue
+        for name, row in result["models"].items():
+            off, on, iwae = row["step_validation_off"], row["step_validation_on"], row["iwae"]
+            lines.append(
+                f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {off['ratio']:.3f} | {on['ratio']:.3f} "
+                f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {result['device']} | {result['date']} | `{result['command']}` |"
+            )
+    return lines
+
+
+def tables(results_dir: Path) -> list[str]:
+    """The three tables, each under its heading; a table with no rows is left out."""
+    results = _load(results_dir)
+    lines: list[str] = []
+    for heading, table in (
+        ("Semi-supervised classification (MNIST, 100 labels)", training_rows(results)),
+        ("Importance-weighted log-likelihood", iwae_rows(results)),
+        ("Speed: pyrodgm's SVI step against hand-written PyTorch of the same loss", speed_rows(results)),
+    ):
+        if len(table) > 2:
+            lines += ["", f"### {heading}", "", *table]
     return lines
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "experiments" / "results"))
-    parser.add_argument("--write", action="store_true", help="replace the table between the markers in README.md")
+    parser.add_argument("--write", action="store_true", help="replace the tables between the markers in README.md")
     args = parser.parse_args(argv)
-    table = "\n".join(rows(Path(args.results)))
+    block = "\n".join(tables(Path(args.results)))
     if not args.write:
-        print(table)
+        print(block)
         return
     readme = ROOT / "README.md"
     text = readme.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+    readme.write_text(text[:start] + "\n" + block + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -125,6 +126,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
     result = iwae_evaluate(model, guide, x, args.iwae_k, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
     report = {
+        "date": datetime.date.today().isoformat(),
+        "command": args.command_line,
         "checkpoint": str(args.checkpoint),
         "model": config.model,
         "dataset": config.dataset,
@@ -171,6 +174,7 @@ def _models(args: argparse.Namespace) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "pyrodgm " + " ".join(sys.argv[1:] if argv is None else argv)
     handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models}[args.command]
     try:
         result = handler(args)

@@ -109,7 +109,18 @@ def device_description(device: torch.device) -> str:
     """The hardware a run used, for results tables."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{_cpu_name()} CPU ({platform.machine()}), {torch.get_num_threads()} torch threads"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def _set_learning_rate(optim: pyro.optim.PyroOptim, lr: float) -> None:

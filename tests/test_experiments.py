@@ -51,8 +51,8 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
 def test_readme_results_table_is_generated_from_the_results_json():
     results_table = _import_experiment("results_table")
     readme = (EXPERIMENTS.parent / "README.md").read_text()
-    table = "\n".join(results_table.rows(EXPERIMENTS / "results"))
-    assert results_table.BEGIN + "\n" + table + "\n" + results_table.END in readme
+    block = "\n".join(results_table.tables(EXPERIMENTS / "results"))
+    assert results_table.BEGIN + "\n" + block + "\n" + results_table.END in readme
 
 
 def test_speed_reference_computes_the_same_loss_as_pyrodgm(pyro_test_env):

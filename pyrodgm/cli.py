@@ -93,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace):
     from .training import TrainConfig
-    from .zoo import recipe
+    from .zoo import defaults
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values = {**recipe(args.model).defaults, **given, "model": args.model}
+    values = {**defaults(args.model, args.dataset), **given, "model": args.model}
     values.setdefault("out", f"runs/{args.model}")
     return TrainConfig(**values)
 

@@ -193,3 +193,12 @@ def test_console_script_entry_point():
     (entry,) = [e for e in scripts if e.name == "pyrodgm"]
     assert entry.value == "pyrodgm.cli:main"
     assert entry.load() is main
+
+
+def test_digits_preset_learning_rate_unless_given():
+    from pyrodgm.cli import _train_config, build_parser
+
+    parse = build_parser().parse_args
+    assert _train_config(parse(["train", "m2", "--dataset", "digits"])).lr == 3e-3
+    assert _train_config(parse(["train", "m2", "--dataset", "digits", "--lr", "1e-4"])).lr == 1e-4
+    assert _train_config(parse(["train", "m2", "--dataset", "mnist"])).lr == 3e-4  # the paper's

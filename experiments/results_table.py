@@ -28,6 +28,10 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _units(counts) -> str:
+    return "n/a" if not counts else ", ".join(f"{site}: {count}" for site, count in counts.items())
+
+
 def _load(results_dir: Path) -> list[tuple[str, dict]]:
     return [(path.name, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
 
@@ -38,7 +42,7 @@ def training_rows(results: list[tuple[str, dict]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:
-        if "epochs_completed" not in result or "experiment" not in result:
+        if "epochs_completed" not in result or "experiment" not in result or "active_units" in result:
             continue
         name = result["experiment"]
         eval_particles = result.get("eval_particles") or (result.get("config") or {}).get("eval_particles")
@@ -72,8 +76,32 @@ def iwae_rows(results: list[tuple[str, dict]]) -> list[str]:
         lines.append(
             f"| {result['model']} (epoch {result['epoch']}) | {result['num_examples']} | {result['iwae_k']} "
             f"| {result['iwae_log_likelihood']:.2f} nats | {khat} ({100 * result['pareto_k_frac_above_0.7']:.0f}%) "
-            f"| {result['ess_mean']:.0f} | {_percent(result.get('test_error'))} | {result.get('active_units')} "
+            f"| {result['ess_mean']:.0f} | {_percent(result.get('test_error'))} | {_units(result.get('active_units'))} "
             f"| {result['iwae_seconds'] / 60:.1f} min | {result['device']} | {result['date']} | `{result['command']}` |"
+        )
+    return lines
+
+
+def active_unit_rows(results: list[tuple[str, dict]]) -> list[str]:
+    lines = [
+        "| model (checkpoint epoch) | test images | active by KL > threshold | active by Cov_x E_q[u] > threshold | total KL | paper | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, result in results:
+        counts = result.get("active_units")
+        if not isinstance(counts, dict) or "experiment" not in result:
+            continue
+        by_kl = ", ".join(f"{site}: {c['active_by_kl']}/{c['units']}" for site, c in counts.items())
+        by_var = ", ".join(f"{site}: {c['active_by_variance']}/{c['units']}" for site, c in counts.items())
+        total = ", ".join(f"{site}: {c['kl_total']:.3g} nats" for site, c in counts.items())
+        paper = result["paper"]
+        command = (
+            f"python experiments/adgm_active_units.py --checkpoint {result['checkpoint']} --dataset {result['dataset']} "
+            f"--root ../shared/data --no-download --limit {result['num_examples']} --threads 1"
+        )
+        lines.append(
+            f"| {result['model']} ({result['checkpoint_epoch']}) | {result['num_examples']} | {by_kl} | {by_var} | {total} "
+            f"| a: {paper.get('active_a')}; z: {paper.get('active_z')} | {result['date']} | `{command}` |"
         )
     return lines
 
@@ -102,6 +130,7 @@ def tables(results_dir: Path) -> list[str]:
     for heading, table in (
         ("Semi-supervised classification (MNIST, 100 labels)", training_rows(results)),
         ("Importance-weighted log-likelihood", iwae_rows(results)),
+        ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),
         ("Speed: pyrodgm's SVI step against hand-written PyTorch of the same loss", speed_rows(results)),
     ):
         if len(table) > 2:

@@ -36,41 +36,37 @@ from pyrodgm.training import device_description
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def m2_setup(device: torch.device, batch: int) -> dict:
-    """M2 at Kingma et al.'s MNIST sizes, a synthetic binary batch, half of it labelled."""
-    model, guide = M2(784, 10, 50, (500,)).to(device), M2Guide(784, 10, 50, (500,)).to(device)
+def _setup(model, guide, reference, device: torch.device, batch: int, num_particles: int = 1, alpha: float = 50.0) -> dict:
+    """A synthetic binary batch of ``2 * batch`` rows, the first half labelled, with the
+    loss and its hand-written ``reference(model, guide, x, y, alpha)``; alpha 50 is
+    0.1 N / N_l for MNIST's 50,000 training images and 100 labels."""
+    model, guide = model.to(device), guide.to(device)
     x = torch.rand(2 * batch, 784, device=device).bernoulli()
     y = torch.cat([torch.randint(0, 10, (batch,), device=device), torch.full((batch,), -1, device=device)])
-    alpha = 50.0
-    return {
-        "model": model,
-        "guide": guide,
-        "x": x,
-        "y": y,
-        "loss": SemiSupervisedELBO(alpha=alpha, max_plate_nesting=1),
-        "reference": lambda: m2_loss(model, guide, x, y, alpha),
-    }
-
-
-def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict:
-    """The ADGM at Maaløe et al.'s MNIST sizes (784 inputs, 2x500 ReLU MLPs, a and z of 100,
-    p(a) = N(0, I)), a synthetic binary batch, half of it labelled, alpha 50 (0.1 N / N_l)."""
-    model = ADGM(784, 10, 100, 100, (500, 500)).to(device)
-    guide = ADGMGuide(784, 10, 100, 100, (500, 500)).to(device)
-    x = torch.rand(2 * batch, 784, device=device).bernoulli()
-    y = torch.cat([torch.randint(0, 10, (batch,), device=device), torch.full((batch,), -1, device=device)])
-    alpha = 50.0
     return {
         "model": model,
         "guide": guide,
         "x": x,
         "y": y,
         "loss": SemiSupervisedELBO(alpha=alpha, num_particles=num_particles, max_plate_nesting=1),
-        "reference": lambda: adgm_loss(model, guide, x, y, alpha, num_particles),
+        "reference": lambda: reference(model, guide, x, y, alpha),
     }
 
 
-# adgm10: 10 vectorised particles (samples of a, and of z per a)
+def m2_setup(device: torch.device, batch: int) -> dict:
+    """M2 at Kingma et al.'s MNIST sizes (784-500-50)."""
+    return _setup(M2(784, 10, 50, (500,)), M2Guide(784, 10, 50, (500,)), m2_loss, device, batch)
+
+
+def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict:
+    """The ADGM at Maaløe et al.'s MNIST sizes (2x500 ReLU MLPs, a and z of 100, p(a) = N(0, I))."""
+    def reference(model, guide, x, y, alpha):
+        return adgm_loss(model, guide, x, y, alpha, num_particles)
+
+    model, guide = ADGM(784, 10, 100, 100, (500, 500)), ADGMGuide(784, 10, 100, 100, (500, 500))
+    return _setup(model, guide, reference, device, batch, num_particles)
+
+
 SETUPS = {"m2": m2_setup, "adgm": adgm_setup, "adgm10": functools.partial(adgm_setup, num_particles=10)}
 
 

@@ -330,12 +330,7 @@ def log_weight_terms(
 def enumerated_log_q(guide_trace: Trace) -> Optional[torch.Tensor]:
     """``log q`` of the joint value of all enumerated guide sites (unscaled), or ``None``."""
     logs = [site["unscaled_log_prob"] for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)]
-    if not logs:
-        return None
-    total = logs[0]
-    for log in logs[1:]:
-        total = total + log
-    return total
+    return sum(logs[1:], logs[0]) if logs else None
 
 
 def check_reparameterized(guide_trace: Trace) -> None:

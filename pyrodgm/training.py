@@ -308,7 +308,10 @@ def _cuda_devices(device: torch.device) -> list[int]:
 
 def _check_resumable(config: TrainConfig, saved: dict) -> None:
     current = config.to_dict()
-    differing = [k for k in current if k not in ("epochs", "out", "device", "samples") and _norm(current[k]) != _norm(saved.get(k))]
+    # fields added after the checkpoint was written compare as their defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    ignored = ("epochs", "out", "device", "samples")
+    differing = [k for k in current if k not in ignored and _norm(current[k]) != _norm(saved.get(k, defaults[k]))]
     if differing:
         raise ValueError(f"cannot resume: the checkpoint was trained with different {', '.join(differing)}")
 

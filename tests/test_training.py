@@ -3,8 +3,10 @@ and metrics, the plain training step, config errors, and the m1 -> m1m2 pipeline
 
 Training runs use float32 (the data's dtype) with tiny networks and 1-3 epochs."""
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pyro
 import pytest
@@ -343,3 +345,16 @@ def test_m1_checkpoint_trained_on_gpu_stacks_on_cpu(m1_run, tmp_path):
     cfg = config(tmp_path, model="m1m2", m1_checkpoint=str(tmp_path / "m1_gpu.pt"))
     model, _ = recipe("m1m2").create(cfg, 64, 10)
     assert_same(model.m1.state_dict(), state["model"])
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(tmp_path):
+    """A field added to TrainConfig later (here: a_dim) is absent from older checkpoints;
+    resuming compares it as its default instead of refusing."""
+    cfg = config(tmp_path, epochs=1)
+    train(cfg, progress=False)
+    path = Path(cfg.out) / "checkpoint.pt"
+    state = load_checkpoint(path)
+    del state["format"], state["config"]["a_dim"]
+    save_checkpoint(path, state)
+    metrics = train(dataclasses.replace(cfg, epochs=2), resume=True, progress=False)
+    assert metrics["epochs_completed"] == 2

@@ -27,10 +27,9 @@ from common import parser, setup, write_result
 from torch.distributions import kl_divergence
 
 import pyro.distributions as dist
-from pyrodgm.data import load_dataset
 from pyrodgm.evaluation import active_units
 from pyrodgm.traces import TraceTerms, particle_traces
-from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description, evaluation_data, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description, load_test_data, train
 from pyrodgm.zoo import ADGM_DEFAULTS
 
 SITES = ("a", "z")
@@ -134,9 +133,7 @@ def main(argv=None) -> dict:
         metrics = train(config, resume=args.resume, progress=not args.quiet)
         checkpoint = Path(out) / "best.pt"
         config, _, model, guide, state = build_from_checkpoint(checkpoint, args.device)
-    root = args.root or config.root
-    test = evaluation_data(load_dataset(config.dataset, root=root, train=False, download=args.download and config.download), config)
-    test = test.subset(torch.arange(min(args.limit, len(test)))).to(args.device)
+    test = load_test_data(config, args.device, root=args.root, limit=args.limit, download=args.download and config.download)
     x = test.flat()
     kl = per_unit_kl(model, guide, x, num_particles=args.particles)
     values, counts = {}, {}

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -109,19 +110,12 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from .data import load_dataset
     from .evaluation import active_units, classification_error, continuous_latent_sites, iwae_evaluate
-    from .training import build_from_checkpoint, device_description, evaluation_data
+    from .training import build_from_checkpoint, device_description, load_test_data
 
     config, recipe_, model, guide, state = build_from_checkpoint(args.checkpoint, args.device)
-    root = args.root or config.root
-    test = evaluation_data(load_dataset(config.dataset, root=root, train=False, download=config.download), config)
-    if args.limit is not None:
-        test = test.subset(torch.arange(min(args.limit, len(test))))
-    test = test.to(args.device)
+    test = load_test_data(config, args.device, root=args.root, limit=args.limit)
     x = test.flat()
-    import time
-
     start = time.perf_counter()
     result = iwae_evaluate(model, guide, x, args.iwae_k, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -148,12 +142,13 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
 
 def _plot(args: argparse.Namespace) -> dict:
+    from .data import IMAGE_SHAPES
     from .plots import save_manifold, save_samples
-    from .training import _image_shape, build_from_checkpoint
+    from .training import build_from_checkpoint
 
     config, recipe_, model, guide, _ = build_from_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "plots"
-    image_shape = _image_shape(config)
+    image_shape = IMAGE_SHAPES[config.dataset]
     num_classes = getattr(model, "num_classes", None) if recipe_.label_site else None
     written = [out / "samples.png"]
     save_samples(model, written[0], image_shape, num_classes=num_classes)

@@ -55,6 +55,7 @@ from pyrodgm.validation import (
 
 __all__ = [
     "DATASETS",
+    "IMAGE_SHAPES",
     "ImageData",
     "SemiSupervisedBatches",
     "SemiSupervisedSplit",
@@ -67,6 +68,15 @@ __all__ = [
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "svhn")
+
+#: Image shape ``(C, H, W)`` of each dataset (all have 10 classes), for rebuilding a model
+#: without loading its data.
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "svhn": (3, 32, 32),
+}
 
 #: Number of scikit-learn digits images used for training; the rest is test.
 DIGITS_NUM_TRAIN: int = 1500

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import time
@@ -28,12 +29,12 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
+from .data import IMAGE_SHAPES, ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
 from .evaluation import classification_error
 from .losses import Loss, SemiSupervisedELBO
 from .zoo import Recipe, recipe
 
-__all__ = ["TrainConfig", "training_step", "train", "build_from_checkpoint", "device_description"]
+__all__ = ["TrainConfig", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
 
 
 @dataclass
@@ -232,16 +233,16 @@ def _checkpoint_state(run: Run) -> dict:
 
 
 @torch.no_grad()
-def validation_metrics(run: Run, data: ImageData) -> dict:
-    """ELBO per example (labels unseen) and, for classifiers, the error of the guide's
-    classifier averaged over ``eval_particles`` samples."""
-    run.model.eval(), run.guide.eval()
+def validation_metrics(model, guide, label_site: Optional[str], eval_particles: int, data: ImageData) -> dict:
+    """ELBO per example (labels unseen) and, for classifiers (``label_site`` given), the
+    error of the guide's classifier averaged over ``eval_particles`` samples."""
+    model.eval(), guide.eval()
     x = data.flat()
     elbo = SemiSupervisedELBO(max_plate_nesting=1)
-    total = sum(-elbo.loss(run.model, run.guide, x[i : i + 1000]) for i in range(0, x.shape[0], 1000))
+    total = sum(-elbo.loss(model, guide, x[i : i + 1000]) for i in range(0, x.shape[0], 1000))
     metrics = {"elbo": total / x.shape[0]}
-    if run.recipe.label_site:
-        metrics["error"] = classification_error(run.guide, x, data.y, num_particles=run.config.eval_particles, label_site=run.recipe.label_site)
+    if label_site:
+        metrics["error"] = classification_error(guide, x, data.y, num_particles=eval_particles, label_site=label_site)
     return metrics
 
 
@@ -282,7 +283,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     while run.epoch < config.epochs:
         epoch_start = time.perf_counter()
         train_loss = _run_epoch(run, progress)
-        metrics = validation_metrics(run, run.validation)
+        metrics = validation_metrics(run.model, run.guide, run.recipe.label_site, config.eval_particles, run.validation)
         run.epoch += 1
         record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
         record["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -327,17 +328,8 @@ def _format_record(record: dict) -> str:
 def _save_samples(run: Run, path: Path) -> None:
     from .plots import save_samples
 
-    image_shape = _image_shape(run.config)
-    num_classes = _num_classes(run) if run.recipe.label_site else None
-    save_samples(run.model, path, image_shape, num_classes=num_classes)
-
-
-def _image_shape(config: TrainConfig) -> tuple[int, int, int]:
-    return {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32)}[config.dataset]
-
-
-def _num_classes(run: Run) -> int:
-    return run.model.num_classes
+    num_classes = run.model.num_classes if run.recipe.label_site else None
+    save_samples(run.model, path, IMAGE_SHAPES[run.config.dataset], num_classes=num_classes)
 
 
 def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False) -> dict:
@@ -362,20 +354,32 @@ def build_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     state = load_checkpoint(path)
     config = TrainConfig(**{**state["config"], "device": str(device)})
     recipe_ = recipe(config.model)
-    data_dims = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "svhn": (3072, 10)}[config.dataset]
-    model, guide = recipe_.build(config, *data_dims)
+    model, guide = recipe_.build(config, math.prod(IMAGE_SHAPES[config.dataset]), 10)
     model.load_state_dict(state["model"])
     guide.load_state_dict(state["guide"])
     model.to(device).eval(), guide.to(device).eval()
     return config, recipe_, model, guide, state
 
 
+def load_test_data(
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    root: Optional[str] = None,
+    limit: Optional[int] = None,
+    download: Optional[bool] = None,
+) -> ImageData:
+    """The test set of ``config``'s dataset as the run evaluates it (binarised once when
+    training binarises), the first ``limit`` images, on ``device``."""
+    download = config.download if download is None else download
+    test = evaluation_data(load_dataset(config.dataset, root=root or config.root, train=False, download=download), config)
+    if limit is not None:
+        test = test.subset(torch.arange(min(limit, len(test))))
+    return test.to(device)
+
+
 def evaluate_test_set(checkpoint: Path, device: torch.device, limit: Optional[int] = None) -> dict:
     """Test-set ELBO and classification error of the checkpoint chosen on validation."""
     config, recipe_, model, guide, state = build_from_checkpoint(checkpoint, device)
-    test = load_dataset(config.dataset, root=config.root, train=False, download=config.download)
-    test = evaluation_data(test, config).to(device)
-    if limit is not None:
-        test = test.subset(torch.arange(min(limit, len(test))))
-    run = Run(config, recipe_, torch.device(device), model, guide, None, None, None, test)
-    return {"epoch": state["epoch"], "num_examples": len(test), **validation_metrics(run, test)}
+    test = load_test_data(config, device, limit=limit)
+    metrics = validation_metrics(model, guide, recipe_.label_site, config.eval_particles, test)
+    return {"epoch": state["epoch"], "num_examples": len(test), **metrics}

@@ -50,12 +50,16 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # labels
 # --------------------------------------------------------------------------------------
+def _base_distribution(fn: dist.Distribution) -> dist.Distribution:
+    """``fn`` without the Independent / Masked / Expanded wrappers Pyro puts around it."""
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
 def _is_one_hot(fn: dist.Distribution) -> bool:
-    base = fn
-    while isinstance(base, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
-        base = base.base_dist
     return isinstance(
-        base,
+        _base_distribution(fn),
         (dist.OneHotCategorical, dist.RelaxedOneHotCategorical, dist.RelaxedOneHotCategoricalStraightThrough),
     )
 
@@ -71,9 +75,7 @@ def encode_labels(labels: torch.Tensor, fn: dist.Distribution) -> torch.Tensor:
 
 
 def _categorical_logits(fn: dist.Distribution) -> torch.Tensor:
-    base = fn
-    while isinstance(base, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
-        base = base.base_dist
+    base = _base_distribution(fn)
     if not hasattr(base, "logits"):
         raise TypeError(
             f"the label site must be a categorical distribution, got {type(base).__name__}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
@@ -229,13 +228,3 @@ def recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(RECIPES)}") from None
-
-
-def parameter_count(module: nn.Module) -> int:
-    """Trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def to_device(modules: tuple[nn.Module, ...], device: torch.device) -> None:
-    for module in modules:
-        module.to(device)

@@ -21,6 +21,9 @@ COMMANDS = {
     "adgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 1 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
     "adgm_10mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 10 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
     "sdgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm --mc 1 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
+    # -- max-margin DGMs (issue 4) --
+    # -- semi-supervised GMVAE (issue 5) --
+    # -- CaGeM and hierarchical baselines (issue 6) --
 }
 
 

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-binarize", dest="binarize", action="store_false", default=None)
     train.add_argument("--m1-checkpoint", help="m1m2: a trained m1 checkpoint (frozen)")
     train.add_argument("--end-to-end", action="store_true", default=None, help="m1m2: train M1 and M2 jointly")
+    # -- max-margin DGMs (issue 4) --
+    # -- semi-supervised GMVAE (issue 5) --
+    # -- CaGeM and hierarchical baselines (issue 6) --
     train.add_argument("--no-samples", dest="samples", action="store_false", default=None)
     train.add_argument("--no-validate-inputs", dest="validate_inputs", action="store_false", default=None,
                        help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from pyro import poutine
 
-__all__ = ["mean_images", "save_samples", "save_manifold", "plot_history"]
+__all__ = ["mean_images", "save_samples", "save_manifold", "plot_history", "embed_2d", "save_embedding"]
 
 
 @torch.no_grad()
@@ -100,3 +100,45 @@ def plot_history(history: Sequence[dict], path: str | Path, keys: Sequence[str] 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def embed_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Tensor:
+    """``features`` (``[n, d]``) projected to 2-D by scikit-learn's PCA or t-SNE."""
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+    if features.dim() != 2 or features.shape[0] < 3:
+        raise ValueError(f"features must have shape [n >= 3, d], got {tuple(features.shape)}")
+    values = features.detach().cpu().double().numpy()
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        points = PCA(n_components=2, random_state=seed).fit_transform(values)
+    else:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (values.shape[0] - 1) / 3)
+        points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(values)
+    return torch.from_numpy(points)
+
+
+def save_embedding(
+    features: torch.Tensor, labels: torch.Tensor, path: str | Path, method: str = "pca", title: str = "", seed: int = 0
+) -> torch.Tensor:
+    """A scatter plot of ``features`` embedded in 2-D (:func:`embed_2d`), coloured by
+    ``labels`` (CaGeM Fig. 3's z2 PCA, the GMVAE's t-SNE of features).  Returns the points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = embed_2d(features, method, seed)
+    fig, axis = plt.subplots(figsize=(5, 5))
+    scatter = axis.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=4)
+    axis.legend(*scatter.legend_elements(), loc="best", fontsize=7, markerscale=0.8)
+    axis.set_title(title or method.upper())
+    axis.set_xticks([]), axis.set_yticks([])
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return points

@@ -38,6 +38,7 @@ __all__ = [
     "DATA_PLATE",
     "PARTICLE_PLATE",
     "ObserveLabels",
+    "ScaleLatents",
     "TraceTerms",
     "encode_labels",
     "guess_plate_nesting",
@@ -149,6 +150,29 @@ class ObserveLabels(Messenger):
 # --------------------------------------------------------------------------------------
 # tracing
 # --------------------------------------------------------------------------------------
+class ScaleLatents(Messenger):
+    """Multiply the log-densities of the named *latent* sites by a weight, in whichever
+    program it wraps (wrap both model and guide): the site's ``log p - log q`` (or its
+    analytic KL) is weighted, the likelihood is not.  This is KL warm-up (Sønderby et al.
+    2016) and the per-term weights of the GMVAE objective (``w_G``, ``w_C``), in the idiom
+    of :func:`pyro.poutine.scale` but per site.  Observed sites are left alone.
+
+    :param weights: site name -> weight (non-negative).
+    """
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        super().__init__()
+        for name, weight in weights.items():
+            if not weight >= 0:
+                raise ValueError(f"the weight of latent site '{name}' must be non-negative, got {weight}")
+        self.weights = dict(weights)
+
+    def _process_message(self, msg) -> None:
+        weight = self.weights.get(msg["name"])
+        if weight is not None and msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = weight * msg["scale"]
+
+
 def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
     """Number of plate dims the guide (and the model, if given) use, from one
     un-enumerated run."""

@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyro
 import pyro.optim
@@ -71,6 +71,9 @@ class TrainConfig:
     likelihood: str = "bernoulli"
     m1_checkpoint: Optional[str] = None
     end_to_end: bool = False
+    # -- max-margin DGMs (issue 4) --
+    # -- semi-supervised GMVAE (issue 5) --
+    # -- CaGeM and hierarchical baselines (issue 6) --
     samples: bool = True
     validate_inputs: bool = True
 
@@ -233,9 +236,17 @@ def _checkpoint_state(run: Run) -> dict:
 
 
 @torch.no_grad()
-def validation_metrics(model, guide, label_site: Optional[str], eval_particles: int, data: ImageData) -> dict:
+def validation_metrics(
+    model,
+    guide,
+    label_site: Optional[str],
+    eval_particles: int,
+    data: ImageData,
+    extra: Optional[Callable[..., dict]] = None,
+) -> dict:
     """ELBO per example (labels unseen) and, for classifiers (``label_site`` given), the
-    error of the guide's classifier averaged over ``eval_particles`` samples."""
+    error of the guide's classifier averaged over ``eval_particles`` samples; plus
+    ``extra(model, guide, data)`` (a recipe's own metrics) when given."""
     model.eval(), guide.eval()
     x = data.flat()
     elbo = SemiSupervisedELBO(max_plate_nesting=1)
@@ -243,6 +254,8 @@ def validation_metrics(model, guide, label_site: Optional[str], eval_particles: 
     metrics = {"elbo": total / x.shape[0]}
     if label_site:
         metrics["error"] = classification_error(guide, x, data.y, num_particles=eval_particles, label_site=label_site)
+    if extra is not None:
+        metrics.update(extra(model, guide, data))
     return metrics
 
 
@@ -256,6 +269,8 @@ def _is_better(metrics: dict, best: Optional[dict]) -> bool:
 def _run_epoch(run: Run, progress: bool) -> float:
     run.model.train(), run.guide.train()
     _set_learning_rate(run.optim, learning_rate(run.config, run.epoch))
+    if run.recipe.schedule is not None:
+        run.recipe.schedule(run.config, run.epoch, run.model, run.guide, run.loss)
     run.batches.set_epoch(run.epoch)
     total, steps = 0.0, 0
     bar = tqdm(run.batches, desc=f"epoch {run.epoch + 1}/{run.config.epochs}", disable=not progress, leave=False)
@@ -283,7 +298,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     while run.epoch < config.epochs:
         epoch_start = time.perf_counter()
         train_loss = _run_epoch(run, progress)
-        metrics = validation_metrics(run.model, run.guide, run.recipe.label_site, config.eval_particles, run.validation)
+        metrics = validation_metrics(
+            run.model, run.guide, run.recipe.label_site, config.eval_particles, run.validation, run.recipe.metrics
+        )
         run.epoch += 1
         record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
         record["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -381,5 +398,5 @@ def evaluate_test_set(checkpoint: Path, device: torch.device, limit: Optional[in
     """Test-set ELBO and classification error of the checkpoint chosen on validation."""
     config, recipe_, model, guide, state = build_from_checkpoint(checkpoint, device)
     test = load_test_data(config, device, limit=limit)
-    metrics = validation_metrics(model, guide, recipe_.label_site, config.eval_particles, test)
+    metrics = validation_metrics(model, guide, recipe_.label_site, config.eval_particles, test, recipe_.metrics)
     return {"epoch": state["epoch"], "num_examples": len(test), **metrics}

@@ -37,6 +37,14 @@ class Recipe:
     :param latent_site: the continuous latent plotted as a 2-D manifold.
     :param configure: adjusts the config before a fresh run builds the pair.
     :param initialize: loads pre-trained weights into a fresh run's pair.
+    :param make_loss: ``(config, num_data, num_labels) -> Loss``; default: the
+        semi-supervised ELBO with Kingma et al.'s alpha (:meth:`default_loss`).
+    :param schedule: ``(config, epoch, model, guide, loss) -> None``, called before every
+        epoch (0-based) to set what changes with the epoch (KL warm-up weights, a
+        Gumbel-softmax temperature).  It must depend on ``epoch`` only, so a resumed run
+        sets the same values.
+    :param metrics: ``(model, guide, data) -> dict`` of extra validation/test metrics
+        (clustering accuracy, say), merged into the ELBO and classification error.
     """
 
     name: str
@@ -47,6 +55,9 @@ class Recipe:
     latent_site: str = "z"
     configure: Optional[Callable[[object], None]] = None
     initialize: Optional[Callable[[object, nn.Module, nn.Module], None]] = None
+    make_loss: Optional[Callable[[object, int, int], Loss]] = None
+    schedule: Optional[Callable[[object, int, nn.Module, nn.Module, Loss], None]] = None
+    metrics: Optional[Callable[[nn.Module, nn.Module, object], dict]] = None
 
     def create(self, config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
         """The pair for a fresh run: :attr:`configure`, :attr:`build`, :attr:`initialize`."""
@@ -58,7 +69,13 @@ class Recipe:
         return model, guide
 
     def loss(self, config, num_data: int, num_labels: int) -> Loss:
-        """The training loss: the semi-supervised ELBO with the paper's alpha."""
+        """The training loss: :attr:`make_loss`'s, else :meth:`default_loss`."""
+        if self.make_loss is not None:
+            return self.make_loss(config, num_data, num_labels)
+        return self.default_loss(config, num_data, num_labels)
+
+    def default_loss(self, config, num_data: int, num_labels: int) -> Loss:
+        """The semi-supervised ELBO with the paper's alpha."""
         alpha = kingma_alpha(config.alpha_factor, num_data, num_labels) if self.label_site and num_labels else 0.0
         return SemiSupervisedELBO(num_particles=config.num_particles, alpha=alpha, max_plate_nesting=1)
 
@@ -207,6 +224,9 @@ RECIPES: dict[str, Recipe] = {
             "ADGM ablation with a deterministic auxiliary unit a = f(x) (Maaløe et al. 2016, Fig. 2a)",
             dict(ADGM_DEFAULTS),
         ),
+        # -- max-margin DGMs (Li et al.): mmva, conv-mmva, conv-mmcva, va-pegasos --
+        # -- semi-supervised GMVAE: gmvae --
+        # -- CaGeM and the hierarchical baselines: cagem, vae2, iwae, lvae --
     )
 }
 

@@ -14,6 +14,9 @@ SCRIPTS = {
     "m1m2_mnist_100.py": ["--epochs", "1", "--m1-epochs", "1"],
     "adgm_mnist_100.py": ["--epochs", "1", "--eval-particles", "10", "--threads", "1"],
     "adgm_active_units.py": ["--epochs", "1", "--limit", "100", "--particles", "2", "--threads", "1"],
+    # -- max-margin DGMs (issue 4) --
+    # -- semi-supervised GMVAE (issue 5) --
+    # -- CaGeM and hierarchical baselines (issue 6) --
 }
 
 

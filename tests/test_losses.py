@@ -530,3 +530,32 @@ def test_bad_constructor_arguments():
         SemiSupervisedELBO(num_particles=0)
     with pytest.raises(ValueError, match="alpha"):
         SemiSupervisedELBO(alpha=-1.0)
+
+
+# --------------------------------------------------------------------------------------
+# latent weights (KL warm-up, GMVAE's w_G / w_C)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_latent_weights_scale_only_the_latent_terms(analytic_kl):
+    """With the same noise the loss is affine in the weight of z: L(w) = R + w KL, so
+    L(0.5) is the mean of L(0) and L(1); and L(0) is the expected reconstruction alone."""
+    model, guide = tiny_m2()
+    x = binary_x(5)
+    y = torch.tensor([0, 1, -1, -1, 0])
+
+    def loss_at(weight):
+        pyro.set_rng_seed(3)
+        elbo = SemiSupervisedELBO(num_particles=2, analytic_kl=analytic_kl, latent_weights={"z": weight})
+        return elbo.loss(model, guide, x, y=y)
+
+    full, none, half = loss_at(1.0), loss_at(0.0), loss_at(0.5)
+    assert half == pytest.approx((full + none) / 2, rel=1e-12)
+    assert none < full  # the KL term is positive
+    pyro.set_rng_seed(3)
+    assert SemiSupervisedELBO(num_particles=2, analytic_kl=analytic_kl).loss(model, guide, x, y=y) == pytest.approx(full, rel=1e-12)
+
+
+def test_latent_weights_reject_negative_weights():
+    model, guide = tiny_m2()
+    with pytest.raises(ValueError, match="latent site 'z' must be non-negative"):
+        SemiSupervisedELBO(latent_weights={"z": -1.0}).loss(model, guide, binary_x(2))

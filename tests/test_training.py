@@ -358,3 +358,28 @@ def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(tmp_p
     save_checkpoint(path, state)
     metrics = train(dataclasses.replace(cfg, epochs=2), resume=True, progress=False)
     assert metrics["epochs_completed"] == 2
+
+
+def test_recipe_schedule_and_metrics_hooks(tmp_path, monkeypatch):
+    """A recipe's schedule runs before every epoch with the 0-based epoch (also after a
+    resume), and its metrics join the validation record and the test metrics."""
+    import dataclasses as dc
+
+    from pyrodgm import zoo
+
+    calls = []
+
+    def schedule(cfg, epoch, model, guide, loss):
+        calls.append(epoch)
+        loss.latent_weights = {"z": min(1.0, (epoch + 1) / 2)}
+
+    def metrics(model, guide, data):
+        return {"num_examples_seen": float(len(data))}
+
+    hooked = dc.replace(zoo.RECIPES["m2"], name="m2-hooked", schedule=schedule, metrics=metrics)
+    monkeypatch.setitem(zoo.RECIPES, "m2-hooked", hooked)
+    train(config(tmp_path, model="m2-hooked", epochs=2), progress=False)
+    result = train(config(tmp_path, model="m2-hooked", epochs=3), resume=True, progress=False)
+    assert calls == [0, 1, 2]
+    assert [r["valid_num_examples_seen"] for r in result["history"]] == [300.0] * 3
+    assert result["test"]["num_examples_seen"] > 0

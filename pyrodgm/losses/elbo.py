@@ -36,6 +36,7 @@ from pyro.infer.util import is_validation_enabled
 
 from ..traces import (
     ObserveLabels,
+    ScaleLatents,
     TraceTerms,
     check_reparameterized,
     guess_plate_nesting,
@@ -85,11 +86,14 @@ class _TracingLoss(Loss):
     """Shared tracing for the ELBO-type losses: plate nesting guessed once, particles
     vectorised, the guide's discrete sites enumerated."""
 
-    def __init__(self, num_particles: int, max_plate_nesting: float, analytic_kl) -> None:
+    def __init__(self, num_particles: int, max_plate_nesting: float, analytic_kl, latent_weights: Optional[dict] = None) -> None:
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.analytic_kl = analytic_kl
+        self.latent_weights: dict[str, float] = dict(latent_weights or {})
 
     def _terms(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> TraceTerms:
+        if self.latent_weights:
+            model, guide = ScaleLatents(self.latent_weights)(model), ScaleLatents(self.latent_weights)(guide)
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
         nesting = int(self.max_plate_nesting)
@@ -125,6 +129,10 @@ class SemiSupervisedELBO(_TracingLoss):
     :param analytic_kl: use the closed-form KL where it is sound (``True``), nowhere
         (``False``), or only at the named sites.
     :param max_plate_nesting: plate dims of the model; guessed on the first call if omitted.
+    :param latent_weights: site name -> weight of that latent's ``log p - log q`` (its KL
+        term): KL warm-up, or the GMVAE's ``w_G``/``w_C``.  The attribute of the same name
+        may be changed between steps (an epoch schedule does).  Labelled rows observe the
+        label site, so its weight applies to unlabelled rows only.
     """
 
     def __init__(
@@ -134,10 +142,11 @@ class SemiSupervisedELBO(_TracingLoss):
         label_site: str = "y",
         analytic_kl: bool | Iterable[str] = True,
         max_plate_nesting: float = float("inf"),
+        latent_weights: Optional[dict[str, float]] = None,
     ) -> None:
         if alpha < 0:
             raise ValueError(f"alpha must be non-negative, got {alpha}")
-        super().__init__(num_particles, max_plate_nesting, analytic_kl)
+        super().__init__(num_particles, max_plate_nesting, analytic_kl, latent_weights)
         self.alpha = float(alpha)
         self.label_site = label_site
 

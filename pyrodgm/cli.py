@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="folder (default: beside the checkpoint)")
     plot.add_argument("--steps", type=int, default=20)
 
+    # -- max-margin DGMs (issue 4): the impute command --
     commands.add_parser("models", help="list the models")
     return parser
 

@@ -15,6 +15,9 @@ from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.models import M1M2, M2, VAE
 from pyrodgm.models.adgm import ADGM, SDGM
+# -- imports of the max-margin DGMs (issue 4) --
+# -- imports of the semi-supervised GMVAE (issue 5) --
+# -- imports of CaGeM and the hierarchical baselines (issue 6) --
 
 from .losses import Loss, SemiSupervisedELBO
 

@@ -39,9 +39,44 @@ def _load(results_dir: Path) -> list[tuple[str, dict]]:
     return [(path.name, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
 
 
+#: The metrics a training experiment may report: key in ``paper`` (the target) -> key in
+#: ``test`` (what we measured), label and format.
+METRICS = {
+    "test_error": ("error", "test error", "percent"),
+    "log_likelihood": ("log_likelihood", "log p(x)", "nats"),
+    "cluster_acc": ("cluster_acc", "clustering ACC", "percent"),
+    "nmi": ("nmi", "NMI", "plain"),
+    "mse": ("mse", "MSE", "plain"),
+}
+
+
+def _format(value, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "percent":
+        return _percent(value)
+    if kind == "nats":
+        return f"{value:.2f} nats"
+    return f"{value:.4g}"
+
+
+def _metric_cells(test: dict, paper: dict) -> tuple[str, str]:
+    """``(measured, paper)`` cells: one ``label: value`` per metric the paper reports."""
+    measured, targets = [], []
+    for paper_key, (test_key, label, kind) in METRICS.items():
+        if paper_key not in paper:
+            continue
+        measured.append(f"{label} {_format(test.get(test_key), kind)}")
+        target = _format(paper[paper_key], kind)
+        if paper_key == "test_error" and paper.get("std") is not None:
+            target += f" ± {_percent(paper['std'])}"
+        targets.append(f"{label} {target}")
+    return "; ".join(measured) or "n/a", "; ".join(targets) or "n/a"
+
+
 def training_rows(results: list[tuple[str, dict]]) -> list[str]:
     lines = [
-        "| experiment | test error | paper | epochs run | train time | hardware | date | command |",
+        "| experiment | measured (checkpoint chosen on validation) | paper | epochs run | train time | hardware | date | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:
@@ -50,18 +85,17 @@ def training_rows(results: list[tuple[str, dict]]) -> list[str]:
         name = result["experiment"]
         eval_particles = result.get("eval_particles") or (result.get("config") or {}).get("eval_particles")
         command = COMMANDS.get(name, "").format(
-            epochs=result["epochs_completed"], m1_epochs=result.get("m1_epochs_completed"), eval_particles=eval_particles
+            epochs=result["epochs_completed"], m1_epochs=result.get("m1_epochs_completed"), eval_particles=eval_particles,
+            **result.get("command_fields", {}),
         )
         epochs = f"{result['epochs_completed']}"
         if result.get("m1_epochs_completed"):
             epochs += f" (+{result['m1_epochs_completed']} M1)"
         seconds = result["train_seconds"] + (result.get("m1_train_seconds") or 0)
         test = result.get("test") or {}
-        paper = result["paper"]
-        target = "n/a" if paper.get("test_error") is None else f"{_percent(paper['test_error'])} ± {_percent(paper.get('std'))}"
+        measured, target = _metric_cells(test, result["paper"])
         lines.append(
-            f"| {name} ({result['dataset']}, seed {result['seed']}) | {_percent(test.get('error'))} "
-            f"(epoch {test.get('epoch')}, chosen on validation) | {target} "
+            f"| {name} ({result['dataset']}, seed {result['seed']}) | {measured} (epoch {test.get('epoch')}) | {target} "
             f"| {epochs} | {seconds / 60:.0f} min | {result['device']} | {result['date']} | `{command}` |"
         )
     return lines
@@ -131,7 +165,7 @@ def tables(results_dir: Path) -> list[str]:
     results = _load(results_dir)
     lines: list[str] = []
     for heading, table in (
-        ("Semi-supervised classification (MNIST, 100 labels)", training_rows(results)),
+        ("Training runs (MNIST)", training_rows(results)),
         ("Importance-weighted log-likelihood", iwae_rows(results)),
         ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),
         ("Speed: pyrodgm's SVI step against hand-written PyTorch of the same loss", speed_rows(results)),

@@ -31,6 +31,7 @@ from pyrodgm.evaluation import iwae_log_likelihood
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
+from pyrodgm.optim import FusedAdam
 from pyrodgm.training import device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,7 +93,7 @@ def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, valid
     model, guide = setup["model"], setup["guide"]
     params = list(model.parameters()) + list(guide.parameters())
     reference_optim = torch.optim.Adam(params, lr=1e-4)
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-4}), setup["loss"])
+    svi = pyro.infer.SVI(model, guide, FusedAdam({"lr": 1e-4}), setup["loss"])
 
     def reference_step() -> None:
         reference_optim.zero_grad()

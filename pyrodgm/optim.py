@@ -1,0 +1,122 @@
+"""One torch optimiser for the whole param store, behind Pyro's optimiser interface.
+
+:class:`pyro.optim.PyroOptim` keeps one torch optimiser *per parameter* and steps them
+one by one, which costs a fixed Python overhead per parameter and step (about 4.5 ms a
+step for M2 on a 2-core CPU) and rules out torch's multi-tensor (``foreach``) kernels on
+CUDA.  :class:`FusedAdam` keeps a single :class:`torch.optim.Adam` whose parameter list
+grows as SVI meets new parameters, and steps exactly the parameters of the current step,
+as ``PyroOptim`` does.  Its state is saved per parameter name in the format
+``PyroOptim.get_state`` writes (one single-parameter torch state dict per name), so a
+checkpoint written with either optimiser resumes with the other.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import pyro
+import torch
+from pyro.optim import PyroOptim
+
+__all__ = ["FusedAdam"]
+
+
+class FusedAdam(PyroOptim):
+    """Adam for SVI over every parameter in one :class:`torch.optim.Adam`.
+
+    Use it wherever :class:`pyro.optim.Adam` goes::
+
+        svi = SVI(model, guide, FusedAdam({"lr": 1e-3}), loss)
+
+    :param dict optim_args: arguments of :class:`torch.optim.Adam` (``lr``, ``betas``,
+        ``eps``, ``weight_decay``, ``amsgrad``, ``foreach``), the same for every parameter.
+    """
+
+    def __init__(self, optim_args: dict) -> None:
+        if not isinstance(optim_args, dict):
+            raise TypeError(f"FusedAdam takes a dict of torch.optim.Adam arguments, got {type(optim_args).__name__}")
+        super().__init__(torch.optim.Adam, dict(optim_args))
+        self.optimizer: Optional[torch.optim.Adam] = None
+        self._saved_hyper_parameters: dict = {}
+
+    def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
+        """One Adam step of the parameters in ``params`` (and of no other)."""
+        params = list(params)
+        new = [p for p in params if p not in self.optim_objs]
+        if new:
+            self._add(new)
+        if self.optimizer is None:
+            return
+        stepping = set(params)
+        absent = [p for p in self.optimizer.param_groups[0]["params"] if p not in stepping and p.grad is not None]
+        saved = [p.grad for p in absent]
+        for p in absent:  # SVI zeroes, not clears, the gradients of earlier steps' parameters
+            p.grad = None
+        try:
+            self.optimizer.step(*args, **kwargs)
+        finally:
+            for p, grad in zip(absent, saved):
+                p.grad = grad
+
+    def _set_hyper_parameters(self, state: dict) -> None:
+        """Take the learning rate, betas, ... of a saved state, as torch's
+        ``load_state_dict`` does."""
+        self._saved_hyper_parameters = {k: v for k, v in state.get("param_groups", [{}])[0].items() if k != "params"}
+        if self.optimizer is not None:
+            self.optimizer.param_groups[0].update(self._saved_hyper_parameters)
+
+    def _add(self, params: list[torch.Tensor]) -> None:
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(params, **self.pt_optim_args)
+            self.optimizer.param_groups[0].update(self._saved_hyper_parameters)
+        else:
+            self.optimizer.param_groups[0]["params"].extend(params)
+        store = pyro.get_param_store()
+        for p in params:
+            self.optim_objs[p] = self.optimizer
+            waiting = self._state_waiting_to_be_consumed.pop(store.param_name(p), None)
+            if waiting is not None:
+                self.optimizer.state[p] = _param_state(waiting, p)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the learning rate of every parameter, including those not met yet and those
+        whose saved state (with its own rate) is waiting to be loaded."""
+        self.pt_optim_args["lr"] = lr
+        if self._saved_hyper_parameters:
+            self._saved_hyper_parameters["lr"] = lr
+        if self.optimizer is not None:
+            self.optimizer.param_groups[0]["lr"] = lr
+
+    def get_state(self) -> dict:
+        """``{parameter name: single-parameter torch.optim.Adam state dict}``, as
+        :meth:`pyro.optim.PyroOptim.get_state` returns."""
+        if self.optimizer is None:
+            return {}
+        store = pyro.get_param_store()
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        return {
+            store.param_name(p): {"state": {0: dict(self.optimizer.state[p])} if p in self.optimizer.state else {}, "param_groups": [{**group, "params": [0]}]}
+            for p in self.optimizer.param_groups[0]["params"]
+        }
+
+    def set_state(self, state_dict: dict) -> None:
+        """Load a state from :meth:`get_state` (or from ``pyro.optim.Adam``); parameters
+        not met yet take theirs when they first appear."""
+        store = pyro.get_param_store()
+        known = {store.param_name(p): p for p in self.optim_objs}
+        for state in list(state_dict.values())[:1]:  # one group: every entry carries the same hyper-parameters
+            self._set_hyper_parameters(state)
+        for name, state in state_dict.items():
+            if name in known:
+                self.optimizer.state[known[name]] = _param_state(state, known[name])
+            else:
+                self._state_waiting_to_be_consumed[name] = state
+
+
+def _param_state(state: dict, param: torch.Tensor) -> dict:
+    """The Adam state of ``param`` from a single-parameter torch state dict, its tensors
+    moved to the parameter's device (the step counter stays where torch keeps it)."""
+    if "state" not in state or "param_groups" not in state:
+        raise ValueError("not a single-parameter torch optimiser state dict (from PyroOptim.get_state or FusedAdam.get_state)")
+    values = state["state"].get(0, {})
+    return {k: v if k == "step" or not torch.is_tensor(v) else v.to(device=param.device, dtype=param.dtype) for k, v in values.items()}

@@ -1,0 +1,115 @@
+"""FusedAdam: one torch Adam behind Pyro's optimiser interface, step for step the same as
+pyro.optim.Adam, with interchangeable state."""
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI
+
+from pyrodgm.guides import M2Guide
+from pyrodgm.losses import SemiSupervisedELBO
+from pyrodgm.models import M2
+from pyrodgm.optim import FusedAdam
+
+pytestmark = pytest.mark.usefixtures("pyro_test_env")
+
+ARGS = {"lr": 0.01, "betas": (0.8, 0.95)}
+
+
+def tiny_pair():
+    torch.manual_seed(1)
+    return M2(4, 3, 2, (5,)), M2Guide(4, 3, 2, (5,))
+
+
+def data():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.bernoulli(torch.full((6, 4), 0.5), generator=generator)
+    return x, torch.tensor([0, 1, 2, -1, -1, -1])
+
+
+def run(optim, steps, pair=None, first_step=0):
+    """``steps`` SVI steps, step ``i`` drawing its noise from seed ``i`` (so a run can be
+    continued from a saved state with the same draws)."""
+    model, guide = pair or tiny_pair()
+    svi = SVI(model, guide, optim, SemiSupervisedELBO(alpha=1.0, num_particles=2))
+    x, y = data()
+    losses = []
+    for step in range(first_step, first_step + steps):
+        pyro.set_rng_seed(step)
+        losses.append(svi.step(x, y=y))
+    return model, guide, losses
+
+
+def params_of(model, guide):
+    return {**{f"m.{k}": v.detach().clone() for k, v in model.state_dict().items()},
+            **{f"g.{k}": v.detach().clone() for k, v in guide.state_dict().items()}}
+
+
+def assert_params_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_same_steps_as_pyro_adam():
+    reference = params_of(*run(pyro.optim.Adam(ARGS), 5)[:2])
+    pyro.clear_param_store()
+    fused = params_of(*run(FusedAdam(ARGS), 5)[:2])
+    assert_params_equal(reference, fused)
+    assert any(not torch.equal(fused[k], v) for k, v in params_of(*tiny_pair()).items())  # it did train
+
+
+@pytest.mark.parametrize("writer", [FusedAdam, pyro.optim.Adam])
+def test_state_resumes_exactly_and_is_interchangeable(writer):
+    uninterrupted = params_of(*run(FusedAdam(ARGS), 5)[:2])
+    pyro.clear_param_store()
+    first = writer(ARGS)
+    model, guide, _ = run(first, 3)
+    state = first.get_state()
+    pyro.clear_param_store()  # a new process: same modules, a fresh store and optimiser
+    second = FusedAdam({"lr": 0.5})  # the saved hyper-parameters win, as with torch's load_state_dict
+    second.set_state(state)
+    resumed = params_of(*run(second, 2, pair=(model, guide), first_step=3)[:2])
+    assert second.optimizer.param_groups[0]["lr"] == ARGS["lr"]
+    assert_params_equal(uninterrupted, resumed)
+
+
+def test_parameters_absent_from_a_step_are_not_updated():
+    a = pyro.param("a", torch.tensor([1.0, 2.0]))
+    b = pyro.param("b", torch.tensor([3.0]))
+    optim = FusedAdam({"lr": 0.1})
+    (a.sum() + b.sum()).backward()
+    optim([pyro.param("a").unconstrained(), pyro.param("b").unconstrained()])
+    b_after_first = pyro.param("b").detach().clone()
+    a_grad = torch.ones(2)
+    pyro.param("a").unconstrained().grad = a_grad.clone()
+    pyro.param("b").unconstrained().grad = torch.zeros(1)  # zeroed by SVI, not cleared
+    optim([pyro.param("a").unconstrained()])
+    assert torch.equal(pyro.param("b").detach(), b_after_first)
+    assert torch.equal(pyro.param("b").unconstrained().grad, torch.zeros(1))  # restored
+
+
+def test_rejects_a_callable_or_a_foreign_state():
+    with pytest.raises(TypeError, match="dict of torch.optim.Adam arguments"):
+        FusedAdam(lambda name: {"lr": 0.1})
+    pyro.param("a", torch.ones(2))
+    optim = FusedAdam({"lr": 0.1})
+    optim.set_state({"a": {"exp_avg": torch.zeros(2)}})
+    pyro.param("a").unconstrained().grad = torch.ones(2)
+    with pytest.raises(ValueError, match="single-parameter torch optimiser state dict"):
+        optim([pyro.param("a").unconstrained()])
+
+
+def test_learning_rate_set_before_a_saved_state_is_consumed_wins():
+    """A resumed run sets the epoch's (decayed) rate before the parameters reappear; the
+    saved state's older rate must not override it."""
+    first = FusedAdam(ARGS)
+    model, guide, _ = run(first, 1)
+    state = first.get_state()
+    pyro.clear_param_store()
+    second = FusedAdam(ARGS)
+    second.set_state(state)
+    second.set_learning_rate(0.001)
+    run(second, 1, pair=(model, guide), first_step=1)
+    assert second.optimizer.param_groups[0]["lr"] == 0.001
+    assert second.optimizer.param_groups[0]["betas"] == ARGS["betas"]

@@ -2,6 +2,11 @@ r"""The amortised guide of M2 (Kingma et al. 2014, eq. 4)::
 
     q(y|x)   = Cat(pi(x))                 the classifier, enumerated for unlabelled data
     q(z|x,y) = N(mu(x, y), diag sigma^2(x, y))
+
+``label_mode`` (:mod:`pyrodgm.labels`) switches the unlabelled ``y`` from exact enumeration
+(the default, Kingma et al.'s sum over classes) to a Gumbel-softmax sample, plain
+(``"relaxed"``) or straight-through, at the guide's ``temperature``; the ELBO then keeps the
+categorical KL of ``q(y|x)`` to ``p(y)`` in closed form.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrodgm.labels import RelaxableLabel
 from pyrodgm.modeling import PlatedGuide, one_hot
 from pyrodgm.nets import MLP, CategoricalHead, NormalHead, broadcast_cat
 
 
-class M2Guide(PlatedGuide):
-    """``q(y|x) q(z|x,y)``; ``y`` is marked for parallel enumeration."""
+class M2Guide(RelaxableLabel, PlatedGuide):
+    """``q(y|x) q(z|x,y)``; ``y`` is marked for parallel enumeration (``label_mode=
+    "enumerate"``) or sampled from a Gumbel-softmax at ``temperature`` (``"relaxed"``,
+    ``"straight-through"``), see :mod:`pyrodgm.labels`."""
 
     pyro_name = "m2_guide"
 
@@ -29,8 +37,11 @@ class M2Guide(PlatedGuide):
         hidden: Sequence[int] = (500,),
         activation: str = "softplus",
         batch_norm: bool = False,
+        label_mode: str = "enumerate",
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        self.label_mode, self.temperature = label_mode, temperature
         self.x_dim, self.num_classes, self.z_dim = x_dim, num_classes, z_dim
         self.classifier = MLP(x_dim, hidden, activation=activation, batch_norm=batch_norm)
         self.classifier_head = CategoricalHead(self.classifier.out_features, num_classes)
@@ -41,7 +52,7 @@ class M2Guide(PlatedGuide):
         """The sites ``y, z`` under the given names; ``y`` is sampled (enumerated) only when
         no labels are given, as in Pyro's semi-supervised VAE idiom."""
         if y is None:
-            y = pyro.sample(names[0], self.label_distribution(x), infer={"enumerate": "parallel"})
+            y = self.sample_label(names[0], self.classifier_head(self.classifier(x)))
         else:
             y = one_hot(y, self.num_classes, x)
         return pyro.sample(names[1], self.encoder_head.distribution(self.encoder(broadcast_cat([x, y]))))

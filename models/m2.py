@@ -24,6 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import MLP, broadcast_cat, likelihood_head
 
@@ -67,6 +68,6 @@ class M2(PlatedModel):
         """The sites ``y, z, x`` under the given names (:class:`~pyrodgm.models.M1M2`
         reuses them as ``y, z2, z1``)."""
         y_name, z_name, x_name = names
-        y = pyro.sample(y_name, dist.OneHotCategorical(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
+        y = pyro.sample(y_name, LabelPrior(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
         z = pyro.sample(z_name, dist.Normal(self.z_loc, self.z_scale).to_event(1))
         return pyro.sample(x_name, self.likelihood.distribution(self.decoder(broadcast_cat([z, y]))), obs=x)

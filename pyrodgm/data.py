@@ -290,7 +290,9 @@ def semi_supervised_split(
     :class:`torch.Generator` seeded with ``seed``: the same seed gives the
     same split. For a fixed seed the validation set does not depend on
     ``num_labels``, and the labelled sets are nested (the 100-label set is a
-    subset of the 1000-label set).
+    subset of the 1000-label set).  Asking for every non-validation example
+    (``num_labels == len(y) - num_validation``, supervised training) labels
+    them all, whatever the class counts.
 
     :param torch.Tensor y: training labels, shape ``[N]``.
     :param int num_labels: total number of labels; must be divisible by
@@ -312,12 +314,18 @@ def semi_supervised_split(
         raise ValueError(
             f"num_validation={num_validation} leaves no training data: y has only {n} examples"
         )
-    check_split_sizes(num_labels, num_classes, n - num_validation)
+    supervised = isinstance(num_labels, int) and num_labels == n - num_validation
+    if not supervised:
+        check_split_sizes(num_labels, num_classes, n - num_validation)
 
     y = y.detach().cpu()
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator)
     validation, rest = perm[:num_validation], perm[num_validation:]
+    if supervised:
+        rest = rest.sort().values
+        unlabelled = rest if labelled_in_unlabelled else rest[:0]
+        return SemiSupervisedSplit(labelled=rest, unlabelled=unlabelled, validation=validation.sort().values)
 
     per_class = num_labels // num_classes
     rest_labels = y[rest]
@@ -391,9 +399,11 @@ class SemiSupervisedBatches:
     is dropped). The labelled set is cycled: shuffled, and reshuffled when
     exhausted, so its examples are reused across batches.
 
-    ``labelled_per_batch=0`` gives purely unlabelled batches. For a purely
-    supervised run pass the labelled set as both the labelled and the
-    unlabelled set.
+    ``labelled_per_batch=0`` gives purely unlabelled batches.
+    ``labelled_per_batch=batch_size`` gives purely labelled batches for
+    supervised training, when every example is labelled (``x_labelled`` as
+    large as ``x_unlabelled``, e.g. the same rows): the labelled set is
+    shuffled and visited once per epoch (``x_unlabelled`` is then unused).
 
     Randomness of epoch ``e`` (shuffles and binarisation) comes from a CPU
     :class:`torch.Generator` seeded with ``seed * 1_000_003 + e``, so it is a
@@ -409,8 +419,8 @@ class SemiSupervisedBatches:
         ``[U, *event_shape]``, on the same device and with the same dtype as
         ``x_labelled``.
     :param int batch_size: rows per batch.
-    :param int labelled_per_batch: labelled rows per batch (must be smaller
-        than ``batch_size``).
+    :param int labelled_per_batch: labelled rows per batch (smaller than
+        ``batch_size``; equal for supervised batches, see above).
     :param int seed: random seed.
     :param bool binarize: if true, every epoch draws a fresh Bernoulli sample
         of the intensities (which must lie in ``[0, 1]``).
@@ -435,11 +445,16 @@ class SemiSupervisedBatches:
         _check_int(batch_size, "batch_size", minimum=1)
         _check_int(labelled_per_batch, "labelled_per_batch", minimum=0)
         _check_int(seed, "seed")
-        if labelled_per_batch >= batch_size:
+        supervised = (
+            labelled_per_batch == batch_size
+            and isinstance(x_labelled, torch.Tensor) and isinstance(x_unlabelled, torch.Tensor)
+            and x_labelled.shape[:1] == x_unlabelled.shape[:1]
+        )
+        if labelled_per_batch >= batch_size and not supervised:
             raise ValueError(
                 f"labelled_per_batch={labelled_per_batch} must be smaller than "
-                f"batch_size={batch_size}: every batch needs unlabelled rows (for a purely "
-                "supervised run pass the labelled set as x_unlabelled too)"
+                f"batch_size={batch_size}: every batch needs unlabelled rows, unless every "
+                "example is labelled (x_labelled as large as x_unlabelled: supervised batches)"
             )
         check_features(x_unlabelled, name="x_unlabelled", unit_interval=binarize)
         event_shape = tuple(x_unlabelled.shape[1:])
@@ -459,6 +474,11 @@ class SemiSupervisedBatches:
         self.epoch = 0
 
         num_unlabelled = int(x_unlabelled.shape[0])
+        if drop_last and self.unlabelled_per_batch == 0 and x_labelled.shape[0] < batch_size:
+            raise ValueError(
+                f"x_labelled has only {x_labelled.shape[0]} rows, fewer than batch_size = "
+                f"{batch_size}; with drop_last=True a supervised epoch would contain no batches"
+            )
         if drop_last and num_unlabelled < self.unlabelled_per_batch:
             raise ValueError(
                 f"x_unlabelled has only {num_unlabelled} rows, fewer than "
@@ -520,10 +540,13 @@ class SemiSupervisedBatches:
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
-        n = int(self.x_unlabelled.shape[0])
+        if self.unlabelled_per_batch == 0:  # supervised: the labelled set once an epoch
+            n, per_batch = int(self.x_labelled.shape[0]), self.batch_size
+        else:
+            n, per_batch = int(self.x_unlabelled.shape[0]), self.unlabelled_per_batch
         if self.drop_last:
-            return n // self.unlabelled_per_batch
-        return math.ceil(n / self.unlabelled_per_batch)
+            return n // per_batch
+        return math.ceil(n / per_batch)
 
     def _generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))

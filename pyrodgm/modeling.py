@@ -7,12 +7,13 @@ from typing import Optional
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from .validation import check_features, check_labels
 
-__all__ = ["PlatedModel", "PlatedGuide", "FreezableStack", "data_size", "one_hot", "check_model_input"]
+__all__ = ["PlatedModel", "PlatedGuide", "FreezableStack", "data_size", "one_hot", "check_model_input", "record"]
 
 
 def data_size(x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> int:
@@ -45,6 +46,19 @@ def check_model_input(x: Optional[torch.Tensor], num_features: int, unit_interva
             raise ValueError(f"{name} must have shape [batch, {num_features}], got {tuple(x.shape)}")
     elif is_validation_enabled():
         check_features(x, name=name, event_shape=(num_features,), unit_interval=unit_interval)
+
+
+def record(name: str, value: torch.Tensor, event_dim: int = 1) -> torch.Tensor:
+    """Record ``value`` (features, classifier scores) as a deterministic guide site for the
+    losses that read it from a trace (:mod:`pyrodgm.losses.margin`,
+    :mod:`pyrodgm.losses.metric`).  The site is marked auxiliary: a guide-only value, not a
+    latent the model must also have (Pyro would otherwise warn)."""
+    with poutine.infer_config(config_fn=_auxiliary):
+        return pyro.deterministic(name, value, event_dim=event_dim)
+
+
+def _auxiliary(msg: dict) -> dict:
+    return {"is_auxiliary": True}
 
 
 class PlatedModel(nn.Module):

@@ -31,6 +31,11 @@ __all__ = [
     "CategoricalHead",
     "ConvDecoder",
     "ConvEncoder",
+    "CONV_MMVA_LAYERS",
+    "PoolingConvEncoder",
+    "Unpool",
+    "UnpoolingConvDecoder",
+    "conv_layers_fit",
     "GaussianHead",
     "GaussianMLP",
     "MLP",
@@ -541,3 +546,168 @@ class ConvDecoder(nn.Module):
         left = (h.shape[-1] - width) // 2
         h = h[..., top : top + height, left : left + width]
         return h.reshape(batch_shape + (self.out_features,))
+
+
+# ---------------------------------------------------------------------------
+# Max-pooling conv nets and their unpooling mirror (Conv-MMVA, Li et al. 2016, Fig. 2)
+# ---------------------------------------------------------------------------
+
+#: One layer of :class:`PoolingConvEncoder`: ``(channels, kernel, pool, padding)`` with
+#: padding ``"valid"`` or ``"same"``.  The Conv-MMVA recognition model on MNIST (the
+#: authors' code): 28 -> 24 -> 12 -> 12 -> 10 -> 5 -> 5 -> 5, then a 500-unit layer.
+CONV_MMVA_LAYERS: tuple[tuple[int, int, int, str], ...] = (
+    (32, 5, 2, "valid"), (32, 3, 1, "same"), (64, 3, 2, "valid"), (64, 3, 1, "same"), (64, 3, 1, "same"),
+)
+
+
+def _conv_out_size(size: int, kernel: int, pool: int, padding: str) -> int:
+    size = size - kernel + 1 if padding == "valid" else size
+    return size // pool
+
+
+def conv_layers_fit(image_shape: Sequence[int], layers: Sequence[tuple[int, int, int, str]]) -> bool:
+    """Whether ``layers`` leave a non-empty map on ``image_shape`` and their unpooling
+    mirror (:class:`UnpoolingConvDecoder`) gives the image size back exactly."""
+    _, h, w = image_shape
+    for size in (h, w):
+        sizes = [size]
+        for _, kernel, pool, padding in layers:
+            sizes.append(_conv_out_size(sizes[-1], kernel, pool, padding))
+            if sizes[-1] < 1:
+                return False
+        back = sizes[-1]
+        for _, kernel, pool, padding in reversed(layers):
+            back = back * pool + (kernel - 1 if padding == "valid" else 0)
+        if back != size:
+            return False
+    return True
+
+
+class Unpool(nn.Module):
+    """Unpooling (Dosovitskiy et al. 2015, as in the Conv-MMVA code): each value goes to
+    the top-left corner of a ``pool x pool`` block of zeros."""
+
+    def __init__(self, pool: int) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool == 1:
+            return x
+        n, c, h, w = x.shape
+        out = x.new_zeros((n, c, h * self.pool, w * self.pool))
+        out[..., :: self.pool, :: self.pool] = x
+        return out
+
+
+def _check_layers(layers: Sequence[tuple[int, int, int, str]]) -> list[tuple[int, int, int, str]]:
+    layers = [tuple(layer) for layer in layers]
+    if not layers:
+        raise ValueError("a conv net needs at least one layer")
+    for layer in layers:
+        if len(layer) != 4 or layer[3] not in ("valid", "same") or min(layer[:3]) < 1:
+            raise ValueError(f"each conv layer is (channels, kernel, pool, 'valid'|'same') with positive sizes, got {layer}")
+        if layer[3] == "same" and layer[1] % 2 == 0:
+            raise ValueError(f"'same' padding needs an odd kernel, got {layer}")
+    return layers
+
+
+class PoolingConvEncoder(nn.Module):
+    """
+    A standard CNN (LeCun et al. 1998): convolution, activation and max-pooling per layer,
+    then a fully connected layer, the Conv-MMVA recognition network (Li et al. 2016,
+    Sec. 4.1.2, Fig. 2).  Inputs ``[..., C*H*W]`` or ``[..., C, H, W]``; leading dims kept.
+
+    :param image_shape: ``(C, H, W)``.
+    :param layers: ``(channels, kernel, pool, padding)`` per conv layer
+        (default :data:`CONV_MMVA_LAYERS`).
+    :param int hidden: width of the fully connected layer (500 in the paper).
+    :param str activation: activation name (ReLU in the paper).
+
+    :ivar int out_features: ``hidden``.
+    :ivar tuple feature_shape: ``(C, H, W)`` of the last feature map.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        layers: Sequence[tuple[int, int, int, str]] = CONV_MMVA_LAYERS,
+        hidden: int = 500,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        self.layers = _check_layers(layers)
+        if not conv_layers_fit(self.image_shape, self.layers):
+            raise ValueError(f"conv layers {self.layers} do not fit images of shape {self.image_shape}")
+        c, h, w = self.image_shape
+        blocks = []
+        for channels, kernel, pool, padding in self.layers:
+            conv = nn.Conv2d(c, channels, kernel, padding=0 if padding == "valid" else kernel // 2)
+            blocks += [conv, _activation(activation)] + ([nn.MaxPool2d(pool)] if pool > 1 else [])
+            c, h, w = channels, _conv_out_size(h, kernel, pool, padding), _conv_out_size(w, kernel, pool, padding)
+        self.convs = nn.Sequential(*blocks)
+        self.feature_shape = (c, h, w)
+        self.fc = nn.Sequential(nn.Linear(c * h * w, hidden), _activation(activation))
+        self.out_features = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = self.image_shape
+        if x.dim() >= 3 and tuple(x.shape[-3:]) == shape:
+            images, batch_shape = _flatten_batch(x, 3)
+        elif x.dim() >= 1 and x.shape[-1] == math.prod(shape):
+            flat, batch_shape = _flatten_batch(x, 1)
+            images = flat.reshape((flat.shape[0],) + shape)
+        else:
+            raise ValueError(f"Expected input of shape [..., {shape}] or [..., {math.prod(shape)}], got {tuple(x.shape)}")
+        h = self.fc(self.convs(images).flatten(start_dim=1))
+        return h.reshape(batch_shape + (self.out_features,))
+
+
+class UnpoolingConvDecoder(nn.Module):
+    """
+    The "symmetric" generative network of Conv-MMVA (Li et al. 2016, Sec. 4.1.2, after
+    Dosovitskiy et al.'s unconvnets): fully connected layers ``in -> hidden -> C'*H'*W'``,
+    then the encoder's layers in reverse, each as unpooling, convolution and activation
+    (a ``"valid"`` convolution mirrored by a ``"full"`` one), ending in ``C`` channels of
+    logits (Bernoulli) or means (Gaussian) without activation, flattened ``[..., C*H*W]``.
+
+    :param int in_features: input width (the latent dimension).
+    :param image_shape: ``(C, H, W)``.
+    :param layers: the encoder's layers (mirrored here).
+    :param int hidden: width of the first fully connected layer.
+    :param str activation: activation name.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        image_shape: Sequence[int],
+        layers: Sequence[tuple[int, int, int, str]] = CONV_MMVA_LAYERS,
+        hidden: int = 500,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        layers = _check_layers(layers)
+        encoder = PoolingConvEncoder(self.image_shape, layers, hidden, activation)  # checks the fit, gives the sizes
+        self.start_shape = encoder.feature_shape
+        self.in_features, self.out_features = in_features, math.prod(self.image_shape)
+        self.fc = nn.Sequential(
+            nn.Linear(in_features, hidden), _activation(activation),
+            nn.Linear(hidden, math.prod(self.start_shape)), _activation(activation),
+        )
+        in_channels = [self.image_shape[0]] + [layer[0] for layer in layers[:-1]]
+        blocks: list[nn.Module] = []
+        for i in reversed(range(len(layers))):
+            channels, kernel, pool, padding = layers[i]
+            pad = kernel - 1 if padding == "valid" else kernel // 2
+            blocks += [Unpool(pool), nn.Conv2d(channels, in_channels[i], kernel, padding=pad)]
+            if i > 0:
+                blocks.append(_activation(activation))
+        self.deconvs = nn.Sequential(*blocks)
+
+    def forward(self, z: Tensor) -> Tensor:
+        flat, batch_shape = _flatten_batch(z, 1)
+        h = self.fc(flat).reshape((flat.shape[0],) + self.start_shape)
+        return self.deconvs(h).reshape(batch_shape + (self.out_features,))

@@ -23,11 +23,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _KL_REGISTRY
 
@@ -232,8 +232,7 @@ def particle_traces(
     ``-(plate_nesting + 1)``) and its enumerable sites enumerated in parallel to the left of
     that, then replay ``model`` against it.  Log-densities are computed on both traces."""
     particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
-    model_trace, guide_trace = get_importance_trace(
-        "flat",
+    model_trace, guide_trace = _importance_traces(
         plate_nesting + 1,
         particles(model),
         particle_guide(guide, num_particles, plate_nesting, enumerate_guide),
@@ -241,6 +240,30 @@ def particle_traces(
         kwargs,
     )
     _check_no_model_enumeration(model_trace, guide_trace)
+    return model_trace, guide_trace
+
+
+def _importance_traces(max_plate_nesting: int, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+    """:func:`pyro.infer.enum.get_importance_trace` (``"flat"``) but for one check: a model
+    site replayed from an enumerated guide site inherits the guide's enumeration dim, and
+    its distribution may depend on that dim (CaGeM's ``p(y|z2)`` with ``z2 ~ q(z2|x,y,z1)``
+    after ``y`` is enumerated).  Pyro's "enumeration dim conflict" check guards *model*
+    enumeration, which pyrodgm does not do (:func:`_check_no_model_enumeration`), so model
+    sites are shape-checked without the inherited dim; guide sites are checked in full."""
+    guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_score_parts()
+    if is_validation_enabled():
+        for trace, is_model in ((model_trace, True), (guide_trace, False)):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    if is_model and site["infer"].get("_enumerate_dim") is not None:
+                        site = {**site, "infer": {k: v for k, v in site["infer"].items() if k != "_enumerate_dim"}}
+                    check_site_shape(site, max_plate_nesting)
     return model_trace, guide_trace
 
 

@@ -47,7 +47,7 @@ from ..traces import (
 from ..validation import UNLABELLED, check_labels
 from .base import Loss
 
-__all__ = ["SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch"]
+__all__ = ["SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch", "labelled_rows"]
 
 
 def split_batch(labels: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple, dict, torch.Tensor]:
@@ -133,6 +133,10 @@ class SemiSupervisedELBO(_TracingLoss):
         term): KL warm-up, or the GMVAE's ``w_G``/``w_C``.  The attribute of the same name
         may be changed between steps (an epoch schedule does).  Labelled rows observe the
         label site, so its weight applies to unlabelled rows only.
+    :param bool labelled_elbo: add the bound :math:`-\mathcal L(x, y)` of the labelled rows
+        (Kingma et al.).  ``False``: labelled rows add only the ``alpha`` term, so the
+        bound covers the unlabelled rows alone (CaGeM's objective, Maaløe et al. 2017,
+        App. B, whose labelled data train only the classifiers).
     """
 
     def __init__(
@@ -143,12 +147,14 @@ class SemiSupervisedELBO(_TracingLoss):
         analytic_kl: bool | Iterable[str] = True,
         max_plate_nesting: float = float("inf"),
         latent_weights: Optional[dict[str, float]] = None,
+        labelled_elbo: bool = True,
     ) -> None:
         if alpha < 0:
             raise ValueError(f"alpha must be non-negative, got {alpha}")
         super().__init__(num_particles, max_plate_nesting, analytic_kl, latent_weights)
         self.alpha = float(alpha)
         self.label_site = label_site
+        self.labelled_elbo = bool(labelled_elbo)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         labels: Optional[torch.Tensor] = kwargs.pop(self.label_site, None)
@@ -158,9 +164,10 @@ class SemiSupervisedELBO(_TracingLoss):
         _check_batch_labels(labels, args, kwargs)
         args_l, kwargs_l, args_u, kwargs_u, labels_l = split_batch(labels, args, kwargs)
         loss = torch.zeros((), device=labels.device)
-        if labels_l.numel():
+        if labels_l.numel() and (self.labelled_elbo or self.alpha):
             terms = self._labelled_terms(model, guide, args_l, kwargs_l, self.label_site, labels_l)
-            loss = loss - self._record("labelled_elbo", terms.elbo())
+            if self.labelled_elbo:
+                loss = loss - self._record("labelled_elbo", terms.elbo())
             if self.alpha:
                 nll = -classifier_log_prob(terms, self.label_site, labels_l).sum()
                 loss = loss + self.alpha * self._record("classification", nll)
@@ -185,17 +192,25 @@ class ClassifierCrossEntropy(_TracingLoss):
         self.label_site = label_site
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        labels = kwargs.pop(self.label_site, None)
-        if labels is None:
-            raise ValueError(f"ClassifierCrossEntropy needs labels as the keyword '{self.label_site}'")
-        _check_batch_labels(labels, args, kwargs)
-        args_l, kwargs_l, _, _, labels_l = split_batch(labels, args, kwargs)
-        if not labels_l.numel():
-            raise ValueError("the batch has an empty labelled set: every label is -1")
+        args_l, kwargs_l, labels_l = labelled_rows(type(self).__name__, self.label_site, args, kwargs)
         terms = self._labelled_terms(model, guide, args_l, kwargs_l, self.label_site, labels_l)
         value = -classifier_log_prob(terms, self.label_site, labels_l).sum()
         self.last_components = {"classification": value.detach()}
         return value
+
+
+def labelled_rows(loss_name: str, label_site: str, args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:
+    """The labelled rows of a batch whose labels travel as the keyword ``label_site``
+    (popped from ``kwargs``): ``(args_l, kwargs_l, labels_l)``, with clear errors for missing
+    labels and an empty labelled set."""
+    labels = kwargs.pop(label_site, None)
+    if labels is None:
+        raise ValueError(f"{loss_name} needs labels as the keyword '{label_site}'")
+    _check_batch_labels(labels, args, kwargs)
+    args_l, kwargs_l, _, _, labels_l = split_batch(labels, args, kwargs)
+    if not labels_l.numel():
+        raise ValueError("the batch has an empty labelled set: every label is -1")
+    return args_l, kwargs_l, labels_l
 
 
 def _check_batch_labels(labels: torch.Tensor, args: tuple, kwargs: dict) -> None:

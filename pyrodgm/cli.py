@@ -66,9 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-binarize", dest="binarize", action="store_false", default=None)
     train.add_argument("--m1-checkpoint", help="m1m2: a trained m1 checkpoint (frozen)")
     train.add_argument("--end-to-end", action="store_true", default=None, help="m1m2: train M1 and M2 jointly")
-    # -- max-margin DGMs (issue 4) --
-    # -- semi-supervised GMVAE (issue 5) --
-    # -- CaGeM and hierarchical baselines (issue 6) --
+    # max-margin DGMs
+    train.add_argument("--margin-C", type=float, help="mmva, conv-mmva: C, the weight of the hinge loss (15; 1e3 for conv-mmva)")
+    train.add_argument("--margin-sigma", type=float, help="mmva, conv-mmva: prior std sigma of lambda (default: no prior term)")
+    train.add_argument("--margin-cost", type=float, help="mmva, conv-mmva: the cost ell of a wrong label in the hinge loss (3; 1)")
+    train.add_argument("--mmcva-alpha", type=float, help="conv-mmcva: alpha of eq. 16, weight of the max-margin terms (0.1)")
+    train.add_argument("--alpha-u", type=float, help="conv-mmcva: alpha_U, weight of the hat loss (0.3, the authors' script; the paper's text says 3)")
+    train.add_argument("--alpha-b", type=float, help="conv-mmcva: alpha_B, weight of the label-balance term (0.001)")
+    # semi-supervised GMVAE
+    train.add_argument("--label-mode", choices=("enumerate", "relaxed", "straight-through"),
+                       help="gmvae: how the guide samples y (default relaxed: Gumbel-softmax)")
+    train.add_argument("--temperature", type=float, help="gmvae: initial Gumbel-softmax temperature (1)")
+    train.add_argument("--temperature-min", type=float, help="gmvae: final temperature (0.5)")
+    train.add_argument("--temperature-epochs", type=int, help="gmvae: epochs of temperature annealing (50)")
+    train.add_argument("--temperature-decay", choices=("exponential", "linear"))
+    train.add_argument("--feature-dim", type=int, help="gmvae: feature size fsz (100 MNIST, 200 Fashion-MNIST)")
+    train.add_argument("--w-gaussian", type=float, help="gmvae: w_G, weight of the Gaussian KL (1; 5 for clustering)")
+    train.add_argument("--w-categorical", type=float, help="gmvae: w_C, weight of the categorical KL (1)")
+    train.add_argument("--knn", type=int, help="gmvae: neighbours of the label assignment (5 MNIST, 3 SVHN/Fashion)")
+    train.add_argument("--w-assign", type=float, help="gmvae: w_A, weight of the assignment loss")
+    train.add_argument("--w-metric", type=float, help="gmvae: w_M, weight of the metric embedding loss")
+    train.add_argument("--metric-margin", type=float, help="gmvae: margin of the lifted structured loss")
+    # CaGeM and hierarchical baselines
+    train.add_argument("--num-clusters", type=int, help="cagem: K clusters of y (default: the number of classes; any K with --labels 0)")
+    train.add_argument("--iw-samples", type=int, help="iwae, lvae: importance samples k of the IWAE bound (iwae: 50)")
+    train.add_argument("--kl-warmup-epochs", type=int, help="vae2, lvae: KL weight rises linearly from 0 to 1 over N epochs (lvae: 200)")
+    train.add_argument("--top-z-dim", type=int, help="vae2, iwae, lvae: units of the top latent z2 (--z-dim is z1)")
+    train.add_argument("--top-hidden", type=_int_tuple, help="vae2, iwae, lvae: widths between z1 and z2, e.g. 100,100")
     train.add_argument("--no-samples", dest="samples", action="store_false", default=None)
     train.add_argument("--no-validate-inputs", dest="validate_inputs", action="store_false", default=None,
                        help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")
@@ -91,7 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="folder (default: beside the checkpoint)")
     plot.add_argument("--steps", type=int, default=20)
 
-    # -- max-margin DGMs (issue 4): the impute command --
+    # max-margin DGMs: the impute command
+    impute = commands.add_parser("impute", help="missing-data imputation of test images: MSE on missing pixels, error, strips")
+    impute.add_argument("checkpoint")
+    impute.add_argument("--mask", choices=("rand-drop", "rect"), required=True, help="Rand-Drop(p) or Rect(k x k)")
+    impute.add_argument("--p", type=float, help="rand-drop: probability that a pixel is missing")
+    impute.add_argument("--k", type=int, help="rect: side of the missing square")
+    impute.add_argument("--position", choices=("center", "random"), default="center", help="rect: where the square is (paper: center)")
+    impute.add_argument("--iterations", type=int, default=100, help="rounds of inference and reconstruction (paper: 100)")
+    impute.add_argument("--limit", type=int, help="impute the first N test images only")
+    impute.add_argument("--batch-size", type=int, default=1000)
+    impute.add_argument("--seed", type=int, default=0, help="seed of the masks, the initial noise and the latents")
+    impute.add_argument("--root", help="override the data folder saved in the checkpoint")
+    impute.add_argument("--device", default="cpu")
+    impute.add_argument("--out", help="folder for the image strip (Fig. 5); none drawn if omitted")
+    impute.add_argument("--output", help="write the results as JSON here too")
     commands.add_parser("models", help="list the models")
     return parser
 
@@ -137,7 +175,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     report["active_units"] = {
         site: active_units(guide, x, site, num_particles=config.eval_particles)[0] for site in continuous_latent_sites(guide, x[:2])
     }
-    if recipe_.label_site:
+    if recipe_.classifier_site(config):
         report["test_error"] = classification_error(guide, x, test.y, num_particles=config.eval_particles, label_site=recipe_.label_site)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +202,24 @@ def _plot(args: argparse.Namespace) -> dict:
     return {"written": [str(p) for p in written]}
 
 
+def _impute(args: argparse.Namespace) -> dict:
+    from .imputation import impute_checkpoint
+
+    if args.mask == "rand-drop" and (args.p is None or args.k is not None):
+        raise ValueError("--mask rand-drop takes --p (and no --k)")
+    if args.mask == "rect" and (args.k is None or args.p is not None):
+        raise ValueError("--mask rect takes --k (and no --p)")
+    report = impute_checkpoint(
+        args.checkpoint, args.mask, p=args.p, k=args.k, iterations=args.iterations, limit=args.limit, out=args.out,
+        position=args.position, seed=args.seed, device=args.device, root=args.root, batch_size=args.batch_size,
+    )
+    report = {"date": datetime.date.today().isoformat(), "command": args.command_line, **report}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
+    return report
+
+
 def _models(args: argparse.Namespace) -> dict:
     from .zoo import RECIPES
 
@@ -174,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = "pyrodgm " + " ".join(sys.argv[1:] if argv is None else argv)
-    handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute}[args.command]
     try:
         result = handler(args)
     except (ValueError, TypeError, FileNotFoundError) as error:

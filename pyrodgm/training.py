@@ -32,6 +32,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .data import IMAGE_SHAPES, ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
 from .evaluation import classification_error
 from .losses import Loss, SemiSupervisedELBO
+from .optim import FusedAdam
 from .zoo import Recipe, recipe
 
 __all__ = ["TrainConfig", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
@@ -71,9 +72,32 @@ class TrainConfig:
     likelihood: str = "bernoulli"
     m1_checkpoint: Optional[str] = None
     end_to_end: bool = False
-    # -- max-margin DGMs (issue 4) --
-    # -- semi-supervised GMVAE (issue 5) --
-    # -- CaGeM and hierarchical baselines (issue 6) --
+    # max-margin DGMs
+    margin_C: float = 15.0  # mmva (15), conv-mmva (1e3 on MNIST): C, the weight of the hinge loss (Li et al. eq. 4)
+    margin_sigma: Optional[float] = None  # mmva, conv-mmva: prior std of lambda (||lambda||^2 / 2 sigma^2, eq. 5); None: no prior
+    margin_cost: float = 1.0  # mmva, conv-mmva: Delta l, the cost of a wrong label in the hinge loss
+    mmcva_alpha: float = 0.1  # conv-mmcva: alpha of eq. 16, the weight of the max-margin terms (Li et al.)
+    alpha_u: float = 0.3  # conv-mmcva: alpha_U of eq. 16, the weight of the hat loss (authors' script 0.3; the text says 3)
+    alpha_b: float = 1e-3  # conv-mmcva: alpha_B of eq. 16, the weight of the label-balance regulariser
+    # semi-supervised GMVAE
+    label_mode: str = "enumerate"  # m2, gmvae ("relaxed"): enumerate | relaxed | straight-through (Gumbel-softmax y; m2: fixed temperature)
+    temperature: float = 1.0  # gmvae: initial Gumbel-softmax temperature
+    temperature_min: float = 0.5  # gmvae: temperature reached after temperature_epochs
+    temperature_epochs: int = 50  # gmvae: epochs of the temperature annealing
+    temperature_decay: str = "exponential"  # gmvae: exponential (authors' code) or linear annealing
+    feature_dim: int = 100  # gmvae: fsz, the width of the deterministic conv features x_hat = g(x)
+    w_gaussian: float = 1.0  # gmvae: w_G, weight of KL(q(z|x,y) || p(z|y)) (5 for clustering)
+    w_categorical: float = 1.0  # gmvae: w_C, weight of KL(q(y|x) || p(y))
+    knn: int = 5  # gmvae: neighbours of the k-NN label assignment (5 MNIST, 3 SVHN, Fashion-MNIST)
+    w_assign: float = 1.0  # gmvae: w_A, weight of the assignment loss
+    w_metric: float = 1.0  # gmvae: w_M, weight of the lifted structured (metric embedding) loss
+    metric_margin: float = 2.0  # gmvae: margin of the lifted structured loss (2 MNIST, 0.5 SVHN, 1 Fashion-MNIST)
+    # CaGeM and hierarchical baselines
+    num_clusters: Optional[int] = None  # cagem: K, the categories of y (None: the number of classes; 5, 10, 20 for CaGeM-0)
+    iw_samples: int = 1  # iwae (50), lvae: importance samples of the IWAE training bound (Burda et al. 2016)
+    kl_warmup_epochs: int = 0  # vae2, lvae (200): KL weight of z1, z2 rising linearly 0 -> 1 (Sønderby et al. 2016)
+    top_z_dim: int = 50  # vae2, iwae, lvae: units of the top stochastic layer z2 (z_dim is z1's)
+    top_hidden: tuple[int, ...] = (100, 100)  # vae2, iwae, lvae: widths between z1 and z2 (hidden: between x and z1)
     samples: bool = True
     validate_inputs: bool = True
 
@@ -127,12 +151,6 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def _set_learning_rate(optim: pyro.optim.PyroOptim, lr: float) -> None:
-    for optimizer in optim.optim_objs.values():
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """``lr * lr_decay ** (epoch // lr_decay_every)`` (ADGM: x0.75 every 200 epochs)."""
     if config.lr_decay_every <= 0:
@@ -150,7 +168,7 @@ class Run:
     model: torch.nn.Module
     guide: torch.nn.Module
     loss: Loss
-    optim: pyro.optim.PyroOptim
+    optim: FusedAdam
     batches: SemiSupervisedBatches
     validation: ImageData
     epoch: int = 0
@@ -165,8 +183,11 @@ def _prepare(config: TrainConfig) -> Run:
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.validate_inputs)
     train_data = load_dataset(config.dataset, root=config.root, train=True, download=config.download)
-    labels = config.labels if recipe_.label_site else 0
-    if recipe_.label_site and labels == 0:
+    if recipe_.supervised:  # every non-validation example labelled, batches all labelled
+        config.labels, config.labelled_per_batch = len(train_data) - config.num_validation, config.batch_size
+    uses_labels = recipe_.supervised or recipe_.label_site is not None
+    labels = config.labels if uses_labels else 0
+    if uses_labels and labels == 0 and not recipe_.labels_optional:
         raise ValueError(f"'{config.model}' is semi-supervised: --labels 0 gives an empty labelled set")
     labelled_per_batch = config.labelled_per_batch if labels else 0
     split = semi_supervised_split(
@@ -192,7 +213,7 @@ def _prepare(config: TrainConfig) -> Run:
     model, guide = recipe_.create(config, train_data.num_features, train_data.num_classes)
     model.to(device), guide.to(device)
     loss = recipe_.loss(config, num_data=len(unlabelled_index), num_labels=labels)
-    optim = pyro.optim.Adam({"lr": learning_rate(config, 0), "betas": config.betas})
+    optim = FusedAdam({"lr": learning_rate(config, 0), "betas": config.betas})
     validation = evaluation_data(train_data.subset(validation_index), config).to(device)
     return Run(config, recipe_, device, model, guide, loss, optim, batches, validation)
 
@@ -268,7 +289,7 @@ def _is_better(metrics: dict, best: Optional[dict]) -> bool:
 
 def _run_epoch(run: Run, progress: bool) -> float:
     run.model.train(), run.guide.train()
-    _set_learning_rate(run.optim, learning_rate(run.config, run.epoch))
+    run.optim.set_learning_rate(learning_rate(run.config, run.epoch))
     if run.recipe.schedule is not None:
         run.recipe.schedule(run.config, run.epoch, run.model, run.guide, run.loss)
     run.batches.set_epoch(run.epoch)
@@ -299,7 +320,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         epoch_start = time.perf_counter()
         train_loss = _run_epoch(run, progress)
         metrics = validation_metrics(
-            run.model, run.guide, run.recipe.label_site, config.eval_particles, run.validation, run.recipe.metrics
+            run.model, run.guide, run.recipe.classifier_site(config), config.eval_particles, run.validation, run.recipe.metrics
         )
         run.epoch += 1
         record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
@@ -398,5 +419,5 @@ def evaluate_test_set(checkpoint: Path, device: torch.device, limit: Optional[in
     """Test-set ELBO and classification error of the checkpoint chosen on validation."""
     config, recipe_, model, guide, state = build_from_checkpoint(checkpoint, device)
     test = load_test_data(config, device, limit=limit)
-    metrics = validation_metrics(model, guide, recipe_.label_site, config.eval_particles, test, recipe_.metrics)
+    metrics = validation_metrics(model, guide, recipe_.classifier_site(config), config.eval_particles, test, recipe_.metrics)
     return {"epoch": state["epoch"], "num_examples": len(test), **metrics}

@@ -15,9 +15,19 @@ from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.models import M1M2, M2, VAE
 from pyrodgm.models.adgm import ADGM, SDGM
-# -- imports of the max-margin DGMs (issue 4) --
-# -- imports of the semi-supervised GMVAE (issue 5) --
-# -- imports of CaGeM and the hierarchical baselines (issue 6) --
+from .recipes.mmva import (  # MMVA, Conv-MMVA and VA+Pegasos
+    CONV_MMVA_DEFAULTS, CONV_VA_PEGASOS_DEFAULTS, MMVA_DEFAULTS, VA_PEGASOS_DEFAULTS, build_conv_mmva, build_mmva,
+    margin_metrics, mmva_loss, vae_loss,
+)
+from .recipes.mmcva import CONV_MMCVA_DEFAULTS, build_conv_mmcva, conv_mmcva_loss  # Conv-MMCVA
+from .recipes.gmvae import (  # the semi-supervised GMVAE
+    GMVAE_CLUSTERING_DATASETS, GMVAE_CLUSTERING_DEFAULTS, GMVAE_DATASETS, GMVAE_DEFAULTS, build_gmvae, gmvae_loss,
+    gmvae_metrics, gmvae_schedule,
+)
+from .recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_metrics, cagem_warmup  # CaGeM
+from .recipes.hierarchical import (  # the hierarchical baselines
+    IWAE_DEFAULTS, LVAE_DEFAULTS, VAE2_DEFAULTS, build_lvae, build_vae2, iwae_loss, kl_warmup, lvae_loss, vae2_loss,
+)
 
 from .losses import Loss, SemiSupervisedELBO
 
@@ -48,6 +58,15 @@ class Recipe:
         sets the same values.
     :param metrics: ``(model, guide, data) -> dict`` of extra validation/test metrics
         (clustering accuracy, say), merged into the ELBO and classification error.
+    :param supervised: train on every non-validation example with its label, in purely
+        labelled batches (``config.labels`` and ``labelled_per_batch`` are set to match);
+        labels are then used even without a ``label_site`` (the max-margin models
+        classify with a margin classifier, reported through ``metrics``).
+    :param labels_optional: a model with a label site that also trains without labels
+        (``labels=0``, CaGeM-0: ``y`` is then an unsupervised cluster variable and no
+        classification error is computed, see :meth:`classifier_site`).
+    :param dataset_defaults: data set name -> hyper-parameters of the paper for that data
+        set, overriding :attr:`defaults` and :data:`DATASET_PRESETS` (:func:`defaults`).
     """
 
     name: str
@@ -61,6 +80,14 @@ class Recipe:
     make_loss: Optional[Callable[[object, int, int], Loss]] = None
     schedule: Optional[Callable[[object, int, nn.Module, nn.Module, Loss], None]] = None
     metrics: Optional[Callable[[nn.Module, nn.Module, object], dict]] = None
+    supervised: bool = False
+    labels_optional: bool = False
+    dataset_defaults: dict[str, dict] = field(default_factory=dict)
+
+    def classifier_site(self, config) -> Optional[str]:
+        """The label site whose classification error a run with ``config`` reports:
+        :attr:`label_site`, except for a run without labels."""
+        return self.label_site if config.labels else None
 
     def create(self, config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
         """The pair for a fresh run: :attr:`configure`, :attr:`build`, :attr:`initialize`."""
@@ -94,7 +121,8 @@ def build_m1(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module
 
 def build_m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     kwargs = dict(num_classes=num_classes, z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
-    return M2(x_dim, likelihood=config.likelihood, **kwargs), M2Guide(x_dim, **kwargs)
+    guide = M2Guide(x_dim, label_mode=config.label_mode, temperature=config.temperature, **kwargs)
+    return M2(x_dim, likelihood=config.likelihood, **kwargs), guide
 
 
 def build_m1m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -227,9 +255,120 @@ RECIPES: dict[str, Recipe] = {
             "ADGM ablation with a deterministic auxiliary unit a = f(x) (Maaløe et al. 2016, Fig. 2a)",
             dict(ADGM_DEFAULTS),
         ),
-        # -- max-margin DGMs (Li et al.): mmva, conv-mmva, conv-mmcva, va-pegasos --
-        # -- semi-supervised GMVAE: gmvae --
-        # -- CaGeM and the hierarchical baselines: cagem, vae2, iwae, lvae --
+        # max-margin DGMs (Li et al.): mmva, conv-mmva, conv-mmcva, va-pegasos
+        Recipe(
+            "mmva",
+            build_mmva,
+            "max-margin VAE (Li et al.), supervised: z 50, 2x500 softplus MLPs, hinge loss C 15 on both recognition layers",
+            dict(MMVA_DEFAULTS),
+            label_site=None,
+            make_loss=mmva_loss,
+            metrics=margin_metrics,
+            supervised=True,
+        ),
+        Recipe(
+            "conv-mmva",
+            build_conv_mmva,
+            "max-margin conv VAE (Li et al.), supervised: max-pooling CNN / unpooling generator, z 50, hinge loss C 1e3",
+            dict(CONV_MMVA_DEFAULTS),
+            label_site=None,
+            make_loss=mmva_loss,
+            metrics=margin_metrics,
+            supervised=True,
+        ),
+        Recipe(
+            "va-pegasos",
+            build_mmva,
+            "VA+Pegasos baseline (Li et al.): MMVA's VAE trained on the bound alone; a linear SVM on its features afterwards",
+            dict(VA_PEGASOS_DEFAULTS),
+            label_site=None,
+            make_loss=vae_loss,
+        ),
+        Recipe(
+            "conv-va-pegasos",
+            build_conv_mmva,
+            "Conv-VA+Pegasos baseline (Li et al.): Conv-MMVA's VAE on the bound alone; a linear SVM on its features afterwards",
+            dict(CONV_VA_PEGASOS_DEFAULTS),
+            label_site=None,
+            make_loss=vae_loss,
+        ),
+        Recipe(
+            "conv-mmcva",
+            build_conv_mmcva,
+            "max-margin deep conditional generative model with CNNs (Li et al.): label-conditioned conv VAE, separate "
+            "max-margin CNN whose argmax labels unlabelled data; eq. 16 with alpha 0.1, alpha_U 0.3, alpha_B 0.001",
+            dict(CONV_MMCVA_DEFAULTS),
+            make_loss=conv_mmcva_loss,
+        ),
+        # semi-supervised GMVAE: gmvae
+        Recipe(
+            "gmvae",
+            build_gmvae,
+            "semi-supervised GMVAE (Arias Figueroa & Rivera 2019): conv features, Gumbel-softmax y (1 -> 0.5), "
+            "learned p(z|y), MSE; assignment (k-NN) and lifted-structured auxiliary losses",
+            dict(GMVAE_DEFAULTS),
+            make_loss=gmvae_loss,
+            schedule=gmvae_schedule,
+            metrics=gmvae_metrics,
+            labels_optional=True,
+            dataset_defaults=GMVAE_DATASETS,
+        ),
+        Recipe(
+            "gmvae-clustering",
+            build_gmvae,
+            "the GMVAE for unsupervised clustering (Arias Figueroa & Rivera 2019, Sec. 5.3.1): no labels, w_G 5, "
+            "batch 64, BCE; checkpoint on the validation ELBO; ACC and NMI",
+            dict(GMVAE_CLUSTERING_DEFAULTS),
+            make_loss=gmvae_loss,
+            schedule=gmvae_schedule,
+            metrics=gmvae_metrics,
+            labels_optional=True,
+            dataset_defaults=GMVAE_CLUSTERING_DATASETS,
+        ),
+        # CaGeM and the hierarchical baselines: cagem, vae2, iwae, lvae
+        Recipe(
+            "cagem",
+            build_cagem,
+            "cluster-aware generative model (Maaløe et al. 2017): p(z2)p(y|z2)p(z1|y,z2)p(x|y,z1), z1 64, z2 32, "
+            "2x1024/2x512 ReLU+BN, KL warm-up 100 epochs; labels train only the nets into y (beta 0.1); --labels 0 "
+            "with --num-clusters K for CaGeM-0",
+            dict(CAGEM_DEFAULTS),
+            latent_site="z1",
+            make_loss=cagem_loss,
+            schedule=cagem_warmup,
+            metrics=cagem_metrics,
+            labels_optional=True,
+        ),
+        Recipe(
+            "vae2",
+            build_vae2,
+            "two-stochastic-layer VAE (Burda et al. 2016): p(z2)p(z1|z2)p(x|z1), q(z1|x)q(z2|z1), z 100-50, tanh 200-200/100-100",
+            dict(VAE2_DEFAULTS),
+            label_site=None,
+            latent_site="z1",
+            make_loss=vae2_loss,
+            schedule=kl_warmup,
+        ),
+        Recipe(
+            "iwae",
+            build_vae2,
+            "importance-weighted autoencoder (Burda et al. 2016): vae2's pair on the k-sample bound, --iw-samples 50",
+            dict(IWAE_DEFAULTS),
+            label_site=None,
+            latent_site="z1",
+            make_loss=iwae_loss,
+            schedule=kl_warmup,
+        ),
+        Recipe(
+            "lvae",
+            build_lvae,
+            "ladder VAE (Sønderby et al. 2016): vae2's model, top-down precision-weighted guide, KL warm-up 200 epochs",
+            dict(LVAE_DEFAULTS),
+            label_site=None,
+            latent_site="z1",
+            make_loss=lvae_loss,
+            schedule=kl_warmup,
+        ),
     )
 }
 
@@ -242,7 +381,8 @@ DATASET_PRESETS: dict[str, dict] = {"digits": {"lr": 3e-3}}
 
 def defaults(model: str, dataset: str) -> dict:
     """The paper's hyper-parameters of ``model``, adjusted for ``dataset``."""
-    return {**recipe(model).defaults, **DATASET_PRESETS.get(dataset, {})}
+    recipe_ = recipe(model)
+    return {**recipe_.defaults, **DATASET_PRESETS.get(dataset, {}), **recipe_.dataset_defaults.get(dataset, {})}
 
 
 def recipe(name: str) -> Recipe:

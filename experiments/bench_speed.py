@@ -1,13 +1,16 @@
 """Speed of pyrodgm's SVI step against a hand-written PyTorch loss of the same maths.
 
 For each model, at the paper's sizes (M2: 784-500-50; ADGM: 784-500-500, a and z of 100,
-with 1 particle and, as ``adgm10``, 10; a batch of 100 labelled + 100 unlabelled rows), it
-first checks that the reference (``references.py``) and
-:class:`pyrodgm.losses.SemiSupervisedELBO` compute the same loss for the same noise, then
+with 1 particle and, as ``adgm10``, 10; CaGeM: App. C's ``CAGEM_DEFAULTS``, z1 64, z2 32,
+2x1024 / 2x512 ReLU + batch-norm, K = 10; a batch of 100 labelled + 100 unlabelled rows),
+it first checks that the reference (``references.py``) and pyrodgm's loss
+(:class:`pyrodgm.losses.SemiSupervisedELBO`; CaGeM: the recipe's
+:func:`~pyrodgm.recipes.cagem.cagem_loss`) compute the same loss for the same noise, then
 times whole optimisation steps (loss, backward, Adam) of both, interleaved, and reports the
 median of each and their ratio, with Pyro's input validation on (the default) and off
 (``pyro.enable_validation(False)``, the like-for-like comparison).  It also times the IWAE
-evaluation (test images per second at ``--iwae-k``) and records peak memory.
+evaluation (test images per second at ``--iwae-k``, networks in eval mode) and records peak
+memory.
 
     python experiments/bench_speed.py --device cpu --threads 2
 """
@@ -22,35 +25,50 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyro
 import torch
-from references import adgm_loss, m2_loss
+from references import adgm_loss, cagem_loss_and_grads, m2_loss
+from references import cagem_loss as cagem_reference
 
 from pyrodgm.evaluation import iwae_log_likelihood
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
 from pyrodgm.optim import FusedAdam
+from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup, warmup_weight
 from pyrodgm.training import device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _setup(model, guide, reference, device: torch.device, batch: int, num_particles: int = 1, alpha: float = 50.0) -> dict:
+def _setup(model, guide, reference, device: torch.device, batch: int, num_particles: int = 1, alpha: float = 50.0,
+           loss=None, reference_grads=None) -> dict:
     """A synthetic binary batch of ``2 * batch`` rows, the first half labelled, with the
-    loss and its hand-written ``reference(model, guide, x, y, alpha)``; alpha 50 is
-    0.1 N / N_l for MNIST's 50,000 training images and 100 labels."""
+    loss (default: :class:`SemiSupervisedELBO`) and its hand-written ``reference(model,
+    guide, x, y, alpha)``; alpha 50 is 0.1 N / N_l for MNIST's 50,000 training images and
+    100 labels.  ``reference_grads(model, guide, x, y, alpha)`` accumulates the reference's
+    gradients and returns its loss (default: ``reference(...).backward()``)."""
     model, guide = model.to(device), guide.to(device)
     x = torch.rand(2 * batch, 784, device=device).bernoulli()
     y = torch.cat([torch.randint(0, 10, (batch,), device=device), torch.full((batch,), -1, device=device)])
+    if loss is None:
+        loss = SemiSupervisedELBO(alpha=alpha, num_particles=num_particles, max_plate_nesting=1)
+    if reference_grads is None:
+        def reference_grads(model, guide, x, y, alpha):
+            value = reference(model, guide, x, y, alpha)
+            value.backward()
+            return value
+
     return {
         "model": model,
         "guide": guide,
         "x": x,
         "y": y,
-        "loss": SemiSupervisedELBO(alpha=alpha, num_particles=num_particles, max_plate_nesting=1),
+        "loss": loss,
         "reference": lambda: reference(model, guide, x, y, alpha),
+        "reference_grads": lambda: reference_grads(model, guide, x, y, alpha),
     }
 
 
@@ -68,7 +86,38 @@ def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict
     return _setup(model, guide, reference, device, batch, num_particles)
 
 
-SETUPS = {"m2": m2_setup, "adgm": adgm_setup, "adgm10": functools.partial(adgm_setup, num_particles=10)}
+def cagem_setup(device: torch.device, batch: int) -> dict:
+    """CaGeM at Maaløe et al.'s (2017) MNIST sizes (App. C, ``CAGEM_DEFAULTS``: z1 64, z2 32,
+    2x1024 / 2x512 ReLU MLPs with batch-norm, K = 10) and the recipe's loss (App. B) for 100
+    labels of 50,000 (alpha = 0.1 N / N_l = 50), at the middle of the KL warm-up (weight 0.5;
+    every weight costs the same).  The reference reproduces the restricted gradients of the
+    two cross-entropies (``torch.autograd.grad``) and their frozen batch-norm statistics."""
+    config = SimpleNamespace(**CAGEM_DEFAULTS, num_clusters=None, labels=100, likelihood="bernoulli")
+    model, guide = build_cagem(config, 784, 10)
+    loss = cagem_loss(config, 50_000, 100)
+    epoch = config.kl_warmup_epochs // 2
+    cagem_warmup(config, epoch, model, guide, loss)
+    weight, particles = warmup_weight(epoch, config.kl_warmup_epochs), config.num_particles
+    alpha = config.alpha_factor * 50_000 / 100
+    setup = _setup(
+        model, guide, lambda *a: cagem_reference(*a, particles, weight), device, batch, particles, alpha, loss=loss,
+        reference_grads=lambda *a: cagem_loss_and_grads(*a, particles, weight),
+    )
+    setup["note"] = (
+        f"CaGeM with batch-norm (the paper's), K=10, alpha={alpha:g}, KL warm-up weight {weight:g}, {particles} particle; "
+        "the reference runs the same networks, so the same batch-norm batch statistics, freezes the running statistics "
+        "for the two cross-entropies as pyrodgm does, and applies their parameter restriction with torch.autograd.grad; "
+        "pyrodgm's H_q pass also runs the z2 encoder and the whole model on the labelled rows, which the reference skips"
+    )
+    return setup
+
+
+SETUPS = {
+    "m2": m2_setup,
+    "adgm": adgm_setup,
+    "adgm10": functools.partial(adgm_setup, num_particles=10),
+    "cagem": cagem_setup,
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -97,7 +146,7 @@ def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, valid
 
     def reference_step() -> None:
         reference_optim.zero_grad()
-        setup["reference"]().backward()
+        setup["reference_grads"]()
         reference_optim.step()
 
     def pyro_step() -> None:
@@ -118,12 +167,17 @@ def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, valid
 
 
 def time_iwae(setup: dict, device: torch.device, k: int, images: int, chunk: int) -> dict:
+    """IWAE-k of the first ``images`` rows, in eval mode (batch-norm with its running
+    statistics, as at test time)."""
     x = setup["x"][:images]
+    model, guide = setup["model"], setup["guide"]
+    model.eval(), guide.eval()
     _sync(device)
     start = time.perf_counter()
-    iwae_log_likelihood(setup["model"], setup["guide"], x, num_particles=k, chunk_size=chunk)
+    iwae_log_likelihood(model, guide, x, num_particles=k, chunk_size=chunk)
     _sync(device)
     seconds = time.perf_counter() - start
+    model.train(), guide.train()
     return {"iwae_k": k, "images": images, "chunk_size": chunk, "seconds": seconds, "images_per_second": images / seconds}
 
 
@@ -171,6 +225,8 @@ def main(argv=None) -> dict:
             "iwae": time_iwae(setup, device, args.iwae_k, args.iwae_images, args.iwae_chunk),
             "peak_memory_mb": peak_memory_mb(device),
         }
+        if "note" in setup:
+            report["models"][name]["note"] = setup["note"]
     print(f"{'model':8} {'reference s/step':>17} {'pyrodgm s/step':>15} {'ratio':>6} {'ratio (validated)':>18} {'IWAE img/s':>11}")
     for name, row in report["models"].items():
         off, on = row["step_validation_off"], row["step_validation_on"]

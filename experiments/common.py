@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,11 @@ def setup(args: argparse.Namespace) -> float:
     return time.perf_counter()
 
 
+def command_line() -> str:
+    """The command that ran this script, as it was typed (for the results table)."""
+    return f"python {Path(sys.argv[0]).as_posix()} {shlex.join(sys.argv[1:])}".rstrip()
+
+
 def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dict, started: float, extra: dict | None = None) -> Path:
     """Write ``results/NAME_DATASET_seedS.json`` and return its path."""
     result = {
@@ -53,6 +60,7 @@ def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dic
         "best_validation": metrics["best_validation"],
         "test": metrics.get("test"),
         "paper": target,
+        "command": command_line(),
         **(extra or {}),
     }
     path = Path(args.results) / f"{name}_{args.dataset}_seed{args.seed}.json"

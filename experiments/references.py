@@ -1,7 +1,8 @@
 """Hand-written pure-PyTorch losses of the same maths as pyrodgm's Pyro programs, for the
 speed benchmark (``bench_speed.py``).  They reuse the Pyro model's and guide's networks and
 draw their reparameterisation noise in the order Pyro draws it, so for the same seed they
-compute the same number as :class:`pyrodgm.losses.SemiSupervisedELBO` (tested in
+compute the same number as :class:`pyrodgm.losses.SemiSupervisedELBO` (CaGeM: as
+:func:`pyrodgm.losses.cagem.cagem_objective`), with the same gradients (tested in
 ``tests/test_experiments.py``); the benchmark then times the abstraction, not the maths.
 """
 
@@ -11,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from pyrodgm.losses.cagem import frozen_batch_norm_stats  # batch-norm momentum 0 within a block: plain torch
 
 
 def _gaussian_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -99,3 +102,99 @@ def adgm_loss(model, guide, x: torch.Tensor, y: torch.Tensor, alpha: float, num_
         unlabelled = (log_q.exp() * (bound - log_q)).sum(0).mean(0)  # sum_y q(y|a,x) (bound - log q), mean over a
         loss = loss - (unlabelled.sum() - kl_a.sum())
     return loss
+
+
+def _normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``log N(value | loc, diag scale^2)`` summed over the last dim (torch's formula)."""
+    return (-((value - loc) ** 2) / (2 * scale.pow(2)) - scale.log() - math.log(math.sqrt(2 * math.pi))).sum(-1)
+
+
+def _check_cagem(model, guide) -> None:
+    if model.likelihood_kind != "bernoulli" or not guide.skip:
+        raise ValueError("cagem_loss is written for CaGeM(likelihood='bernoulli') and CaGeMGuide(skip=True)")
+
+
+def _cagem_guide(guide, x: torch.Tensor, num_particles: int, eye: torch.Tensor | None):
+    """``z1 ~ q(z1|x)`` (noise ``[P, B, Z1]``), ``log q(y|z1, x)`` ``[P, B, K]`` and, for
+    ``eye`` the enumerated one-hot labels ``[K, 1, 1, K]``, ``z2 ~ q(z2|x, y, z1)`` for every
+    class at once (noise ``[K, P, B, Z2]``) with its ``(loc, scale)``; ``eye=None`` only
+    draws the noise of the labelled run's ``z2`` (``[P, B, Z2]``), which no loss term reads."""
+    loc1, scale1 = guide.z1_encoder.head(guide.z1_encoder.net(x))
+    z1 = loc1 + scale1 * torch.randn((num_particles,) + loc1.shape, dtype=loc1.dtype, device=loc1.device)
+    classifier_in = torch.cat([x.expand(z1.shape[:-1] + x.shape[-1:]), z1], -1)
+    log_q_y = guide.classifier_head(guide.classifier(classifier_in)).log_softmax(-1)
+    if eye is None:
+        torch.randn(z1.shape[:-1] + (guide.z2_dim,), dtype=z1.dtype, device=z1.device)
+        return z1, loc1, scale1, log_q_y, None, None, None
+    shape = eye.shape[:1] + z1.shape[:-1]  # [K, P, B]
+    inputs = torch.cat([x.expand(shape + x.shape[-1:]), eye.expand(shape + eye.shape[-1:]), z1.expand(shape + z1.shape[-1:])],
+                       -1)
+    loc2, scale2 = guide.z2_encoder.head(guide.z2_encoder.net(inputs))
+    z2 = loc2 + scale2 * torch.randn_like(loc2)
+    return z1, loc1, scale1, log_q_y, z2, loc2, scale2
+
+
+def _cagem_terms(model, guide, x, y, num_particles: int, latent_weight: float):
+    """CaGeM's three terms (Maaløe et al. 2017, App. B) for a batch with labels ``y``
+    (``-1``: unlabelled): ``-sum F(x_u)`` (the ELBO of the unlabelled rows, ``y`` summed
+    with ``q(y|z1, x)``, the closed-form KL at ``z2``, Monte Carlo at ``z1``, the latent terms
+    weighted by ``latent_weight``: KL warm-up), ``H_q = sum -log E_q(z1|x)[q(y|z1, x)]`` and
+    ``H_p = sum -log E_q[p(y|z2)]`` (``z2`` from the guide with ``y`` enumerated) over the
+    labelled rows, these two with the batch-norm running statistics frozen; in the order
+    :func:`pyrodgm.losses.cagem.cagem_objective` draws its noise."""
+    _check_cagem(model, guide)
+    labelled = y >= 0
+    x_l, y_l, x_u = x[labelled], y[labelled], x[~labelled]
+    num_classes = model.num_clusters
+    eye = torch.eye(num_classes, dtype=x.dtype, device=x.device).reshape(num_classes, 1, 1, num_classes)
+    # 1. the unlabelled rows' bound: z1 [P, B_u, Z1], then z2 for every class [K, P, B_u, Z2]
+    z1, loc1, scale1, log_q_y, z2, loc2, scale2 = _cagem_guide(guide, x_u, num_particles, eye)
+    log_q_y = log_q_y.movedim(-1, 0)  # [K, P, B_u]
+    log_p_y = model.cluster_prior(z2).log_softmax(-1).diagonal(dim1=0, dim2=-1).movedim(-1, 0)  # log p(y=k|z2_k)
+    shape = z2.shape[:-1]
+    prior_in = torch.cat([eye.expand(shape + (num_classes,)), z2], -1)
+    loc_p1, scale_p1 = model.z1_prior.head(model.z1_prior.net(prior_in))
+    decoder_in = torch.cat([z1.expand(shape + z1.shape[-1:]), eye.expand(shape + (num_classes,))], -1)
+    logits = model.likelihood(model.decoder(decoder_in))
+    log_px = -F.binary_cross_entropy_with_logits(logits, x_u.expand_as(logits), reduction="none").sum(-1)
+    latent = _normal_log_prob(z1, loc_p1, scale_p1) + log_p_y - log_q_y - _gaussian_kl(loc2, scale2)
+    per_class = log_px + latent_weight * latent  # [K, P, B_u]
+    bound = (log_q_y.exp() * per_class).sum(0) - latent_weight * _normal_log_prob(z1, loc1, scale1)
+    elbo_loss = -bound.mean(0).sum()
+    with frozen_batch_norm_stats(model, guide):
+        # 2. H_q: y observed in the guide; z1 [P, B_l, Z1], then z2's noise [P, B_l, Z2]
+        _, _, _, log_q_y, _, _, _ = _cagem_guide(guide, x_l, num_particles, None)
+        log_q = log_q_y.gather(-1, y_l.expand(log_q_y.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # [P, B_l]
+        h_q = -(log_q.logsumexp(0) - math.log(num_particles)).sum()
+        # 3. H_p: y enumerated in the guide; z1 [P, B_l, Z1], z2 [K, P, B_l, Z2]
+        _, _, _, log_q_y, z2, _, _ = _cagem_guide(guide, x_l, num_particles, eye)
+        log_p = model.cluster_prior(z2).log_softmax(-1)
+        log_p = log_p.gather(-1, y_l.expand(log_p.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # log p(y_l|z2_k) [K, P, B_l]
+        log_p = (log_p + log_q_y.movedim(-1, 0)).logsumexp(0)  # sum_k q(k|z1, x) p(y_l|z2_k)
+        h_p = -(log_p.logsumexp(0) - math.log(num_particles)).sum()
+    return elbo_loss, h_q, h_p
+
+
+def cagem_loss(model, guide, x: torch.Tensor, y: torch.Tensor, alpha: float, num_particles: int = 1,
+               latent_weight: float = 1.0) -> torch.Tensor:
+    """Maaløe et al.'s (2017) CaGeM loss ``-sum F(x_u) + alpha (H_q + H_p)`` (App. B): the
+    value :func:`pyrodgm.losses.cagem.cagem_objective` computes.  Its gradient is *not*
+    CaGeM's (the cross-entropies reach only the networks into ``y``):
+    :func:`cagem_loss_and_grads` is."""
+    elbo_loss, h_q, h_p = _cagem_terms(model, guide, x, y, num_particles, latent_weight)
+    return elbo_loss + alpha * h_q + alpha * h_p
+
+
+def cagem_loss_and_grads(model, guide, x: torch.Tensor, y: torch.Tensor, alpha: float, num_particles: int = 1,
+                         latent_weight: float = 1.0) -> torch.Tensor:
+    """:func:`cagem_loss` (returned, detached) with CaGeM's gradients accumulated into the
+    parameters' ``.grad``: ``alpha H_q`` to ``q(y|z1, x)``'s networks (``phi_y``) only,
+    ``alpha H_p`` to those and ``p(y|z2)``'s (``theta_y``) only, the bound to everything."""
+    elbo_loss, h_q, h_p = _cagem_terms(model, guide, x, y, num_particles, latent_weight)
+    phi_y = [*guide.classifier.parameters(), *guide.classifier_head.parameters()]
+    theta_y = list(model.cluster_prior.parameters())
+    for value, params in ((alpha * h_q, phi_y), (alpha * h_p, phi_y + theta_y)):
+        for param, grad in zip(params, torch.autograd.grad(value, params)):
+            param.grad = grad if param.grad is None else param.grad + grad
+    elbo_loss.backward()
+    return (elbo_loss + alpha * h_q + alpha * h_p).detach()

@@ -15,37 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+#: Commands of the results recorded before the scripts wrote their own command line.
 COMMANDS = {
     "m2_100_labels": "python experiments/m2_mnist_100.py --root ../shared/data --no-download --epochs {epochs} --threads 1",
     "m1m2_100_labels": "python experiments/m1m2_mnist_100.py --root ../shared/data --no-download --m1-epochs {m1_epochs} --epochs {epochs} --threads 1",
     "adgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 1 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
     "adgm_10mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 10 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
     "sdgm_1mc_100_labels": "python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm --mc 1 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
-    # max-margin DGMs
-    "conv_mmcva_100_labels": "python experiments/conv_mmcva_mnist.py --root ../shared/data --no-download --labels 100 --epochs {epochs} --threads 1",
-    "conv_mmcva_1000_labels": "python experiments/conv_mmcva_mnist.py --root ../shared/data --no-download --labels 1000 --epochs {epochs} --threads 1",
-    **{
-        f"imputation_{model}": "python experiments/imputation_mnist.py --root ../shared/data --no-download {source} --iterations {iterations} --threads 1"
-        for model in ("conv-mmcva", "conv-mmva", "mmva", "m1", "m2")
-    },
-    **{
-        f"{model}{sweep}_full_labels": "python experiments/mmva_mnist.py --root ../shared/data --no-download --model {model} "
-        "--C {C} --svm-C {svm_C} --epochs {epochs} --threads 1"
-        for model in ("mmva", "conv_mmva", "va_pegasos", "conv_va_pegasos")
-        for sweep in ("", "_C1", "_C10", "_C100", "_C10000")
-    },
-    # semi-supervised GMVAE
-    "gmvae_100_labels": "python experiments/gmvae_mnist_100.py --root ../shared/data --no-download --epochs {epochs} --threads 1",
-    "gmvae_clustering": "python experiments/gmvae_clustering.py --root ../shared/data --no-download --epochs {epochs} --threads 1",
-    # CaGeM and hierarchical baselines
-    "cagem_100_labels_k10": "python experiments/cagem_mnist.py --root ../shared/data --no-download --labels 100 --clusters 10 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
-    "cagem_0_labels_k10": "python experiments/cagem_mnist.py --root ../shared/data --no-download --labels 0 --clusters 10 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
-    "cagem_0_labels_k5": "python experiments/cagem_mnist.py --root ../shared/data --no-download --labels 0 --clusters 5 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
-    "cagem_0_labels_k20": "python experiments/cagem_mnist.py --root ../shared/data --no-download --labels 0 --clusters 20 --epochs {epochs} --eval-particles {eval_particles} --threads 1",
-    "vae2_l2": "python experiments/hierarchical_mnist.py --model {model} --iw-samples {iw_samples} --root ../shared/data --no-download --epochs {epochs} --iwae-k {iwae_k} --test-images {test_images} --threads 1",
-    "iwae_l2_iw1": "python experiments/hierarchical_mnist.py --model {model} --iw-samples {iw_samples} --root ../shared/data --no-download --epochs {epochs} --iwae-k {iwae_k} --test-images {test_images} --threads 1",
-    "iwae_l2_iw50": "python experiments/hierarchical_mnist.py --model {model} --iw-samples {iw_samples} --root ../shared/data --no-download --epochs {epochs} --iwae-k {iwae_k} --test-images {test_images} --threads 1",
-    "lvae_l2": "python experiments/hierarchical_mnist.py --model {model} --iw-samples {iw_samples} --root ../shared/data --no-download --epochs {epochs} --iwae-k {iwae_k} --test-images {test_images} --threads 1",
 }
 
 
@@ -65,6 +41,7 @@ def _load(results_dir: Path) -> list[tuple[str, dict]]:
 #: ``test`` (what we measured), label and format.
 METRICS = {
     "test_error": ("error", "test error", "percent"),
+    "p_error": ("p_error", "p(y|x) error", "percent"),
     "log_likelihood": ("log_likelihood", "log p(x)", "nats"),
     "cluster_acc": ("cluster_acc", "clustering ACC", "percent"),
     "nmi": ("nmi", "NMI", "plain"),
@@ -106,9 +83,8 @@ def training_rows(results: list[tuple[str, dict]]) -> list[str]:
             continue
         name = result["experiment"]
         eval_particles = result.get("eval_particles") or (result.get("config") or {}).get("eval_particles")
-        command = COMMANDS.get(name, "").format(
+        command = result.get("command") or COMMANDS.get(name, "").format(
             epochs=result["epochs_completed"], m1_epochs=result.get("m1_epochs_completed"), eval_particles=eval_particles,
-            **result.get("command_fields", {}),
         )
         epochs = f"{result['epochs_completed']}"
         if result.get("m1_epochs_completed"):

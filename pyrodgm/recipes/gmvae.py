@@ -161,6 +161,6 @@ def gmvae_schedule(config, epoch: int, model: nn.Module, guide: nn.Module, loss:
 
 def gmvae_metrics(model: nn.Module, guide: nn.Module, data) -> dict:
     """Clustering accuracy and NMI of the guide's classifier (Table 3's metrics)."""
-    from .clustering import clustering_metrics
+    from ..clustering import clustering_metrics
 
     return clustering_metrics(model, guide, data)

@@ -158,6 +158,10 @@ def _evaluate(args: argparse.Namespace) -> dict:
     config, recipe_, model, guide, state = build_from_checkpoint(args.checkpoint, args.device)
     test = load_test_data(config, args.device, root=args.root, limit=args.limit)
     x = test.flat()
+    trained_label_mode = getattr(guide, "label_mode", "enumerate")
+    if trained_label_mode != "enumerate":
+        # importance weights need log-densities: score the categorical model the relaxation trained
+        guide.label_mode = "enumerate"
     start = time.perf_counter()
     result = iwae_evaluate(model, guide, x, args.iwae_k, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -175,8 +179,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
     report["active_units"] = {
         site: active_units(guide, x, site, num_particles=config.eval_particles)[0] for site in continuous_latent_sites(guide, x[:2])
     }
+    if trained_label_mode != "enumerate":
+        report["label_mode_trained"] = trained_label_mode
     if recipe_.classifier_site(config):
         report["test_error"] = classification_error(guide, x, test.y, num_particles=config.eval_particles, label_site=recipe_.label_site)
+    if recipe_.metrics is not None:
+        report.update({f"test_{k}": v for k, v in recipe_.metrics(model, guide, test).items()})
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))

@@ -202,3 +202,28 @@ def test_digits_preset_learning_rate_unless_given():
     assert _train_config(parse(["train", "m2", "--dataset", "digits"])).lr == 3e-3
     assert _train_config(parse(["train", "m2", "--dataset", "digits", "--lr", "1e-4"])).lr == 1e-4
     assert _train_config(parse(["train", "m2", "--dataset", "mnist"])).lr == 3e-4  # the paper's
+
+
+def test_evaluate_scores_a_relaxed_label_guide_by_enumeration(tmp_path, capsys):
+    """IWAE needs log-densities, so a guide trained with a Gumbel-softmax label is scored
+    as the categorical model it trains (exactly summed y), and the report says so."""
+    out = tmp_path / "m2-relaxed"
+    code, _, stderr = run_main(["train", "m2", "--labels", "100", "--epochs", "1", "--label-mode", "relaxed", "--out", str(out), *SMALL])
+    assert code == 0, stderr
+    assert main(["evaluate", str(out / "best.pt"), "--iwae-k", "4", "--limit", "10", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["label_mode_trained"] == "relaxed"
+    assert math.isfinite(report["iwae_log_likelihood"]) and report["iwae_log_likelihood"] < 0
+
+
+def test_evaluate_reports_a_recipes_own_metrics(tmp_path, capsys):
+    """MMVA classifies with its margin classifier (no label site): its test error comes from
+    the recipe's metrics."""
+    out = tmp_path / "mmva"
+    code, _, stderr = run_main(["train", "mmva", "--epochs", "1", "--out", str(out), "--dataset", "digits",
+                                "--validation", "300", "--hidden", "32", "--z-dim", "4", "--quiet"])
+    assert code == 0, stderr
+    assert main(["evaluate", str(out / "best.pt"), "--iwae-k", "4", "--limit", "50", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["test_error"] <= 1.0
+    assert "label_mode_trained" not in report

@@ -28,7 +28,8 @@ def test_wheel_contains_pyrodgm_models_and_guides(tmp_path):
     )
     (wheel,) = tmp_path.glob("pyrodgm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("pyrodgm/models/m2.py", "pyrodgm/models/m1m2.py", "pyrodgm/guides/m2.py", "pyrodgm/losses/elbo.py", "pyrodgm/cli.py"):
+    for module in ("pyrodgm/models/m2.py", "pyrodgm/models/cagem.py", "pyrodgm/guides/gmvae.py", "pyrodgm/losses/elbo.py",
+                   "pyrodgm/losses/margin.py", "pyrodgm/recipes/cagem.py", "pyrodgm/cli.py"):
         assert module in names
     assert not any(name.startswith(("models/", "guides/", "tests/", "experiments/")) for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -241,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute}[args.command]
     try:
         result = handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
         print(f"pyrodgm {args.command}: error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":

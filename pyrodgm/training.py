@@ -35,7 +35,7 @@ from .losses import Loss, SemiSupervisedELBO
 from .optim import FusedAdam
 from .zoo import Recipe, recipe
 
-__all__ = ["TrainConfig", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
+__all__ = ["TrainConfig", "TrainingDiverged", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
 
 
 @dataclass
@@ -123,6 +123,11 @@ class TrainConfig:
         if self.validation is not None:
             return self.validation
         return 300 if self.dataset == "digits" else 10000
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite (the step has already updated the
+    parameters, so the run cannot go on; the checkpoint of the last epoch is untouched)."""
 
 
 def training_step(model, guide, loss: Loss, optim: pyro.optim.PyroOptim, batch: tuple[torch.Tensor, Optional[torch.Tensor]]) -> float:
@@ -297,8 +302,15 @@ def _run_epoch(run: Run, progress: bool) -> float:
     bar = tqdm(run.batches, desc=f"epoch {run.epoch + 1}/{run.config.epochs}", disable=not progress, leave=False)
     for x, y in bar:
         labels = y if run.batches.labelled_per_batch else None
-        total += training_step(run.model, run.guide, run.loss, run.optim, (x, labels))
+        value = training_step(run.model, run.guide, run.loss, run.optim, (x, labels))
         steps += 1
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the loss became {value} at epoch {run.epoch + 1}, step {steps}; the parameters are no longer "
+                f"finite, so training stops here. The last checkpoint (epoch {run.epoch}) is intact: lower --lr, or "
+                "lengthen the KL warm-up, and start again or resume from it"
+            )
+        total += value
         if progress and steps % 20 == 0:
             bar.set_postfix(loss=f"{total / steps / x.shape[0]:.2f}")
     return total / max(steps, 1) / run.config.batch_size

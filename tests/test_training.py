@@ -383,3 +383,21 @@ def test_recipe_schedule_and_metrics_hooks(tmp_path, monkeypatch):
     assert calls == [0, 1, 2]
     assert [r["valid_num_examples_seen"] for r in result["history"]] == [300.0] * 3
     assert result["test"]["num_examples_seen"] > 0
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(tmp_path, monkeypatch):
+    from pyrodgm import training
+
+    train(config(tmp_path, epochs=1), progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    real_step = training.training_step
+    calls = []
+
+    def step_that_diverges(*args):
+        calls.append(1)
+        return real_step(*args) if len(calls) < 3 else float("nan")
+
+    monkeypatch.setattr(training, "training_step", step_that_diverges)
+    with pytest.raises(training.TrainingDiverged, match="loss became nan at epoch 2, step 3.*last checkpoint \\(epoch 1\\) is intact"):
+        train(config(tmp_path, epochs=2), resume=True, progress=False)
+    assert_same(saved, torch.load(tmp_path / "checkpoint.pt", weights_only=True))

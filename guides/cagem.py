@@ -60,15 +60,16 @@ class CaGeMGuide(PlatedGuide):
         batch_norm: bool = True,
         scale: str = "exp",
         skip: bool = True,
+        min_scale: float = 1e-3,
     ) -> None:
         super().__init__()
         self.x_dim, self.num_clusters, self.z1_dim, self.z2_dim, self.skip = x_dim, num_clusters, z1_dim, z2_dim, skip
-        self.z1_encoder = GaussianMLP(x_dim, hidden, z1_dim, activation, batch_norm, "default", scale)
+        self.z1_encoder = GaussianMLP(x_dim, hidden, z1_dim, activation, batch_norm, "default", scale, min_scale)
         #: phi_y of App. B: the parameters of q(y|z1,x)
         self.classifier = MLP(x_dim + z1_dim, hidden, activation=activation, batch_norm=batch_norm)
         self.classifier_head = CategoricalHead(self.classifier.out_features, num_clusters)
         z2_in = num_clusters + z1_dim + (x_dim if skip else 0)
-        self.z2_encoder = GaussianMLP(z2_in, latent_hidden, z2_dim, activation, batch_norm, "default", scale)
+        self.z2_encoder = GaussianMLP(z2_in, latent_hidden, z2_dim, activation, batch_norm, "default", scale, min_scale)
 
     @property
     def num_classes(self) -> int:

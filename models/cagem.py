@@ -61,6 +61,10 @@ class CaGeM(PlatedModel):
     :param str activation: hidden activation (``"relu"``).
     :param bool batch_norm: batch-norm in the hidden layers (the paper's).
     :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
+    :param float min_scale: floor of every Gaussian scale (not in the paper): a numerical
+        guard, since without labels the prior ``p(z1|y,z2)`` of a cluster that ``q(y|x)``
+        stops using is unconstrained and its ``exp`` scale underflows until ``log p(z1|y,z2)``
+        is ``-inf`` (an unsupervised MNIST run diverged in its second epoch without it).
     :param str scale: Gaussian scale parameterisation, ``"exp"`` (the paper's
         ``log sigma^2 = Linear(d)``) or ``"softplus"``.
     """
@@ -79,6 +83,7 @@ class CaGeM(PlatedModel):
         batch_norm: bool = True,
         likelihood: str = "bernoulli",
         scale: str = "exp",
+        min_scale: float = 1e-3,
     ) -> None:
         super().__init__()
         for name, value in (("x_dim", x_dim), ("num_clusters", num_clusters), ("z1_dim", z1_dim), ("z2_dim", z2_dim)):
@@ -90,7 +95,7 @@ class CaGeM(PlatedModel):
         self.likelihood_kind = likelihood
         #: theta_y of App. B: the parameters of p(y|z2)
         self.cluster_prior = MLP(z2_dim, latent_hidden, out_dim=num_clusters, activation=activation, batch_norm=batch_norm)
-        self.z1_prior = GaussianMLP(num_clusters + z2_dim, latent_hidden, z1_dim, activation, batch_norm, "default", scale)
+        self.z1_prior = GaussianMLP(num_clusters + z2_dim, latent_hidden, z1_dim, activation, batch_norm, "default", scale, min_scale)
         self.decoder = MLP(z1_dim + num_clusters, hidden, activation=activation, batch_norm=batch_norm)
         self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
         self.register_buffer("z2_loc", torch.zeros(z2_dim))

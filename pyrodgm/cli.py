@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--w-metric", type=float, help="gmvae: w_M, weight of the metric embedding loss")
     train.add_argument("--metric-margin", type=float, help="gmvae: margin of the lifted structured loss")
     # CaGeM and hierarchical baselines
+    train.add_argument("--min-scale", type=float, help="cagem: floor of the Gaussian scales (default 1e-3; 0: none)")
     train.add_argument("--num-clusters", type=int, help="cagem: K clusters of y (default: the number of classes; any K with --labels 0)")
     train.add_argument("--iw-samples", type=int, help="iwae, lvae: importance samples k of the IWAE bound (iwae: 50)")
     train.add_argument("--kl-warmup-epochs", type=int, help="vae2, lvae: KL weight rises linearly from 0 to 1 over N epochs (lvae: 200)")

@@ -227,22 +227,28 @@ class NormalHead(nn.Module):
     """
     Map features to the ``(loc, scale)`` of a diagonal Normal.
 
-    The scale is ``softplus(raw)`` (default) or ``exp(raw)``, with no floor or
-    additive epsilon.
+    The scale is ``min_scale + softplus(raw)`` (default) or ``min_scale + exp(raw)``;
+    ``min_scale`` is 0 by default (no floor, as the papers write their Gaussians).  A
+    small floor is a numerical guard for scales no data constrain (an unused cluster's
+    prior in CaGeM), whose ``exp(raw)`` can underflow until a log-density is ``-inf``.
 
     :param int in_features: input width.
     :param int out_dim: event size.
     :param str scale: ``"softplus"`` or ``"exp"``.
     :param str init: ``"default"`` or ``"xavier"``, see :func:`init_weights_`.
+    :param float min_scale: the floor added to the scale.
     """
 
     def __init__(
-        self, in_features: int, out_dim: int, scale: str = "softplus", init: str = "default"
+        self, in_features: int, out_dim: int, scale: str = "softplus", init: str = "default", min_scale: float = 0.0
     ) -> None:
         super().__init__()
         if scale not in ("softplus", "exp"):
             raise ValueError(f"Unknown scale {scale!r}; expected 'softplus' or 'exp'")
+        if not min_scale >= 0:
+            raise ValueError(f"min_scale must be non-negative, got {min_scale}")
         self.scale_fn = scale
+        self.min_scale = float(min_scale)
         self.loc_layer = nn.Linear(in_features, out_dim)
         self.scale_layer = nn.Linear(in_features, out_dim)
         init_weights_(self, init)
@@ -254,6 +260,8 @@ class NormalHead(nn.Module):
         """
         raw = self.scale_layer(features)
         scale = F.softplus(raw) if self.scale_fn == "softplus" else raw.exp()
+        if self.min_scale:
+            scale = scale + self.min_scale
         return self.loc_layer(features), scale
 
     def distribution(self, features: Tensor) -> dist.TorchDistribution:
@@ -352,10 +360,11 @@ class GaussianMLP(nn.Module):
         batch_norm: bool = False,
         init: str = "xavier",
         scale: str = "softplus",
+        min_scale: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = MLP(in_dim, hidden, activation=activation, batch_norm=batch_norm, init=init)
-        self.head = NormalHead(self.net.out_features, out_dim, scale=scale, init=init)
+        self.head = NormalHead(self.net.out_features, out_dim, scale=scale, init=init, min_scale=min_scale)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of shape ``broadcast(inputs) + [out_dim]``."""

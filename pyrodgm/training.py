@@ -93,6 +93,7 @@ class TrainConfig:
     w_metric: float = 1.0  # gmvae: w_M, weight of the lifted structured (metric embedding) loss
     metric_margin: float = 2.0  # gmvae: margin of the lifted structured loss (2 MNIST, 0.5 SVHN, 1 Fashion-MNIST)
     # CaGeM and hierarchical baselines
+    min_scale: float = 0.0  # cagem (1e-3): floor of the Gaussian scales, a numerical guard (0 in checkpoints that predate it)
     num_clusters: Optional[int] = None  # cagem: K, the categories of y (None: the number of classes; 5, 10, 20 for CaGeM-0)
     iw_samples: int = 1  # iwae (50), lvae: importance samples of the IWAE training bound (Burda et al. 2016)
     kl_warmup_epochs: int = 0  # vae2, lvae (200): KL weight of z1, z2 rising linearly 0 -> 1 (Sønderby et al. 2016)

@@ -348,3 +348,20 @@ def test_enumerated_label_with_pyro():
     for net in (decoder, head, encoder, z_head, y_net):
         for name, p in net.named_parameters():
             assert p.grad is not None, name
+
+
+def test_normal_head_min_scale_keeps_log_densities_finite():
+    """exp(raw) underflows for very negative raw scales (an unused cluster's prior in
+    CaGeM); the floor keeps the scale at min_scale and the log-density finite."""
+    for scale_fn in ("exp", "softplus"):
+        bare, floored = NormalHead(3, 2, scale=scale_fn), NormalHead(3, 2, scale=scale_fn, min_scale=1e-3)
+        for head in (bare, floored):
+            torch.nn.init.zeros_(head.scale_layer.weight)
+            torch.nn.init.constant_(head.scale_layer.bias, -1000.0)
+        features, value = torch.ones(1, 3), torch.full((1, 2), 1.0)
+        assert torch.equal(bare(features)[1], torch.zeros(1, 2))  # underflowed: no valid Normal left
+        _, scale = floored(features)
+        assert torch.equal(scale, torch.full((1, 2), 1e-3, dtype=scale.dtype))
+        assert torch.isfinite(floored.distribution(features).log_prob(value)).all()
+    with pytest.raises(ValueError, match="min_scale must be non-negative"):
+        NormalHead(3, 2, min_scale=-1.0)

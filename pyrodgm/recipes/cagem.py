@@ -4,7 +4,8 @@ the KL warm-up schedule and the extra metrics, with App. C's hyper-parameters.
 Config fields used: ``z_dim`` (``dim(z1)``, 64), ``top_z_dim`` (``dim(z2)``, 32), ``hidden``
 (networks reading or writing ``x``, 1024-1024), ``top_hidden`` (networks among the latents,
 512-512), ``num_clusters`` (``K``; ``None``: the number of classes), ``kl_warmup_epochs``
-(100), ``alpha_factor`` (the paper's beta, 0.1: ``alpha = beta (N_u + N_l) / N_l`` per
+(100), ``min_scale`` (1e-3, a floor on the Gaussian scales that the paper does not have:
+see :class:`~pyrodgm.models.cagem.CaGeM`), ``alpha_factor`` (the paper's beta, 0.1: ``alpha = beta (N_u + N_l) / N_l`` per
 labelled example), ``num_particles``.
 
 With labels (CaGeM-20/50/100) ``K`` must equal the number of classes (Sec. 4) and the
@@ -38,7 +39,7 @@ LATENT_SITES = ("z1", "y", "z2")
 CAGEM_DEFAULTS = dict(
     z_dim=64, top_z_dim=32, hidden=(1024, 1024), top_hidden=(512, 512), activation="relu",
     lr=1e-3, lr_decay=0.75, lr_decay_every=50, kl_warmup_epochs=100, alpha_factor=0.1,
-    batch_size=200, labelled_per_batch=100, num_particles=1, eval_particles=10,
+    batch_size=200, labelled_per_batch=100, num_particles=1, eval_particles=10, min_scale=1e-3,
 )
 
 
@@ -57,6 +58,7 @@ def build_cagem(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     kwargs = dict(
         num_clusters=_num_clusters(config, num_classes), z1_dim=config.z_dim, z2_dim=config.top_z_dim,
         hidden=tuple(config.hidden), latent_hidden=tuple(config.top_hidden), activation=config.activation,
+        min_scale=config.min_scale,
     )
     return CaGeM(x_dim, likelihood=config.likelihood, **kwargs), CaGeMGuide(x_dim, **kwargs)
 

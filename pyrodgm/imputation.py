@@ -238,17 +238,23 @@ def evaluate_imputation(
     batch_size: int = 1000,
     generator: Optional[torch.Generator] = None,
     keep: int = 0,
+    error_fn: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
 ) -> dict:
     """Impute ``x`` batch by batch and measure Tables 4-5: the MSE over missing pixels after
     the last iteration (and after every iteration, ``mse_per_iteration``), and, when the
-    guide classifies (``label_site`` and ``y`` given), the classification error of the
-    imputed images, of the perturbed input (the first image, missing pixels noise; the
-    paper's "CNN" column classifies incomplete data) and of the clean images.
+    model classifies and ``y`` is given, the classification error of the imputed images, of
+    the perturbed input (the first image, missing pixels noise; the paper's "CNN" column
+    classifies incomplete data) and of the clean images.
 
+    :param label_site: the guide's classifier site (its error by
+        :func:`~pyrodgm.evaluation.classification_error`), unless ``error_fn`` is given.
+    :param error_fn: ``(images, labels) -> error`` for models that classify otherwise
+        (MMVA's margin classifier: :func:`classifier_error_fn`).
     :param keep: also return the first ``keep`` images' full chains under ``"chains"``
         (``[T + 1, keep, D]``), for :func:`save_imputation_strip`.
     """
-    from .evaluation import classification_error
+    if error_fn is None and label_site:
+        error_fn = classifier_error_fn(label_site, guide)
 
     mask = _check_inputs(x, mask, iterations)
     finals, starts, squared = [], [], torch.zeros(iterations + 1, dtype=torch.float64)
@@ -272,13 +278,27 @@ def evaluate_imputation(
         "mse": per_iteration[-1],
         "mse_per_iteration": per_iteration,
     }
-    if label_site and y is not None:
+    if error_fn is not None and y is not None:
         imputed, perturbed = torch.cat(finals), torch.cat(starts)
         for key, images in (("error", imputed), ("error_perturbed", perturbed), ("error_clean", x)):
-            report[key] = classification_error(guide, images, y, label_site=label_site)
+            report[key] = error_fn(images, y)
     if keep:
         report["chains"] = chains
     return report
+
+
+def classifier_error_fn(label_site: Optional[str], guide: Callable) -> Optional[Callable[[torch.Tensor, torch.Tensor], float]]:
+    """How a trained pair classifies images, as ``(images, labels) -> error``: the guide's
+    label site, else a margin classifier the guide records scores with (MMVA), else
+    ``None``."""
+    from .evaluation import classification_error
+    from .losses.margin import find_margin_classifier, margin_error
+
+    if label_site:
+        return lambda images, labels: classification_error(guide, images, labels, label_site=label_site)
+    if find_margin_classifier(guide) is not None:
+        return lambda images, labels: margin_error(guide, images, labels)
+    return None
 
 
 def save_imputation_strip(
@@ -343,7 +363,8 @@ def impute_checkpoint(
     started = time.perf_counter()
     keep = min(strip_rows, x.shape[0]) if out else 0
     result = evaluate_imputation(
-        model, guide, x, test.y, masks, iterations, recipe_.label_site, batch_size, generator, keep=keep
+        model, guide, x, test.y, masks, iterations, recipe_.label_site, batch_size, generator, keep=keep,
+        error_fn=classifier_error_fn(recipe_.label_site, guide),
     )
     chains = result.pop("chains", None)
     report = {

@@ -312,3 +312,23 @@ def test_imputation_script_on_a_given_checkpoint(tmp_path, checkpoint):
     result = _run_script(tmp_path, "--checkpoint", str(checkpoint))
     assert result["model"] == "m2" and result["checkpoint"] == str(checkpoint)
     assert result["epochs_completed"] == 1 and set(result["test"]["mse"]) == {"Rand-Drop (0.5)", "Rect (3 x 3)"}
+
+
+def test_imputation_errors_of_a_margin_classifier():
+    """MMVA has no label site: the errors of imputed, perturbed and clean images come from
+    the guide's margin classifier (the same numbers as margin_error), not left out."""
+    from pyrodgm.guides import MMVAGuide
+    from pyrodgm.losses.margin import margin_error
+    from pyrodgm.imputation import classifier_error_fn
+    from pyrodgm.models import MMVA
+
+    torch.manual_seed(0)
+    model, guide = MMVA(6, z_dim=2, hidden=(5, 4)), MMVAGuide(6, num_classes=3, z_dim=2, hidden=(5, 4))
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+    y = torch.arange(8) % 3
+    mask = torch.zeros(8, 6, dtype=torch.bool)
+    mask[:, :2] = True
+    assert classifier_error_fn(None, guide) is not None
+    report = evaluate_imputation(model, guide, x, y, mask, iterations=2, label_site=None, error_fn=classifier_error_fn(None, guide))
+    assert report["error_clean"] == margin_error(guide, x, y)
+    assert {"error", "error_perturbed"} <= set(report)

@@ -56,6 +56,8 @@ def config_for(args) -> TrainConfig:
     )
     if args.kl_warmup_epochs is not None:
         values["kl_warmup_epochs"] = args.kl_warmup_epochs
+    if args.gaussian_scale is not None:
+        values["gaussian_scale"] = args.gaussian_scale
     if args.dataset == "digits":
         values["lr"] = 3e-3  # pyrodgm.zoo.DATASET_PRESETS: 12 steps an epoch
     return TrainConfig(**values)
@@ -70,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--iwae-chunk", type=int, default=500, help="particles traced at once")
     p.add_argument("--eval-particles", type=int, default=10, help="samples q(y|x) is averaged over")
     p.add_argument("--no-validate-inputs", action="store_true", help="skip per-step input checks, for speed")
+    p.add_argument("--gaussian-scale", choices=("exp", "softplus"), default=None,
+                   help="sigma = exp(Linear) (the paper's, default) or softplus(Linear), which cannot overflow")
     p.add_argument("--kl-warmup-epochs", type=int, default=None,
                    help="epochs of KL warm-up (paper 100; shorten it for a short run)")
     args = p.parse_args(argv)

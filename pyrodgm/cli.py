@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--w-metric", type=float, help="gmvae: w_M, weight of the metric embedding loss")
     train.add_argument("--metric-margin", type=float, help="gmvae: margin of the lifted structured loss")
     # CaGeM and hierarchical baselines
+    train.add_argument("--gaussian-scale", choices=("exp", "softplus"), help="cagem: sigma = exp(Linear) (the paper's) or softplus(Linear)")
     train.add_argument("--min-scale", type=float, help="cagem: floor of the Gaussian scales (default 1e-3; 0: none)")
     train.add_argument("--num-clusters", type=int, help="cagem: K clusters of y (default: the number of classes; any K with --labels 0)")
     train.add_argument("--iw-samples", type=int, help="iwae, lvae: importance samples k of the IWAE bound (iwae: 50)")

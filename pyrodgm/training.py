@@ -93,6 +93,7 @@ class TrainConfig:
     w_metric: float = 1.0  # gmvae: w_M, weight of the lifted structured (metric embedding) loss
     metric_margin: float = 2.0  # gmvae: margin of the lifted structured loss (2 MNIST, 0.5 SVHN, 1 Fashion-MNIST)
     # CaGeM and hierarchical baselines
+    gaussian_scale: Optional[str] = None  # cagem: "exp" (the paper's log sigma^2 = Linear; None) or "softplus" (cannot overflow)
     min_scale: float = 0.0  # cagem (1e-3): floor of the Gaussian scales, a numerical guard (0 in checkpoints that predate it)
     num_clusters: Optional[int] = None  # cagem: K, the categories of y (None: the number of classes; 5, 10, 20 for CaGeM-0)
     iw_samples: int = 1  # iwae (50), lvae: importance samples of the IWAE training bound (Burda et al. 2016)

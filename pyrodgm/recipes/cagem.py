@@ -5,7 +5,8 @@ Config fields used: ``z_dim`` (``dim(z1)``, 64), ``top_z_dim`` (``dim(z2)``, 32)
 (networks reading or writing ``x``, 1024-1024), ``top_hidden`` (networks among the latents,
 512-512), ``num_clusters`` (``K``; ``None``: the number of classes), ``kl_warmup_epochs``
 (100), ``min_scale`` (1e-3, a floor on the Gaussian scales that the paper does not have:
-see :class:`~pyrodgm.models.cagem.CaGeM`), ``alpha_factor`` (the paper's beta, 0.1: ``alpha = beta (N_u + N_l) / N_l`` per
+see :class:`~pyrodgm.models.cagem.CaGeM`), ``gaussian_scale`` (``None``: the paper's
+``exp``; ``"softplus"`` cannot overflow), ``alpha_factor`` (the paper's beta, 0.1: ``alpha = beta (N_u + N_l) / N_l`` per
 labelled example), ``num_particles``.
 
 With labels (CaGeM-20/50/100) ``K`` must equal the number of classes (Sec. 4) and the
@@ -58,7 +59,7 @@ def build_cagem(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     kwargs = dict(
         num_clusters=_num_clusters(config, num_classes), z1_dim=config.z_dim, z2_dim=config.top_z_dim,
         hidden=tuple(config.hidden), latent_hidden=tuple(config.top_hidden), activation=config.activation,
-        min_scale=config.min_scale,
+        min_scale=config.min_scale, scale=config.gaussian_scale or "exp",
     )
     return CaGeM(x_dim, likelihood=config.likelihood, **kwargs), CaGeMGuide(x_dim, **kwargs)
 

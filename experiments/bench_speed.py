@@ -25,7 +25,6 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyro
 import torch
@@ -38,7 +37,7 @@ from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
 from pyrodgm.optim import FusedAdam
 from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup, warmup_weight
-from pyrodgm.training import device_description
+from pyrodgm.training import TrainConfig, device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,7 +91,7 @@ def cagem_setup(device: torch.device, batch: int) -> dict:
     labels of 50,000 (alpha = 0.1 N / N_l = 50), at the middle of the KL warm-up (weight 0.5;
     every weight costs the same).  The reference reproduces the restricted gradients of the
     two cross-entropies (``torch.autograd.grad``) and their frozen batch-norm statistics."""
-    config = SimpleNamespace(**CAGEM_DEFAULTS, num_clusters=None, labels=100, likelihood="bernoulli")
+    config = TrainConfig(**CAGEM_DEFAULTS, model="cagem", labels=100)
     model, guide = build_cagem(config, 784, 10)
     loss = cagem_loss(config, 50_000, 100)
     epoch = config.kl_warmup_epochs // 2

@@ -60,16 +60,22 @@ def _format(value, kind: str) -> str:
 
 
 def _metric_cells(test: dict, paper: dict) -> tuple[str, str]:
-    """``(measured, paper)`` cells: one ``label: value`` per metric the paper reports."""
+    """``(measured, paper)`` cells: ``label value`` for every metric measured, and for
+    every metric the paper reports."""
     measured, targets = [], []
     for paper_key, (test_key, label, kind) in METRICS.items():
-        if paper_key not in paper:
-            continue
-        measured.append(f"{label} {_format(test.get(test_key), kind)}")
-        target = _format(paper[paper_key], kind)
-        if paper_key == "test_error" and paper.get("std") is not None:
-            target += f" ± {_percent(paper['std'])}"
-        targets.append(f"{label} {target}")
+        label = label.replace("|", "\\|")  # a table cell
+        if test.get(test_key) is not None:
+            value = f"{label} {_format(test[test_key], kind)}"
+            if paper_key == "log_likelihood" and test.get("iwae_k"):
+                images = test.get("iwae_images") or test.get("num_examples")
+                value += f" (IWAE-{test['iwae_k']}, {images} test images)"
+            measured.append(value)
+        if paper.get(paper_key) is not None:
+            target = _format(paper[paper_key], kind)
+            if paper_key == "test_error" and paper.get("std") is not None:
+                target += f" ± {_percent(paper['std'])}"
+            targets.append(f"{label} {target}")
     return "; ".join(measured) or "n/a", "; ".join(targets) or "n/a"
 
 

@@ -17,7 +17,7 @@ generations of each cluster and a t-SNE (or PCA) of the test features.
 from pathlib import Path
 
 from common import parser, setup, write_result
-from gmvae_mnist_100 import result_stem, save_figures
+from gmvae_mnist_100 import add_gmvae_arguments, result_stem, save_figures
 
 from pyrodgm.plots import plot_history
 from pyrodgm.training import TrainConfig, train
@@ -47,10 +47,7 @@ def config_for(args) -> TrainConfig:
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0], epochs=200)
-    p.add_argument("--label-mode", choices=("relaxed", "straight-through", "enumerate"), default="relaxed")
-    p.add_argument("--embedding", choices=("tsne", "pca"), default="tsne", help="2-D map of the test features")
-    p.add_argument("--embedding-limit", type=int, default=2000, help="test images in the embedding plot")
-    p.add_argument("--no-validate-inputs", action="store_true", help="skip per-step input checks, for speed")
+    add_gmvae_arguments(p)
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)

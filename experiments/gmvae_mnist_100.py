@@ -62,13 +62,18 @@ def result_stem(args, name: str) -> Path:
     return Path(args.results) / f"{name}_{args.dataset}_seed{args.seed}"
 
 
-def main(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0], epochs=200)
-    p.add_argument("--labels", type=int, default=100)
+def add_gmvae_arguments(p) -> None:
+    """The options both GMVAE scripts take: the label mode and the feature-embedding plot."""
     p.add_argument("--label-mode", choices=("relaxed", "straight-through", "enumerate"), default="relaxed")
     p.add_argument("--embedding", choices=("tsne", "pca"), default="tsne", help="2-D map of the test features")
     p.add_argument("--embedding-limit", type=int, default=2000, help="test images in the embedding plot")
     p.add_argument("--no-validate-inputs", action="store_true", help="skip per-step input checks, for speed")
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__.splitlines()[0], epochs=200)
+    p.add_argument("--labels", type=int, default=100)
+    add_gmvae_arguments(p)
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)

@@ -36,7 +36,8 @@ from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
 from pyrodgm.optim import FusedAdam
-from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup, warmup_weight
+from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup
+from pyrodgm.recipes.warmup import kl_warmup_weight
 from pyrodgm.training import TrainConfig, device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,7 +97,7 @@ def cagem_setup(device: torch.device, batch: int) -> dict:
     loss = cagem_loss(config, 50_000, 100)
     epoch = config.kl_warmup_epochs // 2
     cagem_warmup(config, epoch, model, guide, loss)
-    weight, particles = warmup_weight(epoch, config.kl_warmup_epochs), config.num_particles
+    weight, particles = kl_warmup_weight(epoch, config.kl_warmup_epochs), config.num_particles
     alpha = config.alpha_factor * 50_000 / 100
     setup = _setup(
         model, guide, lambda *a: cagem_reference(*a, particles, weight), device, batch, particles, alpha, loss=loss,

@@ -24,7 +24,8 @@ from pyrodgm.losses.cagem import (
 from pyrodgm.models.cagem import CaGeM
 from pyrodgm.training import TrainConfig, train
 from pyrodgm.zoo import recipe
-from pyrodgm.recipes.cagem import build_cagem, cagem_loss, cagem_warmup, cluster_error, warmup_weight
+from pyrodgm.recipes.cagem import build_cagem, cagem_loss, cagem_warmup, cluster_error
+from pyrodgm.recipes.warmup import kl_warmup_weight
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -189,10 +190,10 @@ def test_cross_entropy_passes_leave_batch_norm_statistics_alone():
 
 
 def test_warmup_schedule_values_and_hook():
-    assert [warmup_weight(e, 100) for e in (0, 1, 50, 99, 100, 500)] == [0.0, 0.01, 0.5, 0.99, 1.0, 1.0]
-    assert warmup_weight(0, 0) == 1.0
+    assert [kl_warmup_weight(e, 100) for e in (0, 1, 50, 99, 100, 500)] == [0.0, 0.01, 0.5, 0.99, 1.0, 1.0]
+    assert kl_warmup_weight(0, 0) == 1.0
     with pytest.raises(ValueError, match="non-negative"):
-        warmup_weight(3, -1)
+        kl_warmup_weight(3, -1)
     config = TrainConfig(model="cagem", kl_warmup_epochs=4, labels=100)
     for num_labels in (100, 0):
         loss = cagem_loss(config, num_data=1000, num_labels=num_labels)

@@ -26,7 +26,8 @@ from pyrodgm.losses import ImportanceWeightedELBO, SemiSupervisedELBO
 from pyrodgm.models.hierarchical import HierarchicalVAE
 from pyrodgm.training import TrainConfig, training_step
 from pyrodgm.zoo import recipe
-from pyrodgm.recipes.hierarchical import iwae_loss, kl_warmup, kl_warmup_weight, lvae_loss, vae2_loss
+from pyrodgm.recipes.hierarchical import iwae_loss, kl_warmup, lvae_loss, vae2_loss
+from pyrodgm.recipes.warmup import kl_warmup_weight
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

@@ -28,8 +28,9 @@ from pyrodgm.models.cagem import CaGeM
 
 from ..losses import Loss, SemiSupervisedELBO, WeightedSum
 from ..losses.cagem import cagem_objective, model_label_log_prob
+from .warmup import kl_warmup_weight
 
-__all__ = ["CAGEM_DEFAULTS", "build_cagem", "cagem_loss", "cagem_warmup", "cagem_metrics", "warmup_weight", "class_probabilities"]
+__all__ = ["CAGEM_DEFAULTS", "build_cagem", "cagem_loss", "cagem_warmup", "cagem_metrics", "class_probabilities"]
 
 #: The latent sites whose ``log p - log q`` the warm-up weighs.
 LATENT_SITES = ("z1", "y", "z2")
@@ -69,16 +70,8 @@ def cagem_loss(config, num_data: int, num_labels: int) -> Loss:
     labelled example (``N`` the training set, which includes the labelled examples), or
     the ELBO alone for ``num_labels = 0``."""
     alpha = config.alpha_factor * num_data / num_labels if num_labels else 0.0
-    weights = {site: warmup_weight(0, config.kl_warmup_epochs) for site in LATENT_SITES}
+    weights = {site: kl_warmup_weight(0, config.kl_warmup_epochs) for site in LATENT_SITES}
     return cagem_objective(alpha, num_particles=config.num_particles, latent_weights=weights)
-
-
-def warmup_weight(epoch: int, warmup_epochs: int) -> float:
-    """The KL weight of 0-based ``epoch``: ``epoch / warmup_epochs`` capped at 1 (linear
-    from 0 over the first ``warmup_epochs``, Sønderby et al. 2016), 1 without warm-up."""
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup epochs must be non-negative, got {warmup_epochs}")
-    return 1.0 if warmup_epochs == 0 else min(1.0, epoch / warmup_epochs)
 
 
 def _elbo_term(loss: Loss) -> SemiSupervisedELBO:
@@ -92,7 +85,7 @@ def _elbo_term(loss: Loss) -> SemiSupervisedELBO:
 def cagem_warmup(config, epoch: int, model: nn.Module, guide: nn.Module, loss: Loss) -> None:
     """The recipe's ``schedule``: the weight of the ``z1``, ``y`` and ``z2`` terms (the
     "temperature on the KL-terms", App. C) for ``epoch``, a function of the epoch only."""
-    weight = warmup_weight(epoch, config.kl_warmup_epochs)
+    weight = kl_warmup_weight(epoch, config.kl_warmup_epochs)
     _elbo_term(loss).latent_weights = {site: weight for site in LATENT_SITES}
 
 

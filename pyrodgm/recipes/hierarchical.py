@@ -44,6 +44,7 @@ from pyrodgm.guides.hierarchical import HierarchicalGuide, LadderGuide
 from pyrodgm.models.hierarchical import HierarchicalVAE
 
 from ..losses import ImportanceWeightedELBO, Loss, SemiSupervisedELBO
+from .warmup import kl_warmup_weight
 
 __all__ = [
     "VAE2_DEFAULTS",
@@ -56,7 +57,6 @@ __all__ = [
     "iwae_loss",
     "lvae_loss",
     "kl_warmup",
-    "kl_warmup_weight",
 ]
 
 #: The latent sites whose KL terms warm-up scales.
@@ -132,14 +132,6 @@ def iwae_loss(config, num_data: int, num_labels: int) -> Loss:
 def lvae_loss(config, num_data: int, num_labels: int) -> Loss:
     """The ELBO with warm-up, or the IWAE bound when ``config.iw_samples > 1``."""
     return _importance_weighted(config) if config.iw_samples > 1 else _elbo(config)
-
-
-def kl_warmup_weight(epoch: int, warmup_epochs: int) -> float:
-    """The KL weight of 0-based ``epoch``: ``epoch / warmup_epochs``, capped at 1
-    (Sønderby et al. 2016: from 0 to 1, linearly, over the first ``N_t`` epochs)."""
-    if warmup_epochs <= 0:
-        return 1.0
-    return min(1.0, epoch / warmup_epochs)
 
 
 def kl_warmup(config, epoch: int, model: nn.Module, guide: nn.Module, loss: Loss) -> None:

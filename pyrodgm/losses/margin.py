@@ -62,6 +62,7 @@ from torch import nn
 
 from ..validation import UNLABELLED
 from .base import Loss, WeightedSum
+from .elbo import _check_batch_labels
 
 __all__ = [
     "MarginClassifier",
@@ -284,14 +285,9 @@ class _MarginLoss(Loss):
         labels = kwargs.pop(self.label_site, None)
         if labels is None and required:
             raise ValueError(f"{type(self).__name__} needs labels as the keyword '{self.label_site}' (-1 for unlabelled rows)")
-        scores = margin_scores(guide, *args, score_site=self.score_site, feature_site=self.feature_site, **kwargs)
         if labels is not None:
-            if not torch.is_tensor(labels) or labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-                raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-            if labels.shape != scores.shape[:1]:
-                raise ValueError(f"labels must have shape [{scores.shape[0]}] (one per row, -1 for unlabelled), got {tuple(labels.shape)}")
-            if is_validation_enabled() and bool((labels < UNLABELLED).any()):
-                raise ValueError(f"label(s) {labels[labels < UNLABELLED].unique().tolist()} out of range: class indices, or -1 for unlabelled rows")
+            _check_batch_labels(labels, args, kwargs)
+        scores = margin_scores(guide, *args, score_site=self.score_site, feature_site=self.feature_site, **kwargs)
         return scores, labels
 
 

@@ -106,8 +106,7 @@ def cagem_setup(device: torch.device, batch: int) -> dict:
     setup["note"] = (
         f"CaGeM with batch-norm (the paper's), K=10, alpha={alpha:g}, KL warm-up weight {weight:g}, {particles} particle; "
         "the reference runs the same networks, so the same batch-norm batch statistics, freezes the running statistics "
-        "for the two cross-entropies as pyrodgm does, and applies their parameter restriction with torch.autograd.grad; "
-        "pyrodgm's H_q pass also runs the z2 encoder and the whole model on the labelled rows, which the reference skips"
+        "for the two cross-entropies as pyrodgm does, and applies their parameter restriction with torch.autograd.grad"
     )
     return setup
 

@@ -117,14 +117,13 @@ def _check_cagem(model, guide) -> None:
 def _cagem_guide(guide, x: torch.Tensor, num_particles: int, eye: torch.Tensor | None):
     """``z1 ~ q(z1|x)`` (noise ``[P, B, Z1]``), ``log q(y|z1, x)`` ``[P, B, K]`` and, for
     ``eye`` the enumerated one-hot labels ``[K, 1, 1, K]``, ``z2 ~ q(z2|x, y, z1)`` for every
-    class at once (noise ``[K, P, B, Z2]``) with its ``(loc, scale)``; ``eye=None`` only
-    draws the noise of the labelled run's ``z2`` (``[P, B, Z2]``), which no loss term reads."""
+    class at once (noise ``[K, P, B, Z2]``) with its ``(loc, scale)``; ``eye=None`` stops
+    at the classifier, as the guide run of :class:`~pyrodgm.losses.ClassifierCrossEntropy` does."""
     loc1, scale1 = guide.z1_encoder.head(guide.z1_encoder.net(x))
     z1 = loc1 + scale1 * torch.randn((num_particles,) + loc1.shape, dtype=loc1.dtype, device=loc1.device)
     classifier_in = torch.cat([x.expand(z1.shape[:-1] + x.shape[-1:]), z1], -1)
     log_q_y = guide.classifier_head(guide.classifier(classifier_in)).log_softmax(-1)
     if eye is None:
-        torch.randn(z1.shape[:-1] + (guide.z2_dim,), dtype=z1.dtype, device=z1.device)
         return z1, loc1, scale1, log_q_y, None, None, None
     shape = eye.shape[:1] + z1.shape[:-1]  # [K, P, B]
     inputs = torch.cat([x.expand(shape + x.shape[-1:]), eye.expand(shape + eye.shape[-1:]), z1.expand(shape + z1.shape[-1:])],
@@ -162,7 +161,7 @@ def _cagem_terms(model, guide, x, y, num_particles: int, latent_weight: float):
     bound = (log_q_y.exp() * per_class).sum(0) - latent_weight * _normal_log_prob(z1, loc1, scale1)
     elbo_loss = -bound.mean(0).sum()
     with frozen_batch_norm_stats(model, guide):
-        # 2. H_q: y observed in the guide; z1 [P, B_l, Z1], then z2's noise [P, B_l, Z2]
+        # 2. H_q: the guide up to y; z1 [P, B_l, Z1]
         _, _, _, log_q_y, _, _, _ = _cagem_guide(guide, x_l, num_particles, None)
         log_q = log_q_y.gather(-1, y_l.expand(log_q_y.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # [P, B_l]
         h_q = -(log_q.logsumexp(0) - math.log(num_particles)).sum()

@@ -42,7 +42,7 @@ import pyro.distributions as dist
 import torch
 
 from pyrodgm.models.hierarchical import HierarchicalVAE
-from pyrodgm.modeling import PlatedGuide
+from pyrodgm.modeling import PlatedGuide, register_module
 from pyrodgm.nets import MLP, GaussianMLP, NormalHead
 
 __all__ = ["HierarchicalGuide", "LadderGuide", "precision_weighted"]
@@ -135,7 +135,7 @@ class LadderGuide(PlatedGuide):
     def register(self) -> None:
         """Register the guide's bottom-up parameters, and the model's under the model's
         own Pyro names (the same parameters the model registers)."""
-        pyro.module(self.pyro_name, self)
+        register_module(self.pyro_name, self)
         self.model.register()
 
     def bottom_up(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

@@ -47,6 +47,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrodgm.distributions import IndependentBernoulli
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import NormalHead, _flatten_batch
@@ -193,5 +194,5 @@ class GMVAE(PlatedModel):
     def observation(self, out: torch.Tensor) -> dist.TorchDistribution:
         """``p(x|z)`` from the decoder's output ``out``."""
         if self.likelihood_kind == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
+            return IndependentBernoulli(out)
         return dist.Normal(torch.sigmoid(out), MSE_SCALE).to_event(1)

@@ -44,6 +44,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrodgm.distributions import IndependentBernoulli
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import _check_image_shape
 
@@ -194,4 +195,4 @@ class ConvMMCVA(PlatedModel):
         y = pyro.sample("y", dist.OneHotCategorical(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
         z = pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
         logits = self.decoder(z, y)
-        return pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+        return pyro.sample("x", IndependentBernoulli(logits), obs=x)

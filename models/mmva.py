@@ -31,6 +31,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrodgm.distributions import IndependentBernoulli
 from pyrodgm.modeling import PlatedModel
 from pyrodgm.nets import CONV_MMVA_LAYERS, UnpoolingConvDecoder
 
@@ -95,4 +96,4 @@ class ConvMMVA(PlatedModel):
         if y is not None:
             raise ValueError("Conv-MMVA's generative model has no label site: call it without y")
         z = pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
-        return pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+        return pyro.sample("x", IndependentBernoulli(self.decoder(z)), obs=x)

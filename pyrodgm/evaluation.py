@@ -35,18 +35,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.runtime import NonlocalExit
 
 from .traces import (
-    PARTICLE_PLATE,
     TraceTerms,
     _categorical_logits,
     guess_plate_nesting,
     guide_trace,
     particle_traces,
+    site_distribution,
 )
 
 __all__ = [
@@ -203,17 +201,9 @@ def predict_proba(
     before it.  The guide stops at the label site (:func:`~pyro.poutine.escape`).
     Returns ``(batch, num_classes)`` probabilities."""
     nesting = 1 if max_plate_nesting is None else max_plate_nesting
-    guide_fn = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))(
-        poutine.escape(guide, escape_fn=lambda msg: msg["name"] == label_site)
-    )
-    try:
-        poutine.block(guide_fn)(x, *args, **kwargs)
-    except NonlocalExit as exit_:
-        exit_.reset_stack()
-        logits = _categorical_logits(exit_.site["fn"])
-    else:
-        raise ValueError(f"the guide has no sample site '{label_site}'")
-    probs = logits.softmax(-1)
+    with poutine.block():
+        fn = site_distribution(guide, (x,) + args, kwargs, label_site, num_particles, nesting, role="guide")
+    probs = _categorical_logits(fn).softmax(-1)
     return probs.reshape(-1, x.shape[0], probs.shape[-1]).mean(0)
 
 

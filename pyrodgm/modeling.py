@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import pyro
 import torch
@@ -13,7 +14,51 @@ from torch import nn
 
 from .validation import check_features, check_labels
 
-__all__ = ["PlatedModel", "PlatedGuide", "FreezableStack", "data_size", "one_hot", "check_model_input", "record"]
+__all__ = [
+    "PlatedModel",
+    "PlatedGuide",
+    "FreezableStack",
+    "data_size",
+    "one_hot",
+    "check_model_input",
+    "record",
+    "register_module",
+    "registered_once",
+]
+
+# one set of (name, module id) per open ``registered_once()`` context, innermost last
+_REGISTERED: list[set[tuple[str, int]]] = []
+
+
+@contextmanager
+def registered_once() -> Iterator[None]:
+    """Within this context :func:`register_module` registers each module with
+    :func:`pyro.module` on its first call only.
+
+    A loss that runs the model and the guide several times for one value (labelled and
+    unlabelled rows, particles of different terms) enters it around the runs: the first
+    run's ``param`` sites reach every outer handler (:class:`~pyro.infer.SVI`'s parameter
+    capture, :class:`~pyrodgm.losses.Weighted` ``params=``), the later runs skip the ~30 µs
+    a parameter costs to send through the handler stack again.  Every run must use the same
+    outer handlers; a run under :func:`~pyro.poutine.block` opens a context of its own.
+    Contexts nest: an inner one starts empty and is forgotten on exit.
+    """
+    _REGISTERED.append(set())
+    try:
+        yield
+    finally:
+        _REGISTERED.pop()
+
+
+def register_module(name: str, module: nn.Module) -> None:
+    """:func:`pyro.module` ``(name, module)``, skipped if it already ran for this module in
+    the innermost :func:`registered_once` context."""
+    if _REGISTERED:
+        key = (name, id(module))
+        if key in _REGISTERED[-1]:
+            return
+        _REGISTERED[-1].add(key)
+    pyro.module(name, module)
 
 
 def data_size(x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> int:
@@ -84,8 +129,9 @@ class PlatedModel(nn.Module):
             return self.generate(x, y)
 
     def register(self) -> None:
-        """Register the trainable parameters with :func:`pyro.module`."""
-        pyro.module(self.pyro_name, self)
+        """Register the trainable parameters with :func:`pyro.module` (once per
+        :func:`registered_once` context)."""
+        register_module(self.pyro_name, self)
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -129,9 +175,9 @@ class FreezableStack:
 
     def register(self) -> None:
         """Register the upper part's parameters, and the lower part's unless frozen."""
-        pyro.module(f"{self.pyro_name}.{self.upper}", getattr(self, self.upper))
+        register_module(f"{self.pyro_name}.{self.upper}", getattr(self, self.upper))
         if not self.freeze_m1:
-            pyro.module(f"{self.pyro_name}.{self.lower}", getattr(self, self.lower))
+            register_module(f"{self.pyro_name}.{self.lower}", getattr(self, self.lower))
 
     def train(self, mode: bool = True):
         super().train(mode)

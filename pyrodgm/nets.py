@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributions import IndependentBernoulli
+
 __all__ = [
     "ACTIVATIONS",
     "BatchNorm",
@@ -299,9 +301,10 @@ class BernoulliHead(nn.Module):
 
     def distribution(self, features: Tensor) -> dist.TorchDistribution:
         """
-        :returns: ``Bernoulli(logits=logits).to_event(1)``.
+        :returns: ``Bernoulli(logits=logits).to_event(1)``, as
+            :class:`~pyrodgm.distributions.IndependentBernoulli`.
         """
-        return dist.Bernoulli(logits=self(features)).to_event(1)
+        return IndependentBernoulli(self(features))
 
 
 class CategoricalHead(nn.Module):

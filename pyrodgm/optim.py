@@ -5,7 +5,9 @@ one by one, which costs a fixed Python overhead per parameter and step (about 4.
 step for M2 on a 2-core CPU) and rules out torch's multi-tensor (``foreach``) kernels on
 CUDA.  :class:`FusedAdam` keeps a single :class:`torch.optim.Adam` whose parameter list
 grows as SVI meets new parameters, and steps exactly the parameters of the current step,
-as ``PyroOptim`` does.  Its state is saved per parameter name in the format
+as ``PyroOptim`` does.  After a step the gradients of the stepped parameters are
+cleared (``None``, as torch's ``zero_grad()`` leaves them), not zeroed in place: the next
+backward pass then writes them instead of adding to a tensor of zeros.  Its state is saved per parameter name in the format
 ``PyroOptim.get_state`` writes (one single-parameter torch state dict per name), so a
 checkpoint written with either optimiser resumes with the other.
 """
@@ -57,6 +59,8 @@ class FusedAdam(PyroOptim):
         finally:
             for p, grad in zip(absent, saved):
                 p.grad = grad
+        for p in params:  # cleared, not zeroed (torch's ``zero_grad()`` default): SVI's zeroing then skips them
+            p.grad = None
 
     def _set_hyper_parameters(self, state: dict) -> None:
         """Take the learning rate, betas, ... of a saved state, as torch's

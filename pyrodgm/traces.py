@@ -25,11 +25,14 @@ import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _KL_REGISTRY
+
+from .modeling import registered_once
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -43,8 +46,10 @@ __all__ = [
     "encode_labels",
     "guess_plate_nesting",
     "label_log_prob",
+    "label_range_error",
     "log_weight_terms",
     "particle_traces",
+    "site_distribution",
 ]
 
 
@@ -99,7 +104,9 @@ def _num_categories(fn: dist.Distribution) -> int:
     return _categorical_logits(fn).shape[-1]
 
 
-def _label_range_error(labels: torch.Tensor, fn: dist.Distribution, site: str) -> Optional[str]:
+def label_range_error(labels: torch.Tensor, fn: dist.Distribution, site: str) -> Optional[str]:
+    """The message for the first label out of range for the categorical ``fn`` at
+    ``site``, or ``None`` when every label is a class index."""
     num_classes = _num_categories(fn)
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if not bad.numel():
@@ -136,7 +143,7 @@ class ObserveLabels(Messenger):
         if is_validation_enabled():
             # raised by check() after the run: an exception inside a trace gets Pyro's
             # whole shape table appended, which buries the message
-            self.error = _label_range_error(labels, msg["fn"], self.site)
+            self.error = label_range_error(labels, msg["fn"], self.site)
             if self.error:
                 labels = labels.clamp(0, _num_categories(msg["fn"]) - 1)
         msg["value"] = encode_labels(labels, msg["fn"])
@@ -178,7 +185,9 @@ def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple,
     un-enumerated run."""
     # The trial run must not advance the random number generators: a resumed run guesses
     # again where an uninterrupted one did not, and must still draw the same numbers.
-    with poutine.block(), torch.random.fork_rng(devices=_cuda_devices()):
+    # Its blocked parameter sites must not count as the registration of a surrounding
+    # registered_once() context: it opens its own.
+    with poutine.block(), torch.random.fork_rng(devices=_cuda_devices()), registered_once():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         traces = [prune_subsample_sites(guide_trace)]
         if model is not None:
@@ -227,10 +236,14 @@ def particle_traces(
     num_particles: int,
     plate_nesting: int,
     enumerate_guide: bool = True,
+    compute_log_prob: bool = True,
 ) -> tuple[Trace, Trace]:
     """Run ``guide`` with ``num_particles`` vectorised particles (plate dim
     ``-(plate_nesting + 1)``) and its enumerable sites enumerated in parallel to the left of
-    that, then replay ``model`` against it.  Log-densities are computed on both traces."""
+    that, then replay ``model`` against it.  Log-densities are computed on both traces;
+    with ``compute_log_prob=False`` only where Pyro's validation needs them (its site shape
+    checks), and :class:`TraceTerms` computes the rest, skipping the sites whose pair of
+    log-densities an analytic KL replaces."""
     particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     model_trace, guide_trace = _importance_traces(
         plate_nesting + 1,
@@ -238,12 +251,34 @@ def particle_traces(
         particle_guide(guide, num_particles, plate_nesting, enumerate_guide),
         args,
         kwargs,
+        compute_log_prob,
     )
     _check_no_model_enumeration(model_trace, guide_trace)
     return model_trace, guide_trace
 
 
-def _importance_traces(max_plate_nesting: int, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+def site_distribution(
+    program: Callable, args: tuple, kwargs: dict, site: str, num_particles: int, plate_nesting: int, role: str = "program"
+) -> dist.Distribution:
+    """The distribution at sample site ``site`` of ``program(*args, **kwargs)`` run inside
+    the particle plate (``num_particles`` at dim ``-(plate_nesting + 1)``) and stopped
+    there (:func:`~pyro.poutine.escape`): the label classifier of a guide, say, with
+    everything it draws first sampled once per particle and nothing after it run.  Sample
+    sites and parameters before ``site`` reach the outer handlers as in a full run;
+    ``role`` names the program in the error raised when it has no such site."""
+    particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+    try:
+        particles(poutine.escape(program, escape_fn=lambda msg: msg["name"] == site))(*args, **kwargs)
+    except NonlocalExit as exit_:
+        # no exit_.reset_stack(): the messengers of this run have exited already, and a
+        # reset would clear the traces above it (SVI's capture of the parameters)
+        return exit_.site["fn"]
+    raise ValueError(f"the {role} has no sample site '{site}'")
+
+
+def _importance_traces(
+    max_plate_nesting: int, model: Callable, guide: Callable, args: tuple, kwargs: dict, compute_log_prob: bool = True
+) -> tuple[Trace, Trace]:
     """:func:`pyro.infer.enum.get_importance_trace` (``"flat"``) but for one check: a model
     site replayed from an enumerated guide site inherits the guide's enumeration dim, and
     its distribution may depend on that dim (CaGeM's ``p(y|z2)`` with ``z2 ~ q(z2|x,y,z1)``
@@ -255,8 +290,9 @@ def _importance_traces(max_plate_nesting: int, model: Callable, guide: Callable,
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
     guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
+    if compute_log_prob or is_validation_enabled():
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
     if is_validation_enabled():
         for trace, is_model in ((model_trace, True), (guide_trace, False)):
             for site in trace.nodes.values():
@@ -354,20 +390,24 @@ def log_weight_terms(
     ``analytic_kl``: ``True`` for every site where :func:`_analytic_kl_applies`, ``False``
     for none, or an iterable of site names (each still checked).
     """
+    wanted = analytic_kl if isinstance(analytic_kl, bool) else set(analytic_kl)
+    kl_sites = [
+        name
+        for name, site in model_trace.nodes.items()
+        if _is_latent(site)
+        and (wanted is True or (wanted is not False and name in wanted))
+        and _analytic_kl_applies(name, model_trace, guide_trace)
+    ]
+    # log-densities only where no KL replaces them (already computed ones are kept)
+    model_trace.compute_log_prob(lambda name, site: name not in kl_sites)
+    guide_trace.compute_log_prob(lambda name, site: _is_latent(site) and name not in kl_sites)
     terms: list[Term] = []
-    kl_sites: list[str] = []
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        use_kl = (
-            not site["is_observed"]
-            and (analytic_kl is True or (analytic_kl is not False and name in set(analytic_kl)))
-            and _analytic_kl_applies(name, model_trace, guide_trace)
-        )
-        if use_kl:
+        if name in kl_sites:
             kl = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
             terms.append(Term(name, -_scale_and_mask(kl, site), _data_dim(site)))
-            kl_sites.append(name)
         else:
             terms.append(Term(name, site["log_prob"], _data_dim(site)))
     for name, site in guide_trace.nodes.items():

@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
+from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.optim import Adam
 
@@ -15,6 +16,7 @@ from pyrodgm.evaluation import predict_proba
 from pyrodgm.guides import M2Guide, VAEGuide
 from pyrodgm.losses import ClassifierCrossEntropy, Weighted, WeightedSum
 from pyrodgm.losses import SemiSupervisedELBO
+from pyrodgm.modeling import registered_once
 from pyrodgm.models import M2, VAE
 from pyrodgm.traces import TraceTerms, particle_traces
 
@@ -466,6 +468,81 @@ def test_classifier_cross_entropy_by_hand():
         loss_fn.loss(model, guide, x, y=torch.full((5,), -1))
     with pytest.raises(ValueError, match="needs labels"):
         loss_fn.loss(model, guide, x)
+    with pytest.raises(ValueError, match="label 3 is out of range for site 'y' with 3 classes"):
+        loss_fn.loss(model, guide, x, y=torch.tensor([3, -1, 0, 1, -1]))
+
+
+def test_classifier_cross_entropy_runs_only_the_guide_up_to_its_label():
+    """Nothing after q(y|x) can change -log q(y|x): the model never runs and the guide
+    stops at the label (its z site is never sampled), yet SVI steps the classifier."""
+    model, guide = tiny_m2(num_classes=3)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not run")
+
+    x, y = binary_x(5), torch.tensor([2, -1, 0, 1, -1])
+    with poutine.trace() as tracer:
+        ClassifierCrossEntropy(max_plate_nesting=1).differentiable_loss(no_model, guide, x, y=y)
+    sampled = [name for name, site in tracer.trace.nodes.items() if site["type"] == "sample"]
+    assert "z" not in sampled
+    before = guide.classifier_head.logits_layer.weight.detach().clone()
+    SVI(no_model, guide, Adam({"lr": 0.1}), ClassifierCrossEntropy(max_plate_nesting=1)).step(x, y=y)
+    assert not torch.equal(guide.classifier_head.logits_layer.weight.detach(), before)
+
+
+# --------------------------------------------------------------------------------------
+# the fast paths: parameters registered once a loss, log-densities only where used
+# --------------------------------------------------------------------------------------
+def _param_sites(trace):
+    return [name for name, site in trace.nodes.items() if site["type"] == "param"]
+
+
+def test_parameters_are_registered_once_per_loss_evaluation():
+    """The labelled and unlabelled runs send each parameter through the handlers once,
+    so SVI (and WeightedSum's restriction) sees every parameter exactly once."""
+    model, guide = tiny_m2()
+    x, y = binary_x(4), torch.tensor([1, -1, 0, -1])
+    with poutine.trace(param_only=True) as capture:
+        SemiSupervisedELBO().differentiable_loss(model, guide, x, y=y)  # plate nesting guessed under block
+    names = _param_sites(capture.trace)
+    assert sorted(names) == sorted(pyro.get_param_store().keys())
+    assert len(names) == len(list(model.parameters())) + len(list(guide.parameters()))
+    with poutine.trace(param_only=True) as outside:  # without a loss every call registers
+        guide(x)
+        guide(x)
+    assert len(outside.trace.nodes) == len(list(guide.parameters()))  # trace keeps one node per name
+    with registered_once(), poutine.trace(param_only=True) as inner:
+        guide(x)
+        with registered_once():  # a nested context starts empty
+            guide(x)
+    assert len(_param_sites(inner.trace)) == len(list(guide.parameters()))
+
+
+def test_first_svi_step_with_a_guessed_plate_nesting_steps_every_parameter():
+    model, guide = tiny_m2()
+    x, y = binary_x(4), torch.tensor([1, -1, 0, -1])
+    svi = SVI(model, guide, Adam({"lr": 0.1}), SemiSupervisedELBO(alpha=1.0))
+    before = {name: value.detach().clone() for name, value in [*model.named_parameters(), *guide.named_parameters()]}
+    svi.step(x, y=y)
+    after = dict([*model.named_parameters(), *guide.named_parameters()])
+    assert all(not torch.equal(after[name].detach(), value) for name, value in before.items())
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_analytic_kl_sites_skip_their_log_densities(validate):
+    """Where the closed-form KL replaces log p(z) - log q(z), neither log-density is
+    computed (with Pyro's validation on, its shape checks compute them all)."""
+    model, guide = tiny_m2()
+    loss_fn = SemiSupervisedELBO(max_plate_nesting=1)
+    pyro.enable_validation(validate)
+    try:
+        terms = loss_fn._terms(model, guide, (binary_x(4),), {})
+    finally:
+        pyro.enable_validation(True)
+    assert terms.kl_sites == ["z"]
+    assert ("log_prob" in terms.model_trace.nodes["z"]) == validate
+    assert ("log_prob" in terms.guide_trace.nodes["z"]) == validate
+    assert "log_prob" in terms.model_trace.nodes["x"] and "unscaled_log_prob" in terms.guide_trace.nodes["y"]
 
 
 # --------------------------------------------------------------------------------------

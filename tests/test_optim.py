@@ -113,3 +113,10 @@ def test_learning_rate_set_before_a_saved_state_is_consumed_wins():
     run(second, 1, pair=(model, guide), first_step=1)
     assert second.optimizer.param_groups[0]["lr"] == 0.001
     assert second.optimizer.param_groups[0]["betas"] == ARGS["betas"]
+
+
+def test_gradients_are_cleared_after_a_step():
+    """Cleared (None), as torch's zero_grad() leaves them, so that SVI's zeroing skips them
+    and the next backward pass writes rather than adds."""
+    model, guide, _ = run(FusedAdam(ARGS), 1)
+    assert all(p.grad is None for p in [*model.parameters(), *guide.parameters()])

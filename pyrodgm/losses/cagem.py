@@ -27,14 +27,12 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Optional
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.params.param_store import param_with_module_name
-from pyro.poutine.runtime import NonlocalExit
 from torch import nn
 
-from ..traces import PARTICLE_PLATE, _categorical_logits, enumerated_log_q, guess_plate_nesting, guide_trace, logmeanexp
+from ..traces import _categorical_logits, enumerated_log_q, guess_plate_nesting, guide_trace, logmeanexp, site_distribution
 from .base import Loss, Weighted, WeightedSum
 from .elbo import ClassifierCrossEntropy, SemiSupervisedELBO, labelled_rows
 
@@ -67,15 +65,8 @@ def model_label_log_prob(
     probabilities (and, unless restricted, the reparameterised latents)."""
     nesting = guess_plate_nesting(model, guide, args, kwargs) if plate_nesting is None else plate_nesting
     trace = guide_trace(guide, args, kwargs, num_particles, nesting)
-    stop = poutine.escape(poutine.replay(model, trace=trace), escape_fn=lambda msg: msg["name"] == label_site)
-    try:
-        pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))(stop)(*args, **kwargs)
-    except NonlocalExit as exit_:
-        # no exit_.reset_stack(): the messengers of this run have exited already, and a
-        # reset would clear the traces above it (SVI's capture of the parameters)
-        log_p = _categorical_logits(exit_.site["fn"])  # (enum..., particles, batch, K)
-    else:
-        raise ValueError(f"the model has no sample site '{label_site}'")
+    replayed = poutine.replay(model, trace=trace)
+    log_p = _categorical_logits(site_distribution(replayed, args, kwargs, label_site, num_particles, nesting, role="model"))  # (enum..., particles, batch, K)
     log_q = enumerated_log_q(trace)
     if log_q is not None:
         log_p = log_p + log_q.unsqueeze(-1)

@@ -41,9 +41,12 @@ from ..traces import (
     check_reparameterized,
     guess_plate_nesting,
     label_log_prob,
+    label_range_error,
     logmeanexp,
     particle_traces,
+    site_distribution,
 )
+from ..modeling import registered_once
 from ..validation import UNLABELLED, check_labels
 from .base import Loss
 
@@ -77,8 +80,13 @@ def classifier_log_prob(terms: TraceTerms, label_site: str, labels: torch.Tensor
     site = terms.guide_trace.nodes.get(label_site)
     if site is None:
         raise ValueError(f"the guide has no site '{label_site}' to classify with")
-    log_q = label_log_prob(site["fn"], labels)
-    log_q = log_q.reshape(-1, labels.shape[0])
+    return particle_mean_log_prob(site["fn"], labels)
+
+
+def particle_mean_log_prob(fn, labels: torch.Tensor) -> torch.Tensor:
+    """``log mean_particles q(y=labels)`` per datapoint for a categorical ``fn`` of batch
+    shape ``(particles..., batch)``."""
+    log_q = label_log_prob(fn, labels).reshape(-1, labels.shape[0])
     return logmeanexp(log_q, dim=0)
 
 
@@ -91,13 +99,17 @@ class _TracingLoss(Loss):
         self.analytic_kl = analytic_kl
         self.latent_weights: dict[str, float] = dict(latent_weights or {})
 
+    def _plate_nesting(self, model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
+        """``max_plate_nesting``, guessed from one run on the first call if not given."""
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+        return int(self.max_plate_nesting)
+
     def _terms(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> TraceTerms:
         if self.latent_weights:
             model, guide = ScaleLatents(self.latent_weights)(model), ScaleLatents(self.latent_weights)(guide)
-        if self.max_plate_nesting == float("inf"):
-            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
-        nesting = int(self.max_plate_nesting)
-        model_trace, guide_trace = particle_traces(model, guide, args, kwargs, self.num_particles, nesting)
+        nesting = self._plate_nesting(model, guide, args, kwargs)
+        model_trace, guide_trace = particle_traces(model, guide, args, kwargs, self.num_particles, nesting, compute_log_prob=False)
         check_reparameterized(guide_trace)
         return TraceTerms(model_trace, guide_trace, nesting, self.analytic_kl)
 
@@ -157,6 +169,10 @@ class SemiSupervisedELBO(_TracingLoss):
         self.labelled_elbo = bool(labelled_elbo)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        with registered_once():  # the labelled and unlabelled runs register the parameters once
+            return self._loss(model, guide, args, kwargs)
+
+    def _loss(self, model, guide, args: tuple, kwargs: dict) -> torch.Tensor:
         labels: Optional[torch.Tensor] = kwargs.pop(self.label_site, None)
         self.last_components = {}
         if labels is None:
@@ -184,8 +200,11 @@ class ClassifierCrossEntropy(_TracingLoss):
     r""":math:`\sum_{(x,y)} -\log \bar q(y|x)` over the labelled rows, with
     :math:`\bar q(y|x)` the guide's classifier averaged over the particles of whatever the
     guide samples before the label (Maaløe et al. 2016, eq. 10).  Unlabelled rows (``-1``)
-    are ignored.  Combine it with other terms in :class:`~pyrodgm.losses.WeightedSum`
-    (with ``params=`` to restrict which parameters it trains, as CaGeM does)."""
+    are ignored.  Only the guide runs, and only up to its label site
+    (:func:`~pyrodgm.traces.site_distribution`): nothing after the label, and nothing of
+    the model, enters the value.  Combine it with other terms in
+    :class:`~pyrodgm.losses.WeightedSum` (with ``params=`` to restrict which parameters it
+    trains, as CaGeM does)."""
 
     def __init__(self, num_particles: int = 1, label_site: str = "y", max_plate_nesting: float = float("inf")) -> None:
         super().__init__(num_particles, max_plate_nesting, analytic_kl=False)
@@ -193,8 +212,13 @@ class ClassifierCrossEntropy(_TracingLoss):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         args_l, kwargs_l, labels_l = labelled_rows(type(self).__name__, self.label_site, args, kwargs)
-        terms = self._labelled_terms(model, guide, args_l, kwargs_l, self.label_site, labels_l)
-        value = -classifier_log_prob(terms, self.label_site, labels_l).sum()
+        nesting = self._plate_nesting(None, guide, args_l, kwargs_l)
+        fn = site_distribution(guide, args_l, kwargs_l, self.label_site, self.num_particles, nesting, role="guide")
+        if is_validation_enabled():
+            error = label_range_error(labels_l, fn, self.label_site)
+            if error:
+                raise ValueError(error)
+        value = -particle_mean_log_prob(fn, labels_l).sum()
         self.last_components = {"classification": value.detach()}
         return value
 

@@ -98,13 +98,11 @@ class LabelPrior(dist.OneHotCategorical):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        log_pi = self.logits - self.logits.logsumexp(-1, keepdim=True)
-        return (value * log_pi).sum(-1)
+        return (value * self.logits).sum(-1)  # torch stores the logits normalised
 
 
 def _categorical_kl(q: dist.RelaxedOneHotCategorical, p: torch.distributions.OneHotCategorical) -> torch.Tensor:
-    log_q = q.logits - q.logits.logsumexp(-1, keepdim=True)
-    log_p = p.logits - p.logits.logsumexp(-1, keepdim=True)
+    log_q, log_p = q.logits, p.logits  # torch stores both normalised
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 

@@ -87,7 +87,18 @@ def _categorical_logits(fn: dist.Distribution) -> torch.Tensor:
             f"the label site must be a categorical distribution, got {type(base).__name__}"
         )
     logits = base.logits.expand(fn.batch_shape + base.logits.shape[-1:])
+    if isinstance(base, _NORMALISED_LOGITS):  # torch normalises them when it builds these
+        return logits
     return logits - logits.logsumexp(-1, keepdim=True)
+
+
+#: Distributions whose ``logits`` torch stores normalised (``log_softmax``d) on construction.
+_NORMALISED_LOGITS = (
+    torch.distributions.Categorical,
+    torch.distributions.OneHotCategorical,
+    torch.distributions.RelaxedOneHotCategorical,
+    torch.distributions.relaxed_categorical.ExpRelaxedCategorical,
+)
 
 
 def label_log_prob(fn: dist.Distribution, labels: torch.Tensor) -> torch.Tensor:
@@ -464,7 +475,20 @@ class TraceTerms:
     def elbo(self) -> torch.Tensor:
         """The ELBO of the trace pair (a scalar): enumerated sites summed exactly with their
         guide probabilities, mean over particles, sum over everything else."""
-        return sum(self._particle_mean(self._enum_expectation(term)).sum() for term in self.terms)
+        return sum(self._particle_mean(self._enum_expectation(term)).sum() for term in self._merged_terms())
+
+    def _merged_terms(self) -> list[Term]:
+        """The terms with those of one shape added up first (the ELBO is linear in them):
+        one enumeration expectation, particle mean and sum per shape instead of per site."""
+        merged: dict[tuple, Term] = {}
+        for term in self.terms:
+            key = (tuple(term.value.shape), term.data_dim)
+            if key in merged:
+                previous = merged[key]
+                merged[key] = Term(f"{previous.name}+{term.name}", previous.value + term.value, term.data_dim)
+            else:
+                merged[key] = term
+        return list(merged.values())
 
     def elbo_per_datapoint(self) -> torch.Tensor:
         """The ELBO integrand as a ``(particles, batch)`` tensor, enumerated sites summed
@@ -543,5 +567,7 @@ def _plate_size(trace: Trace, plate: str) -> Optional[int]:
 
 
 def logmeanexp(value: torch.Tensor, dim: int) -> torch.Tensor:
-    """``log mean exp`` along ``dim``, computed stably."""
+    """``log mean exp`` along ``dim``, computed stably (a dim of size 1 is just dropped)."""
+    if value.shape[dim] == 1:
+        return value.squeeze(dim)
     return value.logsumexp(dim) - math.log(value.shape[dim])

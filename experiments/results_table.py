@@ -151,7 +151,7 @@ def active_unit_rows(results: list[tuple[str, dict]]) -> list[str]:
 
 def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
     lines = [
-        "| model | reference s/step | pyrodgm s/step | ratio (validation off) | ratio (validation on) | IWAE images/s (k) | hardware | date | command |",
+        "| model | reference s/step | pyrodgm s/step | ratio, validation off (quartiles of the per-round ratio) | ratio, validation on | IWAE images/s (k) | hardware | date | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:
@@ -159,8 +159,10 @@ def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
             continue
         for name, row in result["models"].items():
             off, on, iwae = row["step_validation_off"], row["step_validation_on"], row["iwae"]
+            spread = off.get("paired_ratio_quartiles")
+            ratio = f"{off['ratio']:.3f}" + (f" ({spread[0]:.3f}-{spread[2]:.3f})" if spread else "")
             lines.append(
-                f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {off['ratio']:.3f} | {on['ratio']:.3f} "
+                f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} "
                 f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {result['device']} | {result['date']} | `{result['command']}` |"
             )
     return lines

@@ -178,4 +178,6 @@ def test_bench_speed_runs_and_writes_json(tmp_path):
     for row in report["models"].values():
         assert abs(row["loss_pyrodgm"] - row["loss_reference"]) <= 1e-4 * abs(row["loss_reference"])
         assert row["step_validation_off"]["ratio"] > 0 and row["iwae"]["images_per_second"] > 0
+        low, middle, high = row["step_validation_off"]["paired_ratio_quartiles"]
+        assert 0 < low <= middle <= high
     assert "batch-norm" in report["models"]["cagem"]["note"]

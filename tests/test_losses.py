@@ -490,6 +490,18 @@ def test_classifier_cross_entropy_runs_only_the_guide_up_to_its_label():
     assert not torch.equal(guide.classifier_head.logits_layer.weight.detach(), before)
 
 
+def test_classifier_cross_entropy_rejects_a_non_reparameterized_latent_before_the_label():
+    """Its gradient through such a latent would need a score-function term it does not have."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            b = pyro.sample("b", dist.Bernoulli(0.3))  # neither reparameterized nor enumerated
+            pyro.sample("y", dist.Categorical(logits=torch.stack([b, 1 - b], -1)))
+
+    with pytest.raises(ValueError, match="'b'.*neither reparameterizable nor enumerated"):
+        ClassifierCrossEntropy(max_plate_nesting=1).loss(None, guide, binary_x(3), y=torch.tensor([0, 1, -1]))
+
+
 # --------------------------------------------------------------------------------------
 # the fast paths: parameters registered once a loss, log-densities only where used
 # --------------------------------------------------------------------------------------

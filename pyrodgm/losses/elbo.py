@@ -32,7 +32,9 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
+from pyro import poutine
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
 
 from ..traces import (
     ObserveLabels,
@@ -213,7 +215,9 @@ class ClassifierCrossEntropy(_TracingLoss):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         args_l, kwargs_l, labels_l = labelled_rows(type(self).__name__, self.label_site, args, kwargs)
         nesting = self._plate_nesting(None, guide, args_l, kwargs_l)
-        fn = site_distribution(guide, args_l, kwargs_l, self.label_site, self.num_particles, nesting, role="guide")
+        with poutine.trace() as before_label:  # what the guide samples before its label
+            fn = site_distribution(guide, args_l, kwargs_l, self.label_site, self.num_particles, nesting, role="guide")
+        check_reparameterized(prune_subsample_sites(before_label.trace))
         if is_validation_enabled():
             error = label_range_error(labels_l, fn, self.label_site)
             if error:

@@ -269,14 +269,22 @@ def particle_traces(
 
 
 def site_distribution(
-    program: Callable, args: tuple, kwargs: dict, site: str, num_particles: int, plate_nesting: int, role: str = "program"
-) -> dist.Distribution:
+    program: Callable,
+    args: tuple,
+    kwargs: dict,
+    site: str,
+    num_particles: int,
+    plate_nesting: int,
+    role: str = "program",
+    required: bool = True,
+) -> Optional[dist.Distribution]:
     """The distribution at sample site ``site`` of ``program(*args, **kwargs)`` run inside
     the particle plate (``num_particles`` at dim ``-(plate_nesting + 1)``) and stopped
     there (:func:`~pyro.poutine.escape`): the label classifier of a guide, say, with
     everything it draws first sampled once per particle and nothing after it run.  Sample
-    sites and parameters before ``site`` reach the outer handlers as in a full run;
-    ``role`` names the program in the error raised when it has no such site."""
+    sites and parameters before ``site`` reach the outer handlers as in a full run.  A
+    program without the site runs to its end; then ``None`` is returned if not
+    ``required``, else the error raised names the program by ``role``."""
     particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     try:
         particles(poutine.escape(program, escape_fn=lambda msg: msg["name"] == site))(*args, **kwargs)
@@ -284,7 +292,9 @@ def site_distribution(
         # no exit_.reset_stack(): the messengers of this run have exited already, and a
         # reset would clear the traces above it (SVI's capture of the parameters)
         return exit_.site["fn"]
-    raise ValueError(f"the {role} has no sample site '{site}'")
+    if required:
+        raise ValueError(f"the {role} has no sample site '{site}'")
+    return None
 
 
 def _importance_traces(

@@ -46,13 +46,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.runtime import NonlocalExit
 
-from ..traces import DATA_PLATE, PARTICLE_PLATE, _categorical_logits, guess_plate_nesting, logmeanexp
+from ..traces import DATA_PLATE, _categorical_logits, _plate_size, guess_plate_nesting, logmeanexp, site_distribution
 from ..validation import UNLABELLED, check_features, check_labels
 from .base import Loss
 from .elbo import _check_batch_labels
@@ -234,13 +232,8 @@ def trace_guide_features(
     and its classifier.  Sample sites are hidden from outer handlers, parameter sites are
     not (so :class:`~pyro.infer.SVI` and :class:`~pyrodgm.losses.Weighted` ``params=`` see
     the parameters used)."""
-    tracer = poutine.trace()
-    label_fn = None
-    try:
-        with poutine.block(hide_types=["sample"]), pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1)), tracer:
-            poutine.escape(guide, escape_fn=lambda msg: msg["name"] == label_site)(*args, **kwargs)
-    except NonlocalExit as exit_:
-        label_fn = exit_.site["fn"]
+    with poutine.block(hide_types=["sample"]), poutine.trace() as tracer:
+        label_fn = site_distribution(guide, args, kwargs, label_site, num_particles, plate_nesting, required=False)
     site = tracer.trace.nodes.get(feature_site)
     if site is None or site["type"] != "sample":
         before = f" before its label site '{label_site}'" if label_fn is not None else ""
@@ -249,7 +242,7 @@ def trace_guide_features(
             f"pyro.plate('data') with pyro.deterministic('{feature_site}', f, event_dim=1)"
         )
     value = site["value"]
-    batch = _data_size(tracer.trace)
+    batch = _plate_size(tracer.trace, DATA_PLATE)
     if not torch.is_tensor(value) or value.dim() < 2 or (batch is not None and value.shape[-2] != batch):
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
         raise ValueError(f"the feature site '{feature_site}' must have shape [..., batch, feature_dim], got {shape}")
@@ -259,14 +252,6 @@ def trace_guide_features(
         logits = _categorical_logits(label_fn)
         log_q = logmeanexp(logits.reshape((-1,) + tuple(logits.shape[-2:])), dim=0)
     return GuideFeatures(features, log_q)
-
-
-def _data_size(trace) -> Optional[int]:
-    for site in trace.nodes.values():
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.name == DATA_PLATE:
-                return frame.size
-    return None
 
 
 class _FeatureLoss(Loss):

@@ -6,7 +6,8 @@ with 1 particle and, as ``adgm10``, 10; CaGeM: App. C's ``CAGEM_DEFAULTS``, z1 6
 first checks that the reference (``references.py``) and pyrodgm's loss
 (:class:`pyrodgm.losses.SemiSupervisedELBO`; CaGeM: the recipe's
 :func:`~pyrodgm.recipes.cagem.cagem_loss`) compute the same loss for the same noise, then
-times whole optimisation steps (loss, backward, Adam) of both, interleaved (which of the two
+times whole optimisation steps (loss, backward, Adam: torch's, with the kernel
+:class:`~pyrodgm.optim.FusedAdam` picks, fused where torch has it, in both) of both, interleaved (which of the two
 goes first alternates step by step), and reports the median of each and their ratio, with
 Pyro's input validation on (the default) and off (``pyro.enable_validation(False)``, the
 like-for-like comparison); the quartiles of the ratio of the two steps of each round show
@@ -36,7 +37,7 @@ from pyrodgm.evaluation import iwae_log_likelihood
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
-from pyrodgm.optim import FusedAdam
+from pyrodgm.optim import FusedAdam, adam_arguments
 from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup
 from pyrodgm.recipes.warmup import kl_warmup_weight
 from pyrodgm.training import TrainConfig, device_description
@@ -142,7 +143,7 @@ def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, valid
     pyro.enable_validation(validate)
     model, guide = setup["model"], setup["guide"]
     params = list(model.parameters()) + list(guide.parameters())
-    reference_optim = torch.optim.Adam(params, lr=1e-4)
+    reference_optim = torch.optim.Adam(params, **adam_arguments({"lr": 1e-4}, params))  # the same Adam kernel as FusedAdam's
     svi = pyro.infer.SVI(model, guide, FusedAdam({"lr": 1e-4}), setup["loss"])
 
     def reference_step() -> None:
@@ -170,7 +171,13 @@ def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, valid
     reference, ours = statistics.median(times["reference"]), statistics.median(times["pyrodgm"])
     paired = [o / r for o, r in zip(times["pyrodgm"], times["reference"])]  # the two steps of one round
     quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
-    return {"reference_s": reference, "pyrodgm_s": ours, "ratio": ours / reference, "paired_ratio_quartiles": quartiles}
+    return {
+        "reference_s": reference,
+        "pyrodgm_s": ours,
+        "ratio": ours / reference,
+        "paired_ratio_quartiles": quartiles,
+        "adam_fused": bool(reference_optim.param_groups[0]["fused"]),
+    }
 
 
 def time_iwae(setup: dict, device: torch.device, k: int, images: int, chunk: int) -> dict:

@@ -2,14 +2,18 @@
 
 :class:`pyro.optim.PyroOptim` keeps one torch optimiser *per parameter* and steps them
 one by one, which costs a fixed Python overhead per parameter and step (about 4.5 ms a
-step for M2 on a 2-core CPU) and rules out torch's multi-tensor (``foreach``) kernels on
-CUDA.  :class:`FusedAdam` keeps a single :class:`torch.optim.Adam` whose parameter list
-grows as SVI meets new parameters, and steps exactly the parameters of the current step,
-as ``PyroOptim`` does.  After a step the gradients of the stepped parameters are
-cleared (``None``, as torch's ``zero_grad()`` leaves them), not zeroed in place: the next
-backward pass then writes them instead of adding to a tensor of zeros.  Its state is saved per parameter name in the format
-``PyroOptim.get_state`` writes (one single-parameter torch state dict per name), so a
-checkpoint written with either optimiser resumes with the other.
+step for M2 on a 2-core CPU) and rules out torch's fused and multi-tensor kernels.
+:class:`FusedAdam` keeps a single :class:`torch.optim.Adam` whose parameter list grows as
+SVI meets new parameters, and steps exactly the parameters of the current step, as
+``PyroOptim`` does.  Unless told otherwise (``fused=False`` or ``foreach=True``) it uses
+torch's fused Adam kernel (one kernel per parameter instead of about ten element-wise
+passes; for M2's 1.2 M parameters on a 2-core CPU 1.0 ms a step instead of 2.9 ms); the
+result equals the unfused update to rounding.  After a step the gradients of the stepped
+parameters are cleared (``None``, as torch's ``zero_grad()`` leaves them), not zeroed in
+place: the next backward pass then writes them instead of adding to a tensor of zeros.
+Its state is saved per parameter name in the format ``PyroOptim.get_state`` writes (one
+single-parameter torch state dict per name), so a checkpoint written with either
+optimiser resumes with the other.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pyro
 import torch
 from pyro.optim import PyroOptim
 
-__all__ = ["FusedAdam"]
+__all__ = ["FusedAdam", "adam_arguments"]
 
 
 class FusedAdam(PyroOptim):
@@ -31,7 +35,10 @@ class FusedAdam(PyroOptim):
         svi = SVI(model, guide, FusedAdam({"lr": 1e-3}), loss)
 
     :param dict optim_args: arguments of :class:`torch.optim.Adam` (``lr``, ``betas``,
-        ``eps``, ``weight_decay``, ``amsgrad``, ``foreach``), the same for every parameter.
+        ``eps``, ``weight_decay``, ``amsgrad``, ``fused``, ``foreach``), the same for every
+        parameter.  ``fused`` defaults to ``True`` where torch has the fused kernel for
+        every parameter's device and dtype (floating point on CPU, CUDA, MPS or XPU) and
+        neither ``foreach`` nor ``differentiable`` is asked for.
     """
 
     def __init__(self, optim_args: dict) -> None:
@@ -64,14 +71,16 @@ class FusedAdam(PyroOptim):
 
     def _set_hyper_parameters(self, state: dict) -> None:
         """Take the learning rate, betas, ... of a saved state, as torch's
-        ``load_state_dict`` does."""
-        self._saved_hyper_parameters = {k: v for k, v in state.get("param_groups", [{}])[0].items() if k != "params"}
+        ``load_state_dict`` does; not its choice of kernel (``fused``, ``foreach``, ...),
+        which belongs to this run's machine, not to the saved run."""
+        group = state.get("param_groups", [{}])[0]
+        self._saved_hyper_parameters = {k: v for k, v in group.items() if k != "params" and k not in _KERNEL_CHOICES}
         if self.optimizer is not None:
             self.optimizer.param_groups[0].update(self._saved_hyper_parameters)
 
     def _add(self, params: list[torch.Tensor]) -> None:
         if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(params, **self.pt_optim_args)
+            self.optimizer = torch.optim.Adam(params, **adam_arguments(self.pt_optim_args, params))
             self.optimizer.param_groups[0].update(self._saved_hyper_parameters)
         else:
             self.optimizer.param_groups[0]["params"].extend(params)
@@ -80,7 +89,13 @@ class FusedAdam(PyroOptim):
             self.optim_objs[p] = self.optimizer
             waiting = self._state_waiting_to_be_consumed.pop(store.param_name(p), None)
             if waiting is not None:
-                self.optimizer.state[p] = _param_state(waiting, p)
+                self.optimizer.state[p] = _param_state(waiting, p, self._step_on_device)
+
+    @property
+    def _step_on_device(self) -> bool:
+        """Whether torch keeps the step counter on the parameter's device (fused or capturable)."""
+        group = self.optimizer.param_groups[0]
+        return bool(group.get("fused") or group.get("capturable"))
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the learning rate of every parameter, including those not met yet and those
@@ -112,15 +127,38 @@ class FusedAdam(PyroOptim):
             self._set_hyper_parameters(state)
         for name, state in state_dict.items():
             if name in known:
-                self.optimizer.state[known[name]] = _param_state(state, known[name])
+                self.optimizer.state[known[name]] = _param_state(state, known[name], self._step_on_device)
             else:
                 self._state_waiting_to_be_consumed[name] = state
 
 
-def _param_state(state: dict, param: torch.Tensor) -> dict:
+_FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
+_KERNEL_CHOICES = ("fused", "foreach", "capturable", "differentiable")
+
+
+def adam_arguments(optim_args: dict, params: list[torch.Tensor]) -> dict:
+    """``optim_args`` with ``fused=True`` added where torch's fused Adam applies to ``params``."""
+    args = dict(optim_args)
+    wants_other_kernel = args.get("foreach") or args.get("differentiable") or "fused" in args
+    if not wants_other_kernel and all(p.is_floating_point() and p.device.type in _FUSED_ADAM_DEVICES for p in params):
+        args["fused"] = True
+    return args
+
+
+def _param_state(state: dict, param: torch.Tensor, step_on_device: bool) -> dict:
     """The Adam state of ``param`` from a single-parameter torch state dict, its tensors
-    moved to the parameter's device (the step counter stays where torch keeps it)."""
+    moved to the parameter's device; the step counter goes where torch's own
+    ``load_state_dict`` puts it (a float32 on the parameter's device for the fused and
+    capturable kernels, unchanged otherwise), so fused and unfused states interchange."""
     if "state" not in state or "param_groups" not in state:
         raise ValueError("not a single-parameter torch optimiser state dict (from PyroOptim.get_state or FusedAdam.get_state)")
     values = state["state"].get(0, {})
-    return {k: v if k == "step" or not torch.is_tensor(v) else v.to(device=param.device, dtype=param.dtype) for k, v in values.items()}
+    return {k: _state_value(k, v, param, step_on_device) for k, v in values.items()}
+
+
+def _state_value(key: str, value, param: torch.Tensor, step_on_device: bool):
+    if not torch.is_tensor(value):
+        return value
+    if key == "step":
+        return value.to(dtype=torch.float32, device=param.device) if step_on_device else value
+    return value.to(device=param.device, dtype=param.dtype)

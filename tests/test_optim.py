@@ -51,27 +51,70 @@ def assert_params_equal(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+UNFUSED = {**ARGS, "fused": False}
+
+
 def test_same_steps_as_pyro_adam():
+    """Unfused: bit for bit pyro.optim.Adam's steps; fused (the default on CPU): the same
+    to rounding."""
     reference = params_of(*run(pyro.optim.Adam(ARGS), 5)[:2])
     pyro.clear_param_store()
-    fused = params_of(*run(FusedAdam(ARGS), 5)[:2])
-    assert_params_equal(reference, fused)
+    unfused = params_of(*run(FusedAdam(UNFUSED), 5)[:2])
+    pyro.clear_param_store()
+    optim = FusedAdam(ARGS)
+    fused = params_of(*run(optim, 5)[:2])
+    assert optim.optimizer.param_groups[0]["fused"] is True
+    assert_params_equal(reference, unfused)
+    for key in reference:
+        assert torch.allclose(fused[key], reference[key], rtol=1e-5, atol=1e-6), key
     assert any(not torch.equal(fused[k], v) for k, v in params_of(*tiny_pair()).items())  # it did train
 
 
-@pytest.mark.parametrize("writer", [FusedAdam, pyro.optim.Adam])
-def test_state_resumes_exactly_and_is_interchangeable(writer):
-    uninterrupted = params_of(*run(FusedAdam(ARGS), 5)[:2])
+def test_kernel_choice_follows_the_arguments():
+    pyro.param("a", torch.ones(2))
+    for args, fused, foreach in [({}, True, None), ({"fused": False}, False, None), ({"foreach": True}, None, True)]:
+        optim = FusedAdam({"lr": 0.1, **args})
+        pyro.param("a").unconstrained().grad = torch.ones(2)
+        optim([pyro.param("a").unconstrained()])
+        group = optim.optimizer.param_groups[0]
+        assert (group["fused"], group["foreach"]) == (fused, foreach), args
+
+
+@pytest.mark.parametrize("writer, reader_args", [
+    (FusedAdam, ARGS),  # fused to fused
+    (FusedAdam, UNFUSED),
+    (pyro.optim.Adam, UNFUSED),  # pyro's (unfused) state into FusedAdam
+])
+def test_state_resumes_exactly_and_is_interchangeable(writer, reader_args):
+    uninterrupted = params_of(*run(FusedAdam(reader_args), 5)[:2])
     pyro.clear_param_store()
-    first = writer(ARGS)
+    first = writer(reader_args if writer is FusedAdam else ARGS)
     model, guide, _ = run(first, 3)
     state = first.get_state()
     pyro.clear_param_store()  # a new process: same modules, a fresh store and optimiser
-    second = FusedAdam({"lr": 0.5})  # the saved hyper-parameters win, as with torch's load_state_dict
+    second = FusedAdam({**reader_args, "lr": 0.5})  # the saved hyper-parameters win, as with torch's load_state_dict
     second.set_state(state)
     resumed = params_of(*run(second, 2, pair=(model, guide), first_step=3)[:2])
     assert second.optimizer.param_groups[0]["lr"] == ARGS["lr"]
     assert_params_equal(uninterrupted, resumed)
+
+
+def test_unfused_state_resumes_with_the_fused_kernel():
+    """A state written by pyro.optim.Adam (unfused) resumes on the fused kernel, which is
+    this machine's choice, not the saved run's; the steps agree to rounding."""
+    uninterrupted = params_of(*run(FusedAdam(UNFUSED), 5)[:2])
+    pyro.clear_param_store()
+    first = pyro.optim.Adam(ARGS)
+    model, guide, _ = run(first, 3)
+    state = first.get_state()
+    pyro.clear_param_store()
+    second = FusedAdam(ARGS)
+    second.set_state(state)
+    resumed = params_of(*run(second, 2, pair=(model, guide), first_step=3)[:2])
+    assert second.optimizer.param_groups[0]["fused"] is True
+    assert all(s["step"].dtype == torch.float32 for s in second.optimizer.state.values())
+    for key in uninterrupted:
+        assert torch.allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6), key
 
 
 def test_parameters_absent_from_a_step_are_not_updated():

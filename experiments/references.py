@@ -1,6 +1,8 @@
 """Hand-written pure-PyTorch losses of the same maths as pyrodgm's Pyro programs, for the
 speed benchmark (``bench_speed.py``).  They reuse the Pyro model's and guide's networks and
-draw their reparameterisation noise in the order Pyro draws it, so for the same seed they
+call them as the Pyro programs do (the parts of a concatenated input passed separately, so
+that the first layer multiplies a broadcast input once: :func:`pyrodgm.nets.concat_linear`),
+and draw their reparameterisation noise in the order Pyro draws it, so for the same seed they
 compute the same number as :class:`pyrodgm.losses.SemiSupervisedELBO` (CaGeM: as
 :func:`pyrodgm.losses.cagem.cagem_objective`), with the same gradients (tested in
 ``tests/test_experiments.py``); the benchmark then times the abstraction, not the maths.
@@ -24,10 +26,9 @@ def _gaussian_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _m2_bound(model, guide, x: torch.Tensor, y_one_hot: torch.Tensor) -> torch.Tensor:
     """``-L(x, y)`` (Kingma et al. 2014, eq. 6) with the closed-form KL, for one-hot labels
     of shape ``[..., B, K]`` broadcasting against ``x`` ``[B, D]``; one noise draw."""
-    inputs = torch.cat([x.expand(y_one_hot.shape[:-1] + x.shape[-1:]), y_one_hot], -1)
-    loc, scale = guide.encoder_head(guide.encoder(inputs))
+    loc, scale = guide.encoder_head(guide.encoder(x, y_one_hot))
     z = loc + scale * torch.randn_like(loc)
-    logits = model.likelihood(model.decoder(torch.cat([z, y_one_hot], -1)))
+    logits = model.likelihood(model.decoder(z, y_one_hot))
     log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
     return log_px - _gaussian_kl(loc, scale) - math.log(model.num_classes)
 
@@ -61,18 +62,16 @@ def _adgm_auxiliary(guide, x: torch.Tensor, num_particles: int) -> tuple[torch.T
     ``KL(q(a|x) || N(0, I))`` ``[B]`` and ``log q(y|a, x)`` ``[P, B, K]``."""
     loc, scale = guide.auxiliary.head(guide.auxiliary.net(x))
     a = loc + scale * torch.randn((num_particles,) + loc.shape, dtype=loc.dtype, device=loc.device)
-    classifier_in = torch.cat([x.expand(a.shape[:-1] + x.shape[-1:]), a], -1)
-    log_q_y = guide.classifier_head(guide.classifier(classifier_in)).log_softmax(-1)
+    log_q_y = guide.classifier_head(guide.classifier(x, a)).log_softmax(-1)
     return a, _gaussian_kl(loc, scale), log_q_y
 
 
 def _adgm_log_px(model, guide, x: torch.Tensor, y_one_hot: torch.Tensor, noise_shape: torch.Size):
     """``log p(x|y, z) - KL(q(z|y, x) || N(0, I)) + log p(y)`` with ``z = mu + sigma * eps``,
     ``eps`` of shape ``noise_shape + [Z]``; ``y_one_hot`` is ``[..., B, K]``, ``x`` ``[B, D]``."""
-    inputs = torch.cat([x.expand(y_one_hot.shape[:-1] + x.shape[-1:]), y_one_hot], -1)
-    loc, scale = guide.encoder.head(guide.encoder.net(inputs))
+    loc, scale = guide.encoder.head(guide.encoder.net(x, y_one_hot))
     z = loc + scale * torch.randn(noise_shape + loc.shape[-1:], dtype=loc.dtype, device=loc.device)
-    logits = model.likelihood(model.decoder(torch.cat([z, y_one_hot.expand(z.shape[:-1] + y_one_hot.shape[-1:])], -1)))
+    logits = model.likelihood(model.decoder(z, y_one_hot))
     log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
     return log_px - _gaussian_kl(loc, scale) - math.log(model.num_classes)
 
@@ -121,14 +120,10 @@ def _cagem_guide(guide, x: torch.Tensor, num_particles: int, eye: torch.Tensor |
     at the classifier, as the guide run of :class:`~pyrodgm.losses.ClassifierCrossEntropy` does."""
     loc1, scale1 = guide.z1_encoder.head(guide.z1_encoder.net(x))
     z1 = loc1 + scale1 * torch.randn((num_particles,) + loc1.shape, dtype=loc1.dtype, device=loc1.device)
-    classifier_in = torch.cat([x.expand(z1.shape[:-1] + x.shape[-1:]), z1], -1)
-    log_q_y = guide.classifier_head(guide.classifier(classifier_in)).log_softmax(-1)
+    log_q_y = guide.classifier_head(guide.classifier(x, z1)).log_softmax(-1)
     if eye is None:
         return z1, loc1, scale1, log_q_y, None, None, None
-    shape = eye.shape[:1] + z1.shape[:-1]  # [K, P, B]
-    inputs = torch.cat([x.expand(shape + x.shape[-1:]), eye.expand(shape + eye.shape[-1:]), z1.expand(shape + z1.shape[-1:])],
-                       -1)
-    loc2, scale2 = guide.z2_encoder.head(guide.z2_encoder.net(inputs))
+    loc2, scale2 = guide.z2_encoder.head(guide.z2_encoder.net(x, eye, z1))  # [K, P, B, Z2]
     z2 = loc2 + scale2 * torch.randn_like(loc2)
     return z1, loc1, scale1, log_q_y, z2, loc2, scale2
 
@@ -150,11 +145,8 @@ def _cagem_terms(model, guide, x, y, num_particles: int, latent_weight: float):
     z1, loc1, scale1, log_q_y, z2, loc2, scale2 = _cagem_guide(guide, x_u, num_particles, eye)
     log_q_y = log_q_y.movedim(-1, 0)  # [K, P, B_u]
     log_p_y = model.cluster_prior(z2).log_softmax(-1).diagonal(dim1=0, dim2=-1).movedim(-1, 0)  # log p(y=k|z2_k)
-    shape = z2.shape[:-1]
-    prior_in = torch.cat([eye.expand(shape + (num_classes,)), z2], -1)
-    loc_p1, scale_p1 = model.z1_prior.head(model.z1_prior.net(prior_in))
-    decoder_in = torch.cat([z1.expand(shape + z1.shape[-1:]), eye.expand(shape + (num_classes,))], -1)
-    logits = model.likelihood(model.decoder(decoder_in))
+    loc_p1, scale_p1 = model.z1_prior.head(model.z1_prior.net(eye, z2))
+    logits = model.likelihood(model.decoder(z1, eye))
     log_px = -F.binary_cross_entropy_with_logits(logits, x_u.expand_as(logits), reduction="none").sum(-1)
     latent = _normal_log_prob(z1, loc_p1, scale_p1) + log_p_y - log_q_y - _gaussian_kl(loc2, scale2)
     per_class = log_px + latent_weight * latent  # [K, P, B_u]

@@ -30,7 +30,7 @@ import pyro.distributions as dist
 import torch
 
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP, broadcast_cat
+from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP
 
 __all__ = ["ADGMGuide"]
 
@@ -99,7 +99,7 @@ class ADGMGuide(PlatedGuide):
 
     def classify(self, a: torch.Tensor, x: torch.Tensor) -> dist.TorchDistribution:
         """The classifier ``q(y|a,x)``."""
-        return self.classifier_head.distribution(self.classifier(broadcast_cat([x, a])))
+        return self.classifier_head.distribution(self.classifier(x, a))
 
     def label_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(y|a,x)`` at the mean of ``q(a|x)`` (a quick point prediction;

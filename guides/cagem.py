@@ -34,7 +34,7 @@ import pyro.distributions as dist
 import torch
 
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP, broadcast_cat
+from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP
 
 __all__ = ["CaGeMGuide"]
 
@@ -88,7 +88,7 @@ class CaGeMGuide(PlatedGuide):
 
     def classify(self, z1: torch.Tensor, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(y|z1,x)``."""
-        return self.classifier_head.distribution(self.classifier(broadcast_cat([x, z1])))
+        return self.classifier_head.distribution(self.classifier(x, z1))
 
     def label_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(y|z1,x)`` at the mean of ``q(z1|x)`` (a point prediction;

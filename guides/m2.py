@@ -19,7 +19,7 @@ import torch
 
 from pyrodgm.labels import RelaxableLabel
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import MLP, CategoricalHead, NormalHead, broadcast_cat
+from pyrodgm.nets import MLP, CategoricalHead, NormalHead
 
 
 class M2Guide(RelaxableLabel, PlatedGuide):
@@ -55,7 +55,7 @@ class M2Guide(RelaxableLabel, PlatedGuide):
             y = self.sample_label(names[0], self.classifier_head(self.classifier(x)))
         else:
             y = one_hot(y, self.num_classes, x)
-        return pyro.sample(names[1], self.encoder_head.distribution(self.encoder(broadcast_cat([x, y]))))
+        return pyro.sample(names[1], self.encoder_head.distribution(self.encoder(x, y)))
 
     def label_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """The classifier ``q(y|x)``."""

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLP, GaussianMLP, broadcast_cat, init_weights_, likelihood_head
+from pyrodgm.nets import MLP, GaussianMLP, init_weights_, likelihood_head
 
 __all__ = ["ADGM", "SDGM", "AUXILIARY_PRIORS"]
 
@@ -135,7 +135,7 @@ class ADGM(_LabelledLatentModel):
             pyro.sample("a", dist.Normal(self.a_loc, self.a_scale).to_event(1))
         y = self._sample_y(y)
         z = self._sample_z()
-        x = pyro.sample("x", self.likelihood.distribution(self.decoder(broadcast_cat([z, y]))), obs=x)
+        x = pyro.sample("x", self.likelihood.distribution(self.decoder(z, y)), obs=x)
         if self.auxiliary is not None:
             pyro.sample("a", self.auxiliary.distribution(x, y, z))
         return x
@@ -173,4 +173,4 @@ class SDGM(_LabelledLatentModel):
         y = self._sample_y(y)
         z = self._sample_z()
         a = pyro.sample("a", self.auxiliary.distribution(z, y))
-        return pyro.sample("x", self.likelihood.distribution(self.decoder(broadcast_cat([a, z, y]))), obs=x)
+        return pyro.sample("x", self.likelihood.distribution(self.decoder(a, z, y)), obs=x)

@@ -42,7 +42,7 @@ import pyro.distributions as dist
 import torch
 
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLP, GaussianMLP, broadcast_cat, likelihood_head
+from pyrodgm.nets import MLP, GaussianMLP, likelihood_head
 
 __all__ = ["CaGeM"]
 
@@ -112,7 +112,7 @@ class CaGeM(PlatedModel):
         z2 = pyro.sample("z2", dist.Normal(self.z2_loc, self.z2_scale).to_event(1))
         y = pyro.sample("y", self.cluster_distribution(z2), obs=one_hot(y, self.num_clusters, self.z2_loc))
         z1 = pyro.sample("z1", self.z1_prior.distribution(y, z2))
-        return pyro.sample("x", self.likelihood.distribution(self.decoder(broadcast_cat([z1, y]))), obs=x)
+        return pyro.sample("x", self.likelihood.distribution(self.decoder(z1, y)), obs=x)
 
     def cluster_distribution(self, z2: torch.Tensor) -> dist.TorchDistribution:
         """``p(y|z2)``, a one-hot categorical over the ``K`` clusters."""

@@ -26,7 +26,7 @@ import torch
 
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLP, broadcast_cat, likelihood_head
+from pyrodgm.nets import MLP, likelihood_head
 
 
 class M2(PlatedModel):
@@ -70,4 +70,4 @@ class M2(PlatedModel):
         y_name, z_name, x_name = names
         y = pyro.sample(y_name, LabelPrior(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
         z = pyro.sample(z_name, dist.Normal(self.z_loc, self.z_scale).to_event(1))
-        return pyro.sample(x_name, self.likelihood.distribution(self.decoder(broadcast_cat([z, y]))), obs=x)
+        return pyro.sample(x_name, self.likelihood.distribution(self.decoder(z, y)), obs=x)

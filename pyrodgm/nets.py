@@ -44,6 +44,7 @@ __all__ = [
     "NormalHead",
     "activation",
     "broadcast_cat",
+    "concat_linear",
     "init_weights_",
     "likelihood_head",
 ]
@@ -197,32 +198,81 @@ class MLP(nn.Module):
         self.out_features = width
         init_weights_(self, init)
 
-    def _run(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _run(self, inputs: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor]:
+        layers = [*self.hidden_layers, self.output_layer]
+        h = _first_layer(layers[0], inputs)
         features = []
-        h = x
-        for layer in self.hidden_layers:
-            h = layer(h)
+        for layer in layers[1:]:  # each hidden layer's output is a feature, then dropout
             features.append(h)
-            h = self.dropout(h)
-        return features, self.output_layer(h)
+            h = layer(self.dropout(h))
+        return features, h
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *inputs: Tensor) -> Tensor:
         """
-        :param torch.Tensor x: input of shape ``[..., in_dim]``.
-        :returns: output of shape ``[..., out_features]``.
+        :param inputs: one input of shape ``[..., in_dim]``, or several whose widths add
+            up to ``in_dim``, taken as their concatenation (:func:`broadcast_cat`) but
+            computed without building it (see :func:`concat_linear`).
+        :returns: output of shape ``broadcast(...) + [out_features]``.
         """
-        return self._run(x)[1]
+        return self._run(inputs)[1]
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def forward_features(self, *inputs: Tensor) -> list[Tensor]:
         """
         Hidden activations, e.g. as features for a max-margin classifier.
 
-        :param torch.Tensor x: input of shape ``[..., in_dim]``.
+        :param inputs: as for :meth:`forward`.
         :returns: one tensor ``[..., hidden[i]]`` per hidden layer (after the
             activation, before dropout).
         :rtype: list[torch.Tensor]
         """
-        return self._run(x)[0]
+        return self._run(inputs)[0]
+
+
+def _first_layer(layer: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    """``layer`` (a ``Sequential`` that starts with a ``Linear``, or ``Identity``) applied to
+    the concatenation of ``inputs``."""
+    if not inputs:
+        raise ValueError("an MLP needs at least one input")
+    if len(inputs) == 1:
+        return layer(inputs[0])
+    if isinstance(layer, nn.Identity):
+        return broadcast_cat(inputs)
+    modules = list(layer)
+    h = concat_linear(modules[0], inputs)
+    for module in modules[1:]:
+        h = module(h)
+    return h
+
+
+def concat_linear(linear: nn.Linear, inputs: Sequence[Tensor]) -> Tensor:
+    """
+    ``linear(broadcast_cat(inputs))``, computed as the sum of each input times its block
+    of columns of the weight when some input is broadcast (smaller than the others'
+    batch shape): data ``x`` of shape ``[B, D]`` under an enumerated label ``[K, 1, 1, K]``
+    is then multiplied by its block once, not once per class, and the ``[K, 1, B, D + K]``
+    concatenation is never built.  With every input at the full batch shape it is the
+    concatenation and one matrix product, which costs the same and fewer operations.
+
+    :param torch.nn.Linear linear: a layer with ``in_features`` = the sum of the widths.
+    :param inputs: tensors of shape ``[..., D_i]`` whose batch shapes broadcast.
+    :returns: tensor of shape ``broadcast(...) + [out_features]``.
+    :raises ValueError: if the widths do not add up to ``in_features``.
+    """
+    widths = [t.shape[-1] for t in inputs]
+    if sum(widths) != linear.in_features:
+        raise ValueError(f"inputs of widths {widths} (sum {sum(widths)}) do not fit a layer of {linear.in_features} inputs")
+    batch_shape = torch.broadcast_shapes(*(t.shape[:-1] for t in inputs))
+    if all(t.shape[:-1] == batch_shape for t in inputs):
+        return linear(torch.cat(list(inputs), dim=-1))
+    # the largest input first, with the bias: one broadcasting addition per other input
+    order = sorted(range(len(inputs)), key=lambda i: -inputs[i].shape[:-1].numel())
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    out = None
+    for i in order:
+        weight = linear.weight[:, starts[i] : starts[i] + widths[i]]
+        term = F.linear(inputs[i], weight, linear.bias if out is None else None)
+        out = term if out is None else out + term
+    return out
 
 
 class NormalHead(nn.Module):
@@ -346,8 +396,9 @@ class CategoricalHead(nn.Module):
 
 class GaussianMLP(nn.Module):
     """A diagonal Gaussian whose mean and scale are an MLP of the concatenated inputs
-    (broadcast against each other with :func:`broadcast_cat`, so that an
-    enumerated label ``[K, 1, 1, K]`` meets data ``[B, D]`` and particles ``[P, B, D']``).
+    (broadcast against each other as by :func:`broadcast_cat`, so that an
+    enumerated label ``[K, 1, 1, K]`` meets data ``[B, D]`` and particles ``[P, B, D']``;
+    the first layer is :func:`concat_linear`).
 
     :param int in_dim: total width of the inputs.
     :param hidden: hidden widths.
@@ -371,11 +422,11 @@ class GaussianMLP(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of shape ``broadcast(inputs) + [out_dim]``."""
-        return self.head(self.net(broadcast_cat(inputs)))
+        return self.head(self.net(*inputs))
 
     def distribution(self, *inputs: torch.Tensor) -> dist.TorchDistribution:
         """``Normal(loc, scale).to_event(1)``."""
-        return self.head.distribution(self.net(broadcast_cat(inputs)))
+        return self.head.distribution(self.net(*inputs))
 
 
 def likelihood_head(kind: str, in_features: int, out_dim: int) -> nn.Module:

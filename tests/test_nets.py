@@ -20,6 +20,7 @@ from pyrodgm.nets import (
     NormalHead,
     activation,
     broadcast_cat,
+    concat_linear,
     likelihood_head,
 )
 
@@ -156,6 +157,63 @@ def test_broadcast_cat_errors():
         broadcast_cat([torch.zeros(2, 3), torch.zeros(2, 3)], dim=0)
     with pytest.raises(RuntimeError):
         broadcast_cat([torch.zeros(2, 3), torch.zeros(4, 3)])
+
+
+# --------------------------------------------------------------- concat_linear
+
+
+def _enumerated_inputs():
+    """Data ``[B, D]``, an enumerated one-hot label ``[K, 1, 1, K]`` and particles ``[P, B, Z]``."""
+    x = torch.rand(7, 20, dtype=torch.float64)
+    y = torch.eye(4, dtype=torch.float64).reshape(4, 1, 1, 4)
+    z = torch.randn(3, 7, 5, dtype=torch.float64)
+    return x, y, z
+
+
+@pytest.mark.parametrize("parts", [(0, 1), (1, 0), (0, 1, 2), (2, 1)])
+def test_concat_linear_equals_the_linear_of_the_concatenation(parts):
+    inputs = [_enumerated_inputs()[i] for i in parts]
+    linear = torch.nn.Linear(sum(t.shape[-1] for t in inputs), 6).double()
+    expected = linear(broadcast_cat(inputs))
+    actual = concat_linear(linear, inputs)
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, atol=1e-12)
+    weight_grad = torch.autograd.grad(expected.square().sum(), [linear.weight, linear.bias])
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in
+               zip(torch.autograd.grad(actual.square().sum(), [linear.weight, linear.bias]), weight_grad))
+
+
+def test_concat_linear_multiplies_a_broadcast_input_once():
+    """The data block is multiplied at the data's batch shape, not once per class: the
+    matrix products cost what the un-enumerated layer costs plus the label block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(100, 784)
+    y = torch.eye(10).reshape(10, 1, 1, 10)
+    linear = torch.nn.Linear(794, 500)
+    with FlopCounterMode(display=False) as split:
+        concat_linear(linear, [x, y])
+    with FlopCounterMode(display=False) as full:
+        linear(broadcast_cat([x, y]))
+    assert split.get_total_flops() == 2 * 500 * (100 * 784 + 10 * 10)
+    assert full.get_total_flops() == 2 * 500 * 10 * 100 * 794
+
+
+def test_concat_linear_rejects_widths_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"widths \[20, 4\] \(sum 24\) do not fit a layer of 25 inputs"):
+        concat_linear(torch.nn.Linear(25, 3).double(), list(_enumerated_inputs()[:2]))
+
+
+@pytest.mark.parametrize("hidden", [(8, 6), ()])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_mlp_of_parts_equals_the_mlp_of_their_concatenation(hidden, batch_norm):
+    x, y, z = _enumerated_inputs()
+    net = MLP(29, hidden, out_dim=3, batch_norm=batch_norm).double()
+    expected = net(broadcast_cat([x, y, z]))
+    assert torch.allclose(net(x, y, z), expected, atol=1e-12)
+    features = net.forward_features(x, y, z)
+    assert [f.shape[-1] for f in features] == list(hidden)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(features, net.forward_features(broadcast_cat([x, y, z]))))
 
 
 # ----------------------------------------------------------------------- heads

@@ -11,7 +11,9 @@ times whole optimisation steps (loss, backward, Adam: torch's, with the kernel
 goes first alternates step by step), and reports the median of each and their ratio, with
 Pyro's input validation on (the default) and off (``pyro.enable_validation(False)``, the
 like-for-like comparison); the quartiles of the ratio of the two steps of each round show
-how much the machine's noise moves it. It also times the IWAE evaluation (test images per second at
+how much the machine's noise moves it.  Like the ``pyrodgm`` command it first keeps freed
+CPU memory in the process (:func:`pyrodgm.allocator.tune_glibc_malloc`;
+``--glibc-malloc-defaults`` does not).  It also times the IWAE evaluation (test images per second at
 ``--iwae-k``, networks in eval mode) and records peak memory.
 
     python experiments/bench_speed.py --device cpu --threads 2
@@ -33,6 +35,7 @@ import torch
 from references import adgm_loss, cagem_loss_and_grads, m2_loss
 from references import cagem_loss as cagem_reference
 
+from pyrodgm.allocator import tune_glibc_malloc
 from pyrodgm.evaluation import iwae_log_likelihood
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
@@ -213,7 +216,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--iwae-images", type=int, default=20)
     parser.add_argument("--iwae-chunk", type=int, default=500)
     parser.add_argument("--output", default=None, help="JSON file (default results/bench_speed_DEVICE.json)")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="keep glibc's malloc thresholds (default: pyrodgm.allocator.tune_glibc_malloc, as the CLI)")
     args = parser.parse_args(argv)
+    malloc_tuned = False if args.glibc_malloc_defaults else tune_glibc_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -222,6 +228,7 @@ def main(argv=None) -> dict:
         "device": device_description(device),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
+        "malloc": "glibc thresholds tuned (pyrodgm.allocator)" if malloc_tuned else "the C library's defaults",
         "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "models": {},
     }

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pyrodgm.allocator import tune_glibc_malloc
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -35,6 +37,7 @@ def parser(description: str, epochs: int) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> float:
+    tune_glibc_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     return time.perf_counter()

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .allocator import tune_glibc_malloc
+
 __all__ = ["main", "build_parser"]
 
 
@@ -240,6 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = "pyrodgm " + " ".join(sys.argv[1:] if argv is None else argv)
+    tune_glibc_malloc()  # an application's choice: freed CPU tensor memory stays in the process
     handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute}[args.command]
     try:
         result = handler(args)

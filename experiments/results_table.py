@@ -161,9 +161,10 @@ def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
             off, on, iwae = row["step_validation_off"], row["step_validation_on"], row["iwae"]
             spread = off.get("paired_ratio_quartiles")
             ratio = f"{off['ratio']:.3f}" + (f" ({spread[0]:.3f}-{spread[2]:.3f})" if spread else "")
+            hardware = result["device"] + (f"; malloc: {result['malloc']}" if "malloc" in result else "")
             lines.append(
                 f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} "
-                f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {result['device']} | {result['date']} | `{result['command']}` |"
+                f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {hardware} | {result['date']} | `{result['command']}` |"
             )
     return lines
 

@@ -1,6 +1,6 @@
 """tune_glibc_malloc: freed CPU tensor memory stays in the process, so a step that
 allocates what the last one freed faults no pages in.  Each check runs in a fresh Python
-process: the settings are process-wide and this one keeps glibc's defaults."""
+process, since the settings are process-wide (and the CLI tests apply them to this one)."""
 
 import os
 import subprocess

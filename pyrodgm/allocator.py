@@ -5,9 +5,10 @@ programs whose memory use shrinks: a freed block over a threshold that glibc mov
 between 128 KiB and 32 MiB goes back to the OS (``munmap``, or trimming the top of the
 heap), and the next step's allocation of the same size faults every page of it in
 again, zero-filled by the kernel.  A training step allocates and frees the same
-megabytes of activations each time, so on the 2-core VM of the speed benchmark those
-page faults were a quarter of an M2 step (40 ms a step with glibc's defaults, 30 ms
-with the settings below, for pyrodgm and the hand-written reference alike).
+megabytes of activations each time: on the 2-core VM of the speed benchmark an M2 step
+(pyrodgm's or the hand-written reference's) faulted 2,800-4,500 pages in when glibc had
+trimmed its heap (not every run does), none with the settings below, and the step took
+5-20 ms (10-30 %) less in the runs where the faults had occurred.
 
 :func:`tune_glibc_malloc` sets the two thresholds once for the process (``mallopt``,
 the same as the ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` environment

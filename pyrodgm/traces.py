@@ -251,10 +251,11 @@ def particle_traces(
 ) -> tuple[Trace, Trace]:
     """Run ``guide`` with ``num_particles`` vectorised particles (plate dim
     ``-(plate_nesting + 1)``) and its enumerable sites enumerated in parallel to the left of
-    that, then replay ``model`` against it.  Log-densities are computed on both traces;
-    with ``compute_log_prob=False`` only where Pyro's validation needs them (its site shape
-    checks), and :class:`TraceTerms` computes the rest, skipping the sites whose pair of
-    log-densities an analytic KL replaces."""
+    that, then replay ``model`` against it.  Log-densities are computed on both traces (and,
+    with Pyro's validation on, their shapes checked against the plates); with
+    ``compute_log_prob=False`` none are, and :class:`TraceTerms` computes them, skipping
+    the sites whose pair of log-densities an analytic KL replaces, and checks the shapes of
+    the terms it uses."""
     particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     model_trace, guide_trace = _importance_traces(
         plate_nesting + 1,
@@ -311,17 +312,31 @@ def _importance_traces(
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
     guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-    if compute_log_prob or is_validation_enabled():
+    if compute_log_prob:
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
-    if is_validation_enabled():
-        for trace, is_model in ((model_trace, True), (guide_trace, False)):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    if is_model and site["infer"].get("_enumerate_dim") is not None:
-                        site = {**site, "infer": {k: v for k, v in site["infer"].items() if k != "_enumerate_dim"}}
-                    check_site_shape(site, max_plate_nesting)
+        if is_validation_enabled():
+            check_site_shapes(model_trace, guide_trace, max_plate_nesting)
     return model_trace, guide_trace
+
+
+def check_site_shapes(model_trace: Trace, guide_trace: Trace, max_plate_nesting: int, values: Optional[dict] = None) -> None:
+    """Pyro's :func:`~pyro.util.check_site_shape` at every sample site of both traces, on
+    its log-density or, where ``values`` (``{(is_model, name): tensor}``) has one, on the
+    term that stands in for it (an analytic KL).  A model site replayed from an enumerated
+    guide site is checked without the inherited enumeration dim (:func:`_importance_traces`)."""
+    values = values or {}
+    for trace, is_model in ((model_trace, True), (guide_trace, False)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            value = values.get((is_model, name), site.get("log_prob"))
+            if value is None:
+                continue
+            infer = site["infer"]
+            if is_model and infer.get("_enumerate_dim") is not None:
+                infer = {k: v for k, v in infer.items() if k != "_enumerate_dim"}
+            check_site_shape({**site, "log_prob": value, "infer": infer}, max_plate_nesting)
 
 
 def _check_no_model_enumeration(model_trace: Trace, guide_trace: Trace) -> None:
@@ -478,6 +493,12 @@ class TraceTerms:
         self.guide_trace = guide_trace
         self.plate_nesting = plate_nesting
         self.terms, self.kl_sites = log_weight_terms(model_trace, guide_trace, analytic_kl)
+        if is_validation_enabled():  # every site's shape, a KL pair's on the KL term that replaces it
+            for trace in (model_trace, guide_trace):  # sites with no term yet (guide-observed ones)
+                trace.compute_log_prob(lambda name, site: name not in self.kl_sites)
+            kl_terms = {term.name: term.value for term in self.terms if term.name in self.kl_sites}
+            values = {(is_model, name): kl for name, kl in kl_terms.items() for is_model in (True, False)}
+            check_site_shapes(model_trace, guide_trace, plate_nesting + 1, values)
         log_q = enumerated_log_q(guide_trace)
         self.enum_weight = None if log_q is None else log_q.exp()
         self.num_particles = _plate_size(model_trace, PARTICLE_PLATE) or 1

@@ -543,7 +543,7 @@ def test_first_svi_step_with_a_guessed_plate_nesting_steps_every_parameter():
 @pytest.mark.parametrize("validate", [False, True])
 def test_analytic_kl_sites_skip_their_log_densities(validate):
     """Where the closed-form KL replaces log p(z) - log q(z), neither log-density is
-    computed (with Pyro's validation on, its shape checks compute them all)."""
+    computed, with Pyro's validation on or off (its shape check runs on the KL term)."""
     model, guide = tiny_m2()
     loss_fn = SemiSupervisedELBO(max_plate_nesting=1)
     pyro.enable_validation(validate)
@@ -552,9 +552,36 @@ def test_analytic_kl_sites_skip_their_log_densities(validate):
     finally:
         pyro.enable_validation(True)
     assert terms.kl_sites == ["z"]
-    assert ("log_prob" in terms.model_trace.nodes["z"]) == validate
-    assert ("log_prob" in terms.guide_trace.nodes["z"]) == validate
+    assert "log_prob" not in terms.model_trace.nodes["z"]
+    assert "log_prob" not in terms.guide_trace.nodes["z"]
     assert "log_prob" in terms.model_trace.nodes["x"] and "unscaled_log_prob" in terms.guide_trace.nodes["y"]
+
+
+def _two_plate_pair():
+    """z in two (automatically placed) plates: the data plate and one over 3 repeats."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]), pyro.plate("repeats", 3, dim=None):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(z.shape[:-1] + (x.shape[-1],)), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]), pyro.plate("repeats", 3, dim=None):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_validation_still_checks_every_site_shape(analytic_kl):
+    """With validation on, a max_plate_nesting too small for the model's plates is an
+    error naming the site, whether its term is a log-density or the analytic KL."""
+    model, guide = _two_plate_pair()
+    x = torch.randn(4, 5)
+    loss_fn = SemiSupervisedELBO(max_plate_nesting=1, analytic_kl=analytic_kl)
+    with pytest.raises(ValueError, match='at site "(z|x)", plate stack overflow'):
+        loss_fn.loss(model, guide, x)
+    assert math.isfinite(SemiSupervisedELBO(max_plate_nesting=2, analytic_kl=analytic_kl).loss(model, guide, x))
 
 
 # --------------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ class FusedAdam(PyroOptim):
 
     :param dict optim_args: arguments of :class:`torch.optim.Adam` (``lr``, ``betas``,
         ``eps``, ``weight_decay``, ``amsgrad``, ``fused``, ``foreach``), the same for every
-        parameter.  ``fused`` defaults to ``True`` where torch has the fused kernel for
-        every parameter's device and dtype (floating point on CPU, CUDA, MPS or XPU) and
-        neither ``foreach`` nor ``differentiable`` is asked for.
+        parameter.  ``fused`` defaults to ``True`` where this torch has the fused kernel for
+        every parameter's device and dtype (floating point; CUDA, and CPU from torch 2.4)
+        and neither ``foreach`` nor ``differentiable`` is asked for.
     """
 
     def __init__(self, optim_args: dict) -> None:
@@ -132,17 +132,27 @@ class FusedAdam(PyroOptim):
                 self._state_waiting_to_be_consumed[name] = state
 
 
-_FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 _KERNEL_CHOICES = ("fused", "foreach", "capturable", "differentiable")
 
 
 def adam_arguments(optim_args: dict, params: list[torch.Tensor]) -> dict:
-    """``optim_args`` with ``fused=True`` added where torch's fused Adam applies to ``params``."""
+    """``optim_args`` with ``fused=True`` added where torch's fused Adam applies to ``params``
+    (the devices this torch has the kernel for: CPU only from torch 2.4 on)."""
     args = dict(optim_args)
     wants_other_kernel = args.get("foreach") or args.get("differentiable") or "fused" in args
-    if not wants_other_kernel and all(p.is_floating_point() and p.device.type in _FUSED_ADAM_DEVICES for p in params):
+    devices = _fused_kernel_devices()
+    if not wants_other_kernel and all(p.is_floating_point() and p.device.type in devices for p in params):
         args["fused"] = True
     return args
+
+
+def _fused_kernel_devices() -> tuple[str, ...]:
+    """The device types torch's fused optimiser kernels run on, as torch itself lists them."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the list: CUDA has had the kernel longest
+        return ("cuda",)
+    return tuple(_get_fused_kernels_supported_devices())
 
 
 def _param_state(state: dict, param: torch.Tensor, step_on_device: bool) -> dict:

@@ -9,7 +9,7 @@ from pyro.infer import SVI
 from pyrodgm.guides import M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2
-from pyrodgm.optim import FusedAdam
+from pyrodgm.optim import FusedAdam, adam_arguments
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -78,6 +78,20 @@ def test_kernel_choice_follows_the_arguments():
         optim([pyro.param("a").unconstrained()])
         group = optim.optimizer.param_groups[0]
         assert (group["fused"], group["foreach"]) == (fused, foreach), args
+
+
+def test_a_torch_without_the_cpu_kernel_gets_the_unfused_one(monkeypatch):
+    """torch before 2.4 has no fused Adam on CPU; the kernel list comes from torch itself."""
+    import torch.utils._foreach_utils as foreach_utils
+
+    params = [torch.ones(2, requires_grad=True)]
+    assert adam_arguments({"lr": 0.1}, params) == {"lr": 0.1, "fused": True}
+    monkeypatch.setattr(foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda", "xpu"])
+    assert adam_arguments({"lr": 0.1}, params) == {"lr": 0.1}
+    optim = FusedAdam({"lr": 0.1})
+    pyro.param("a", torch.ones(2)).unconstrained().grad = torch.ones(2)
+    optim([pyro.param("a").unconstrained()])
+    assert not optim.optimizer.param_groups[0]["fused"]
 
 
 @pytest.mark.parametrize("writer, reader_args", [

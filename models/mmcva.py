@@ -46,7 +46,7 @@ from torch import nn
 
 from pyrodgm.distributions import IndependentBernoulli
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import _check_image_shape
+from pyrodgm.nets import _check_image_shape, batch_shape
 
 __all__ = ["ConvMMCVA", "LabelMapConv", "ConditionalConvDecoder", "broadcast_leading", "as_images"]
 
@@ -54,7 +54,7 @@ __all__ = ["ConvMMCVA", "LabelMapConv", "ConditionalConvDecoder", "broadcast_lea
 def broadcast_leading(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Size]:
     """Expand ``tensors`` (``[..., D_i]``) to a common leading shape and flatten it: returns
     the ``[N, D_i]`` tensors and the leading shape to restore."""
-    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    shape = batch_shape(tensors)
     flat = [t.expand(shape + t.shape[-1:]).reshape(-1, t.shape[-1]) for t in tensors]
     return flat, shape
 

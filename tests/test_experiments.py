@@ -157,7 +157,8 @@ def test_speed_reference_computes_the_same_cagem_loss_and_gradients_as_pyrodgm(p
     for a, b in zip(ours[1], reference[1]):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
     for a, b, before in zip(ours[2], reference[2], start):
-        assert torch.equal(a, b)
+        # to rounding: a single particle has no particle dim in pyrodgm, [1, B, D] in the reference
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
     assert any(not torch.equal(a, before) for a, before in zip(ours[2], start))  # the unlabelled pass moved them
     # the cross-entropies' restriction matters: without it the gradients differ
     pyro.set_rng_seed(7)

@@ -572,16 +572,62 @@ def _two_plate_pair():
     return model, guide
 
 
+@pytest.mark.parametrize("num_particles", [1, 3])
+@pytest.mark.parametrize("validate", [True, False])
 @pytest.mark.parametrize("analytic_kl", [True, False])
-def test_validation_still_checks_every_site_shape(analytic_kl):
-    """With validation on, a max_plate_nesting too small for the model's plates is an
-    error naming the site, whether its term is a log-density or the analytic KL."""
+def test_too_small_max_plate_nesting_is_an_error(analytic_kl, validate, num_particles):
+    """A max_plate_nesting too small for the model's plates is an error naming the site,
+    with or without validation, whether or not the single particle has a plate of its own."""
     model, guide = _two_plate_pair()
     x = torch.randn(4, 5)
-    loss_fn = SemiSupervisedELBO(max_plate_nesting=1, analytic_kl=analytic_kl)
+    pyro.enable_validation(validate)
+    loss_fn = SemiSupervisedELBO(max_plate_nesting=1, analytic_kl=analytic_kl, num_particles=num_particles)
     with pytest.raises(ValueError, match='at site "(z|x)", plate stack overflow'):
         loss_fn.loss(model, guide, x)
-    assert math.isfinite(SemiSupervisedELBO(max_plate_nesting=2, analytic_kl=analytic_kl).loss(model, guide, x))
+    loss_fn = SemiSupervisedELBO(max_plate_nesting=2, analytic_kl=analytic_kl, num_particles=num_particles)
+    assert math.isfinite(loss_fn.loss(model, guide, x))
+
+
+def _unplated_pair(repeats: int):
+    """z with a batch dim of ``repeats`` left of the data plate, in no plate."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(repeats, 1, 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(z.shape[:-1] + (x.shape[-1],)), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(repeats, 1, 2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_batch_dim_at_the_particle_dim_is_an_error(validate):
+    """A single particle has no plate of its own (pyrodgm.traces.particle_plate), yet a
+    batch dim outside every plate, at the dim the loss averages as particles, is still an
+    error, as a plate of size 1 would have made it: never an average over it."""
+    model, guide = _unplated_pair(3)
+    x = torch.randn(4, 5)
+    pyro.enable_validation(validate)
+    with pytest.raises(ValueError, match='at site "z", batch shape \\(3, 4\\) has size 3 at dim -2'):
+        SemiSupervisedELBO(max_plate_nesting=1).loss(model, guide, x)
+    pyro.clear_param_store()
+    assert math.isfinite(SemiSupervisedELBO(max_plate_nesting=1).loss(*_unplated_pair(1), x))
+
+
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_validation_still_checks_every_site_shape(analytic_kl):
+    """With validation on, a log-density of the wrong shape within the plate dims is an
+    error naming the site, whether its term is a log-density or the analytic KL."""
+    model, guide = _unplated_pair(3)
+    x = torch.randn(4, 5)
+    loss_fn = SemiSupervisedELBO(max_plate_nesting=2, analytic_kl=analytic_kl)
+    with pytest.raises(ValueError, match='at site "z", invalid log_prob shape'):
+        loss_fn.loss(model, guide, x)
+    pyro.enable_validation(False)  # what the check guards: without it the value is silently wrong
+    assert math.isfinite(loss_fn.loss(model, guide, x))
 
 
 # --------------------------------------------------------------------------------------

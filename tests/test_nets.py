@@ -19,6 +19,7 @@ from pyrodgm.nets import (
     GaussianHead,
     NormalHead,
     activation,
+    batch_shape,
     broadcast_cat,
     concat_linear,
     likelihood_head,
@@ -155,8 +156,19 @@ def test_broadcast_cat_matches_manual():
 def test_broadcast_cat_errors():
     with pytest.raises(ValueError):
         broadcast_cat([torch.zeros(2, 3), torch.zeros(2, 3)], dim=0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"batch shapes \[\(2,\), \(4,\)\] .* do not broadcast"):
         broadcast_cat([torch.zeros(2, 3), torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match="do not broadcast"):
+        concat_linear(torch.nn.Linear(6, 2), [torch.zeros(2, 3), torch.zeros(4, 3)])
+
+
+@pytest.mark.parametrize(
+    "shapes", [[(4, 1, 1, 3), (7, 2)], [(7, 2), (7, 5)], [(2,), (3, 1, 4)], [(1, 3, 1, 2), (3, 1, 2), (4, 2)]]
+)
+def test_batch_shape_is_torch_broadcasting(shapes):
+    tensors = [torch.zeros(shape) for shape in shapes]
+    assert batch_shape(tensors) == torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    assert isinstance(batch_shape(tensors), torch.Size)
 
 
 # --------------------------------------------------------------- concat_linear

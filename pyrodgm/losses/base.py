@@ -31,6 +31,9 @@ class Loss(ELBO):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
+        # Pyro's ELBO counts its particle plate in max_plate_nesting when num_particles > 1;
+        # pyrodgm's is the program's plates alone, the particles sit left of them
+        self.max_plate_nesting = max_plate_nesting
         self.last_components: dict[str, torch.Tensor] = {}
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - not used

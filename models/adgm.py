@@ -51,6 +51,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import MLP, GaussianMLP, init_weights_, likelihood_head
 
@@ -68,9 +69,7 @@ class _LabelledLatentModel(PlatedModel):
     def _init_priors(self, num_classes: int, z_dim: int, a_dim: int) -> None:
         self.register_buffer("y_logits", torch.zeros(num_classes))
         self.register_buffer("z_loc", torch.zeros(z_dim))
-        self.register_buffer("z_scale", torch.ones(z_dim))
         self.register_buffer("a_loc", torch.zeros(a_dim))
-        self.register_buffer("a_scale", torch.ones(a_dim))
 
     def _likelihood(self, kind: str, in_features: int, x_dim: int, init: str) -> nn.Module:
         return init_weights_(likelihood_head(kind, in_features, x_dim), init)
@@ -79,7 +78,7 @@ class _LabelledLatentModel(PlatedModel):
         return pyro.sample("y", dist.OneHotCategorical(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
 
     def _sample_z(self) -> torch.Tensor:
-        return pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
+        return pyro.sample("z", StandardNormal(self.z_loc).to_event(1))
 
 
 class ADGM(_LabelledLatentModel):
@@ -132,7 +131,7 @@ class ADGM(_LabelledLatentModel):
         """``a`` first (standard prior), ``y, z, x``, then ``a`` given ``x, y, z``
         (conditional prior)."""
         if self.auxiliary_prior == "standard":
-            pyro.sample("a", dist.Normal(self.a_loc, self.a_scale).to_event(1))
+            pyro.sample("a", StandardNormal(self.a_loc).to_event(1))
         y = self._sample_y(y)
         z = self._sample_z()
         x = pyro.sample("x", self.likelihood.distribution(self.decoder(z, y)), obs=x)

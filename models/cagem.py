@@ -41,6 +41,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import MLP, GaussianMLP, likelihood_head
 
@@ -99,7 +100,6 @@ class CaGeM(PlatedModel):
         self.decoder = MLP(z1_dim + num_clusters, hidden, activation=activation, batch_norm=batch_norm)
         self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
         self.register_buffer("z2_loc", torch.zeros(z2_dim))
-        self.register_buffer("z2_scale", torch.ones(z2_dim))
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +109,7 @@ class CaGeM(PlatedModel):
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         """``z2``, then ``y`` given ``z2`` (observed when labels are given), ``z1`` given
         ``y, z2``, ``x`` given ``y, z1``."""
-        z2 = pyro.sample("z2", dist.Normal(self.z2_loc, self.z2_scale).to_event(1))
+        z2 = pyro.sample("z2", StandardNormal(self.z2_loc).to_event(1))
         y = pyro.sample("y", self.cluster_distribution(z2), obs=one_hot(y, self.num_clusters, self.z2_loc))
         z1 = pyro.sample("z1", self.z1_prior.distribution(y, z2))
         return pyro.sample("x", self.likelihood.distribution(self.decoder(z1, y)), obs=x)

@@ -44,6 +44,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel
 from pyrodgm.nets import MLP, GaussianMLP, likelihood_head
 
@@ -90,13 +91,12 @@ class HierarchicalVAE(PlatedModel):
         self.decoder = MLP(z1_dim, tuple(reversed(tuple(hidden1))), activation=activation, batch_norm=batch_norm, init="xavier")
         self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
         self.register_buffer("z2_loc", torch.zeros(z2_dim))
-        self.register_buffer("z2_scale", torch.ones(z2_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z2, z1, x``.  The model has no label: passing ``y`` is an error."""
         if y is not None:
             raise ValueError("the hierarchical VAE has no label site: call it without y")
-        z2 = pyro.sample("z2", dist.Normal(self.z2_loc, self.z2_scale).to_event(1))
+        z2 = pyro.sample("z2", StandardNormal(self.z2_loc).to_event(1))
         loc, scale = self.z1_prior(z2)
         z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))
         return pyro.sample("x", self.likelihood.distribution(self.decoder(z1)), obs=x)

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 
+from pyrodgm.distributions import StandardNormal
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import MLP, likelihood_head
@@ -57,7 +57,6 @@ class M2(PlatedModel):
         self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
         self.register_buffer("y_logits", torch.zeros(num_classes))
         self.register_buffer("z_loc", torch.zeros(z_dim))
-        self.register_buffer("z_scale", torch.ones(z_dim))
 
     def generate(
         self,
@@ -69,5 +68,5 @@ class M2(PlatedModel):
         reuses them as ``y, z2, z1``)."""
         y_name, z_name, x_name = names
         y = pyro.sample(y_name, LabelPrior(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
-        z = pyro.sample(z_name, dist.Normal(self.z_loc, self.z_scale).to_event(1))
+        z = pyro.sample(z_name, StandardNormal(self.z_loc).to_event(1))
         return pyro.sample(x_name, self.likelihood.distribution(self.decoder(z, y)), obs=x)

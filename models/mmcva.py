@@ -44,7 +44,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrodgm.distributions import IndependentBernoulli
+from pyrodgm.distributions import IndependentBernoulli, StandardNormal
 from pyrodgm.modeling import PlatedModel, one_hot
 from pyrodgm.nets import _check_image_shape, batch_shape
 
@@ -188,11 +188,10 @@ class ConvMMCVA(PlatedModel):
         self.decoder = ConditionalConvDecoder(z_dim, num_classes, self.image_shape, channels, batch_norm=batch_norm)
         self.register_buffer("y_logits", torch.zeros(num_classes))
         self.register_buffer("z_loc", torch.zeros(z_dim))
-        self.register_buffer("z_scale", torch.ones(z_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         """The sites ``y`` (one-hot), ``z`` and ``x``."""
         y = pyro.sample("y", dist.OneHotCategorical(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
-        z = pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
+        z = pyro.sample("z", StandardNormal(self.z_loc).to_event(1))
         logits = self.decoder(z, y)
         return pyro.sample("x", IndependentBernoulli(logits), obs=x)

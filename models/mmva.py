@@ -28,10 +28,9 @@ import math
 from typing import Optional, Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 
-from pyrodgm.distributions import IndependentBernoulli
+from pyrodgm.distributions import IndependentBernoulli, StandardNormal
 from pyrodgm.modeling import PlatedModel
 from pyrodgm.nets import CONV_MMVA_LAYERS, UnpoolingConvDecoder
 
@@ -89,11 +88,10 @@ class ConvMMVA(PlatedModel):
             raise ValueError(f"Conv-MMVA has a Bernoulli likelihood (the paper's MNIST setting), got likelihood={likelihood!r}")
         self.decoder = UnpoolingConvDecoder(z_dim, self.image_shape, layers, hidden, activation)
         self.register_buffer("z_loc", torch.zeros(z_dim))
-        self.register_buffer("z_scale", torch.ones(z_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z, x``; there is no label site (passing ``y`` is an error)."""
         if y is not None:
             raise ValueError("Conv-MMVA's generative model has no label site: call it without y")
-        z = pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
+        z = pyro.sample("z", StandardNormal(self.z_loc).to_event(1))
         return pyro.sample("x", IndependentBernoulli(self.decoder(z)), obs=x)

@@ -23,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel
 from pyrodgm.nets import MLP, likelihood_head
 
@@ -52,7 +53,6 @@ class VAE(PlatedModel):
         self.decoder = MLP(z_dim, hidden, activation=activation, batch_norm=batch_norm)
         self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
         self.register_buffer("z_loc", torch.zeros(z_dim))
-        self.register_buffer("z_scale", torch.ones(z_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z, x``.  M1 has no label: passing ``y`` is an error."""
@@ -63,7 +63,7 @@ class VAE(PlatedModel):
 
     def prior(self) -> dist.TorchDistribution:
         """``p(z) = N(0, I)``."""
-        return dist.Normal(self.z_loc, self.z_scale).to_event(1)
+        return StandardNormal(self.z_loc).to_event(1)
 
     def observe(self, name: str, z: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
         """Sample (or observe) site ``name`` from ``p(x|z)``."""

@@ -530,6 +530,36 @@ def test_parameters_are_registered_once_per_loss_evaluation():
     assert len(_param_sites(inner.trace)) == len(list(guide.parameters()))
 
 
+def test_pyrodgm_programs_register_outside_the_loss_traces(monkeypatch):
+    """A pyrodgm model and guide register their parameters before the loss traces them,
+    directly under the outer handler (one pyro.module call each, at the outer stack
+    depth), so no parameter passes through the loss's traces, plates or enumeration; a
+    plain function's parameters still register as it runs, inside them."""
+    model, guide = tiny_m2()
+    x, y = binary_x(4), torch.tensor([1, -1, 0, -1])
+    loss_fn = SemiSupervisedELBO()
+    loss_fn.differentiable_loss(model, guide, x, y=y)  # plate nesting guessed first
+    depths, module = [], pyro.module
+
+    def spy(name, nn_module, *args, **kwargs):
+        depths.append(len(poutine.runtime._PYRO_STACK))
+        return module(name, nn_module, *args, **kwargs)
+
+    monkeypatch.setattr(pyro, "module", spy)
+    with poutine.trace(param_only=True) as capture:
+        loss_fn.differentiable_loss(model, guide, x, y=y)
+    assert depths == [1, 1]
+    assert sorted(_param_sites(capture.trace)) == sorted(pyro.get_param_store().keys())
+
+    def plain_guide(x):
+        return guide(x)
+
+    depths.clear()
+    with poutine.trace(param_only=True):
+        SemiSupervisedELBO(max_plate_nesting=1).differentiable_loss(model, plain_guide, x, y=y)
+    assert depths[0] == 1 and depths[1] > 1  # the model before the runs, the plain guide inside one
+
+
 def test_first_svi_step_with_a_guessed_plate_nesting_steps_every_parameter():
     model, guide = tiny_m2()
     x, y = binary_x(4), torch.tensor([1, -1, 0, -1])

@@ -48,7 +48,7 @@ from ..traces import (
     particle_traces,
     site_distribution,
 )
-from ..modeling import registered_once
+from ..modeling import register_programs, registered_once
 from ..validation import UNLABELLED, check_labels
 from .base import Loss
 
@@ -172,6 +172,7 @@ class SemiSupervisedELBO(_TracingLoss):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         with registered_once():  # the labelled and unlabelled runs register the parameters once
+            register_programs(model, guide)  # here, outside the runs' traces
             return self._loss(model, guide, args, kwargs)
 
     def _loss(self, model, guide, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -25,7 +25,7 @@ and the relaxed density has no KL to a discrete prior.  So:
    (:class:`RelaxedLabel` or :class:`StraightThroughLabel`) against any
    :class:`~torch.distributions.OneHotCategorical` as the KL of the categoricals behind them,
    :math:`\sum_k q_k (\log q_k - \log \pi_k)`.  pyrodgm's losses use a registered closed
-   form where it is sound (:func:`pyrodgm.traces._analytic_kl_applies`: the guide site is
+   form where it is sound (:func:`pyrodgm.traces._analytic_kl_sites`: the guide site is
    reparameterised, not enumerated, and the model samples no latent before ``y`` that the
    guide samples after it; true of ``p(y)`` at the top of every model here), so the
    ``y`` term of the ELBO *is* :math:`-\mathcal L_C`, scaled by ``latent_weights["y"]``

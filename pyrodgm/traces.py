@@ -72,14 +72,18 @@ def _is_one_hot(fn: dist.Distribution) -> bool:
     )
 
 
-def encode_labels(labels: torch.Tensor, fn: dist.Distribution) -> torch.Tensor:
+def encode_labels(labels: torch.Tensor, fn: dist.Distribution, cache: Optional[dict] = None) -> torch.Tensor:
     """Integer labels in the encoding ``fn`` samples: one-hot for (relaxed) one-hot
-    categoricals, integers for :class:`~pyro.distributions.Categorical`."""
-    if _is_one_hot(fn):
-        num_classes = fn.event_shape[-1]
-        dtype = fn.logits.dtype if hasattr(fn, "logits") else torch.get_default_dtype()
-        return torch.nn.functional.one_hot(labels, num_classes).to(dtype)
-    return labels
+    categoricals, integers for :class:`~pyro.distributions.Categorical`.  A one-hot
+    encoding is kept in ``cache`` (per number of classes and dtype) and reused from it."""
+    if not _is_one_hot(fn):
+        return labels
+    num_classes = fn.event_shape[-1]
+    dtype = fn.logits.dtype if hasattr(fn, "logits") else torch.get_default_dtype()
+    cache = {} if cache is None else cache
+    if (num_classes, dtype) not in cache:
+        cache[num_classes, dtype] = torch.nn.functional.one_hot(labels, num_classes).to(dtype)
+    return cache[num_classes, dtype]
 
 
 def _categorical_logits(fn: dist.Distribution) -> torch.Tensor:
@@ -135,14 +139,23 @@ class ObserveLabels(Messenger):
     the site's distribution (one-hot or integer).
 
     Apply it innermost, so that :func:`~pyro.poutine.replay` sees an observed site.
+    :meth:`for_programs` makes one for the model and one for the guide that share their
+    encoding (one one-hot tensor where both sites are one-hot).
     """
 
-    def __init__(self, site: str, labels: torch.Tensor) -> None:
+    def __init__(self, site: str, labels: torch.Tensor, encodings: Optional[dict] = None) -> None:
         super().__init__()
         self.site = site
         self.labels = labels
+        self.encodings = {} if encodings is None else encodings
         self.seen = False
         self.error: Optional[str] = None
+
+    @classmethod
+    def for_programs(cls, site: str, labels: torch.Tensor, count: int = 2) -> list["ObserveLabels"]:
+        """``count`` messengers observing ``site`` at ``labels`` with one shared encoding."""
+        encodings: dict = {}
+        return [cls(site, labels, encodings) for _ in range(count)]
 
     def check(self) -> None:
         """Raise the label problem found during the run, if any."""
@@ -159,7 +172,7 @@ class ObserveLabels(Messenger):
             self.error = label_range_error(labels, msg["fn"], self.site)
             if self.error:
                 labels = labels.clamp(0, _num_categories(msg["fn"]) - 1)
-        msg["value"] = encode_labels(labels, msg["fn"])
+        msg["value"] = encode_labels(labels, msg["fn"], None if self.error else self.encodings)
         msg["is_observed"] = True
         # a guide-side observed label is no latent variable: mark it auxiliary so Pyro's
         # model/guide match check does not look for it among the model's latents
@@ -425,24 +438,36 @@ def _data_dim(site) -> Optional[int]:
     return None
 
 
-def _analytic_kl_applies(name: str, model_trace: Trace, guide_trace: Trace) -> bool:
-    """Whether ``E_q[log p(z|pa) - log q(z|.)] = -KL(q || p)`` may be used at site ``name``.
+def _analytic_kl_sites(model_trace: Trace, guide_trace: Trace, wanted: bool | set[str]) -> list[str]:
+    """The latent sites (of those ``wanted``) where ``E_q[log p(z|pa) - log q(z|.)] =
+    -KL(q || p)`` may be used.
 
-    Sound when every latent site the model samples before ``name`` (a superset of its
+    Sound at ``z`` when every latent site the model samples before ``z`` (a superset of its
     parents) was also sampled before it in the guide, so that nothing the guide draws after
-    ``z`` can change ``p(z|pa)``; and a closed form is registered for the pair.
+    ``z`` can change ``p(z|pa)``; the guide's ``z`` is reparameterised, not enumerated; and a
+    closed form is registered for the pair.  One pass over the model's latents: the
+    condition holds when the latest guide position among the model's earlier latents lies
+    before ``z``'s.
     """
-    guide_site, model_site = guide_trace.nodes[name], model_trace.nodes[name]
-    if _is_enumerated(guide_site) or not guide_site["fn"].has_rsample:
-        return False
-    guide_order = [n for n, s in guide_trace.nodes.items() if _is_latent(s)]
-    guide_before = set(guide_order[: guide_order.index(name)])
-    for other, site in model_trace.nodes.items():
-        if other == name:
-            break
-        if _is_latent(site) and other not in guide_before:
-            return False
-    return _has_kl(guide_site["fn"], model_site["fn"])
+    if wanted is False:
+        return []
+    guide_position = {name: i for i, name in enumerate(n for n, site in guide_trace.nodes.items() if _is_latent(site))}
+    sites, latest = [], -1.0
+    for name, site in model_trace.nodes.items():
+        if not _is_latent(site):
+            continue
+        position = guide_position.get(name, math.inf)
+        if (wanted is True or name in wanted) and latest < position < math.inf:
+            guide_fn = guide_trace.nodes[name]["fn"]
+            if not _is_enumerated(guide_trace.nodes[name]) and guide_fn.has_rsample and _has_kl(guide_fn, site["fn"]):
+                sites.append(name)
+        latest = max(latest, position)
+    return sites
+
+
+#: ``(type(q), type(p)) -> whether kl_divergence has a closed form``, for ``_KL_REGISTRY`` of
+#: the recorded size (a later ``register_kl`` empties it)
+_HAS_KL: dict = {}
 
 
 def _has_kl(q: dist.Distribution, p: dist.Distribution) -> bool:
@@ -450,7 +475,13 @@ def _has_kl(q: dist.Distribution, p: dist.Distribution) -> bool:
         if q.reinterpreted_batch_ndims != p.reinterpreted_batch_ndims:
             return False
         q, p = q.base_dist, p.base_dist
-    return any(issubclass(type(q), a) and issubclass(type(p), b) for a, b in _KL_REGISTRY)
+    if _HAS_KL.get("registry_size") != len(_KL_REGISTRY):
+        _HAS_KL.clear()
+        _HAS_KL["registry_size"] = len(_KL_REGISTRY)
+    key = (type(q), type(p))
+    if key not in _HAS_KL:
+        _HAS_KL[key] = any(issubclass(key[0], a) and issubclass(key[1], b) for a, b in _KL_REGISTRY)
+    return _HAS_KL[key]
 
 
 def _scale_and_mask(value: torch.Tensor, site) -> torch.Tensor:
@@ -469,17 +500,11 @@ def log_weight_terms(
     """The terms of ``log p - log q`` (guide-observed sites excluded) and the names of the
     sites whose pair of terms was replaced by ``-KL(q || p)``.
 
-    ``analytic_kl``: ``True`` for every site where :func:`_analytic_kl_applies`, ``False``
-    for none, or an iterable of site names (each still checked).
+    ``analytic_kl``: ``True`` for every site where it is sound (:func:`_analytic_kl_sites`),
+    ``False`` for none, or an iterable of site names (each still checked).
     """
     wanted = analytic_kl if isinstance(analytic_kl, bool) else set(analytic_kl)
-    kl_sites = [
-        name
-        for name, site in model_trace.nodes.items()
-        if _is_latent(site)
-        and (wanted is True or (wanted is not False and name in wanted))
-        and _analytic_kl_applies(name, model_trace, guide_trace)
-    ]
+    kl_sites = _analytic_kl_sites(model_trace, guide_trace, wanted)
     # log-densities only where no KL replaces them (already computed ones are kept)
     model_trace.compute_log_prob(lambda name, site: name not in kl_sites)
     guide_trace.compute_log_prob(lambda name, site: _is_latent(site) and name not in kl_sites)

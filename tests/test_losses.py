@@ -269,6 +269,32 @@ def test_analytic_kl_only_where_sound(guide, analytic_kl, expected):
     assert terms.kl_sites == expected
 
 
+def test_a_kl_registered_later_is_used():
+    """Whether a closed form exists is remembered per pair of types, and forgotten when
+    torch.distributions.kl.register_kl adds one."""
+    from torch.distributions import kl as torch_kl
+
+    from pyrodgm.traces import _has_kl
+
+    class Q(torch.distributions.Distribution):
+        pass
+
+    class P(torch.distributions.Distribution):
+        pass
+
+    q, p = Q(torch.Size([2]), validate_args=False), P(torch.Size([2]), validate_args=False)
+    assert not _has_kl(q, p)
+    registry = dict(torch_kl._KL_REGISTRY)
+    try:
+        torch_kl.register_kl(Q, P)(lambda q, p: torch.zeros(q.batch_shape))
+        assert _has_kl(q, p)
+    finally:
+        torch_kl._KL_REGISTRY.clear()
+        torch_kl._KL_REGISTRY.update(registry)
+        torch_kl._KL_MEMOIZE.clear()
+    assert not _has_kl(q, p)
+
+
 def test_unsound_order_elbo_is_unbiased():
     """With the guide drawing z1 before z2 the analytic-KL ELBO (KL only at z2) still
     equals the pure Monte Carlo one: closed form at z2 given z1 ~ q."""
@@ -558,6 +584,30 @@ def test_pyrodgm_programs_register_outside_the_loss_traces(monkeypatch):
     with poutine.trace(param_only=True):
         SemiSupervisedELBO(max_plate_nesting=1).differentiable_loss(model, plain_guide, x, y=y)
     assert depths[0] == 1 and depths[1] > 1  # the model before the runs, the plain guide inside one
+
+
+def test_model_and_guide_observe_one_encoding_of_the_labels():
+    """The labelled run's model and guide observe the label site at one shared one-hot
+    tensor (encoded once), equal to the labels' one-hot encoding; integer sites get the
+    integers."""
+    from pyrodgm.traces import ObserveLabels
+
+    model, guide = tiny_m2()
+    x, labels = binary_x(3), torch.tensor([1, 0, 1])
+    in_model, in_guide = ObserveLabels.for_programs("y", labels)
+    model_trace, guide_trace = particle_traces(in_model(model), in_guide(guide), (x,), {}, 1, 1)
+    observed = guide_trace.nodes["y"]["value"]
+    assert model_trace.nodes["y"]["value"] is observed
+    assert torch.equal(observed, F.one_hot(labels, K).to(x.dtype))
+    assert in_model.seen and in_guide.seen
+
+    def integer_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=torch.zeros(K)))
+
+    (in_integer,) = ObserveLabels.for_programs("y", labels, count=1)
+    trace = poutine.trace(in_integer(integer_guide)).get_trace(x)
+    assert trace.nodes["y"]["value"] is labels
 
 
 def test_first_svi_step_with_a_guessed_plate_nesting_steps_every_parameter():

@@ -116,7 +116,7 @@ class _TracingLoss(Loss):
         return TraceTerms(model_trace, guide_trace, nesting, self.analytic_kl)
 
     def _labelled_terms(self, model, guide, args, kwargs, label_site: str, labels: torch.Tensor) -> TraceTerms:
-        in_model, in_guide = ObserveLabels(label_site, labels), ObserveLabels(label_site, labels)
+        in_model, in_guide = ObserveLabels.for_programs(label_site, labels)
         terms = self._terms(in_model(model), in_guide(guide), args, kwargs)
         in_model.check()
         in_guide.check()

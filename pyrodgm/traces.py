@@ -139,23 +139,25 @@ class ObserveLabels(Messenger):
     the site's distribution (one-hot or integer).
 
     Apply it innermost, so that :func:`~pyro.poutine.replay` sees an observed site.
-    :meth:`for_programs` makes one for the model and one for the guide that share their
-    encoding (one one-hot tensor where both sites are one-hot).
+    :meth:`for_programs` makes one for the model and one for the guide that share what
+    they compute of the labels: one encoding (one one-hot tensor where both sites are
+    one-hot) and, under validation, one range check per number of classes.
     """
 
-    def __init__(self, site: str, labels: torch.Tensor, encodings: Optional[dict] = None) -> None:
+    def __init__(self, site: str, labels: torch.Tensor, shared: Optional[dict] = None) -> None:
         super().__init__()
         self.site = site
         self.labels = labels
-        self.encodings = {} if encodings is None else encodings
+        self.shared = {} if shared is None else shared
         self.seen = False
         self.error: Optional[str] = None
 
     @classmethod
     def for_programs(cls, site: str, labels: torch.Tensor, count: int = 2) -> list["ObserveLabels"]:
-        """``count`` messengers observing ``site`` at ``labels`` with one shared encoding."""
-        encodings: dict = {}
-        return [cls(site, labels, encodings) for _ in range(count)]
+        """``count`` messengers observing ``site`` at ``labels`` that share their encoding
+        and range check."""
+        shared: dict = {}
+        return [cls(site, labels, shared) for _ in range(count)]
 
     def check(self) -> None:
         """Raise the label problem found during the run, if any."""
@@ -169,10 +171,13 @@ class ObserveLabels(Messenger):
         if is_validation_enabled():
             # raised by check() after the run: an exception inside a trace gets Pyro's
             # whole shape table appended, which buries the message
-            self.error = label_range_error(labels, msg["fn"], self.site)
+            num_classes = _num_categories(msg["fn"])
+            if ("range error", num_classes) not in self.shared:
+                self.shared["range error", num_classes] = label_range_error(labels, msg["fn"], self.site)
+            self.error = self.shared["range error", num_classes]
             if self.error:
-                labels = labels.clamp(0, _num_categories(msg["fn"]) - 1)
-        msg["value"] = encode_labels(labels, msg["fn"], None if self.error else self.encodings)
+                labels = labels.clamp(0, num_classes - 1)
+        msg["value"] = encode_labels(labels, msg["fn"], None if self.error else self.shared)
         msg["is_observed"] = True
         # a guide-side observed label is no latent variable: mark it auxiliary so Pyro's
         # model/guide match check does not look for it among the model's latents

@@ -101,6 +101,18 @@ def test_check_features_unit_interval(low, high, message):
         check_features(x, unit_interval=True)
 
 
+@pytest.mark.parametrize("bad, message", [(float("nan"), "1 NaN and 0 inf"), (float("inf"), "0 NaN and 1 inf"),
+                                          (-float("inf"), "0 NaN and 1 inf")])
+def test_check_features_unit_interval_reports_non_finite_values_as_such(bad, message):
+    """With the range check on (one min/max pass), a NaN or an infinity is still reported as
+    a non-finite value, not as a range error, wherever it sits."""
+    for row in range(3):
+        x = torch.full((3, 4), 0.5)
+        x[row, row] = bad
+        with pytest.raises(ValueError, match=f"x must contain only finite values, found {message}"):
+            check_features(x, unit_interval=True)
+
+
 # ---------------------------------------------------------------------------
 # check_labels
 # ---------------------------------------------------------------------------

@@ -43,11 +43,11 @@ __all__ = [
     "ObserveLabels",
     "ScaleLatents",
     "TraceTerms",
+    "check_plate_nesting",
     "encode_labels",
     "guess_plate_nesting",
     "label_log_prob",
     "label_range_error",
-    "check_plate_nesting",
     "log_weight_terms",
     "particle_plate",
     "particle_traces",
@@ -245,7 +245,8 @@ def particle_plate(num_particles: int, plate_nesting: int) -> Callable[[Callable
     """A wrapper that runs a program in the vectorised particle plate, ``num_particles`` at
     dim ``-(plate_nesting + 1)``.  A single particle gets no plate: every value is the one
     a plate of size 1 would give, with that dim left to broadcasting, and no sample site
-    pays for a second plate's messenger (about a tenth of a small M2 step)."""
+    pays for a second plate's messenger (0.3 ms of a 3 ms M2 step with tiny networks, 0.9
+    ms of a 46 ms full-size one, on the 2-core CPU)."""
     if num_particles == 1:
         return _unchanged
     return pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
@@ -311,13 +312,13 @@ def particle_traces(
     compute_log_prob: bool = True,
 ) -> tuple[Trace, Trace]:
     """Run ``guide`` with ``num_particles`` vectorised particles (plate dim
-    ``-(plate_nesting + 1)``, :func:`particle_plate`) and its enumerable sites enumerated in parallel to the left of
-    that, then replay ``model`` against it; every program plate must lie within
-    ``plate_nesting`` dims (:func:`check_plate_nesting`).  Log-densities are computed on both traces (and,
-    with Pyro's validation on, their shapes checked against the plates); with
-    ``compute_log_prob=False`` none are, and :class:`TraceTerms` computes them, skipping
-    the sites whose pair of log-densities an analytic KL replaces, and checks the shapes of
-    the terms it uses."""
+    ``-(plate_nesting + 1)``, :func:`particle_plate`) and its enumerable sites enumerated
+    in parallel to the left of that, then replay ``model`` against it; every program plate
+    must lie within ``plate_nesting`` dims (:func:`check_plate_nesting`).  Log-densities
+    are computed on both traces (and, with Pyro's validation on, their shapes checked
+    against the plates); with ``compute_log_prob=False`` none are, and :class:`TraceTerms`
+    computes them, skipping the sites whose pair of log-densities an analytic KL replaces,
+    and checks the shapes of the terms it uses."""
     particles = particle_plate(num_particles, plate_nesting)
     model_trace, guide_trace = _importance_traces(
         plate_nesting + 1,

@@ -3,9 +3,11 @@
 One function, :func:`particle_traces`, runs a guide with vectorised particles and parallel
 enumeration of its discrete sites, replays the model against it, and returns the two
 :class:`~pyro.poutine.Trace` objects.  :func:`log_weight_terms` turns the pair into
-per-site log-density terms laid out as ``(enum dims..., particles, plate dims...)``, and
-:class:`TraceTerms` reduces them either to an ELBO (enumerated sites summed exactly with
-their guide probabilities) or to per-datapoint importance log-weights.  Labels of a
+per-site log-density terms laid out as ``(enum dims..., particles, plate dims...)``
+(broadcastable: a single particle runs without a particle plate, so its dim is 1 or
+absent, :func:`particle_plate`), and :class:`TraceTerms` reduces them either to an ELBO
+(enumerated sites summed exactly with their guide probabilities) or to per-datapoint
+importance log-weights.  Labels of a
 semi-supervised batch enter through :class:`ObserveLabels`, a messenger that observes the
 label site with the right encoding (integer or one-hot) for its distribution.
 

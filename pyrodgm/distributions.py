@@ -18,9 +18,8 @@ image.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import numpy as np
 import pyro.distributions as dist
@@ -65,7 +64,7 @@ def _kl_normal_standard_normal(q: Normal, p: StandardNormal) -> torch.Tensor:
 
 def _broadcast_to_batch(value: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
     """``value`` expanded to its broadcast with ``batch_shape`` (a no-op when it covers it)."""
-    if value.shape[value.dim() - len(batch_shape):] == batch_shape and value.dim() >= len(batch_shape):
+    if value.dim() >= len(batch_shape) and value.shape[value.dim() - len(batch_shape):] == batch_shape:
         return value
     return value.expand(np.broadcast_shapes(tuple(value.shape), tuple(batch_shape)))
 

@@ -13,7 +13,9 @@ distribution (sampling, mean, expansion, KL, enumeration all inherited), whose
 :class:`~torch.distributions.Independent` sums them afterwards; for an enumerated M2 batch
 (10 classes x 100 images x 784 pixels) that negation and its backward are two passes over
 a 3 MB tensor, about 4% of the step on a CPU.  Here the negation touches one number per
-image.
+image.  With validation on, the logits' check for NaN (torch's ``constraints.real``) is
+one sum over them where torch compares every element and reduces the result (0.57 ms for
+that M2 batch on 2 threads, against 0.03 ms).
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ class IndependentBernoulli(dist.Independent):
     """
 
     def __init__(self, logits: torch.Tensor, event_dim: int = 1, validate_args: Optional[bool] = None) -> None:
-        super().__init__(dist.Bernoulli(logits=logits, validate_args=validate_args), event_dim, validate_args=validate_args)
+        # built unvalidated, then validated here (Pyro's Independent shares the flag with its base)
+        super().__init__(dist.Bernoulli(logits=logits, validate_args=False), event_dim, validate_args=False)
+        self._validate_args = torch.distributions.Distribution._validate_args if validate_args is None else validate_args
+        if self._validate_args:
+            _check_no_nan(logits, "logits")
 
     def expand(self, batch_shape, _instance=None) -> "IndependentBernoulli":
         new = self._get_checked_instance(IndependentBernoulli, _instance)
@@ -90,3 +96,17 @@ class IndependentBernoulli(dist.Independent):
         logits, value = broadcast_all(self.base_dist.logits, value)
         cross_entropy = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
         return -sum_rightmost(cross_entropy, self.reinterpreted_batch_ndims)
+
+
+def _check_no_nan(value: torch.Tensor, name: str) -> None:
+    """torch's check of a real parameter (``constraints.real``: no NaN; infinities pass),
+    in one pass where it passes: a sum that is not NaN has no NaN term.  A NaN sum (a NaN,
+    or infinities of both signs) falls back to the element-wise check."""
+    with torch.no_grad():
+        if not bool(torch.isnan(value.sum())) or not bool(torch.isnan(value).any()):
+            return
+        count = int(torch.isnan(value).sum())
+    raise ValueError(
+        f"Expected parameter {name} (Tensor of shape {tuple(value.shape)}) of distribution IndependentBernoulli "
+        f"to satisfy the constraint Real(), but found invalid values: {count} NaN"
+    )

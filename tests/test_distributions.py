@@ -44,6 +44,23 @@ def test_non_binary_value_is_rejected_under_validation():
         IndependentBernoulli(torch.zeros(2, 3)).log_prob(torch.full((2, 3), 0.5))
 
 
+@pytest.mark.parametrize("where", [0, 7, 14])
+def test_nan_logits_are_rejected_under_validation(where):
+    """Validation rejects a NaN logit wherever it is, as torch's Bernoulli does; infinite
+    logits pass, also of both signs (a NaN sum, checked element-wise); without validation
+    nothing is checked."""
+    logits = torch.randn(3, 5)
+    logits.view(-1)[where] = float("nan")
+    with pytest.raises(ValueError, match=r"logits .*shape \(3, 5\).*constraint Real\(\).*1 NaN"):
+        IndependentBernoulli(logits)
+    with pytest.raises(ValueError):
+        dist.Bernoulli(logits=logits)  # torch's own check agrees
+    IndependentBernoulli(logits, validate_args=False)
+    infinite = torch.randn(3, 5)
+    infinite[0, 0], infinite[1, 1] = float("inf"), -float("inf")
+    assert IndependentBernoulli(infinite).batch_shape == (3,)
+
+
 def test_as_an_observed_site():
     logits, x = torch.randn(4, 6), torch.rand(4, 6).bernoulli()
 

@@ -17,6 +17,7 @@ All data-dependent sites must sit in ``pyro.plate("data", ...)``; sites outside 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -473,23 +474,19 @@ def _analytic_kl_sites(model_trace: Trace, guide_trace: Trace, wanted: bool | se
     return sites
 
 
-#: ``(type(q), type(p)) -> whether kl_divergence has a closed form``, for ``_KL_REGISTRY`` of
-#: the recorded size (a later ``register_kl`` empties it)
-_HAS_KL: dict = {}
-
-
 def _has_kl(q: dist.Distribution, p: dist.Distribution) -> bool:
     if isinstance(q, dist.Independent) and isinstance(p, dist.Independent):
         if q.reinterpreted_batch_ndims != p.reinterpreted_batch_ndims:
             return False
         q, p = q.base_dist, p.base_dist
-    if _HAS_KL.get("registry_size") != len(_KL_REGISTRY):
-        _HAS_KL.clear()
-        _HAS_KL["registry_size"] = len(_KL_REGISTRY)
-    key = (type(q), type(p))
-    if key not in _HAS_KL:
-        _HAS_KL[key] = any(issubclass(key[0], a) and issubclass(key[1], b) for a, b in _KL_REGISTRY)
-    return _HAS_KL[key]
+    return _kl_registered(type(q), type(p), len(_KL_REGISTRY))
+
+
+@functools.lru_cache(maxsize=None)
+def _kl_registered(q_type: type, p_type: type, registry_size: int) -> bool:
+    """Whether :func:`~torch.distributions.kl_divergence` has a closed form for the pair,
+    remembered per registry size (a later ``register_kl`` is seen)."""
+    return any(issubclass(q_type, a) and issubclass(p_type, b) for a, b in _KL_REGISTRY)
 
 
 def _scale_and_mask(value: torch.Tensor, site) -> torch.Tensor:

@@ -89,12 +89,18 @@ def encode_labels(labels: torch.Tensor, fn: dist.Distribution, cache: Optional[d
     return cache[num_classes, dtype]
 
 
-def _categorical_logits(fn: dist.Distribution) -> torch.Tensor:
+def _categorical_base(fn: dist.Distribution) -> dist.Distribution:
+    """The categorical behind ``fn`` (a clear error if there is none)."""
     base = _base_distribution(fn)
     if not hasattr(base, "logits"):
         raise TypeError(
             f"the label site must be a categorical distribution, got {type(base).__name__}"
         )
+    return base
+
+
+def _categorical_logits(fn: dist.Distribution) -> torch.Tensor:
+    base = _categorical_base(fn)
     logits = base.logits.expand(fn.batch_shape + base.logits.shape[-1:])
     if isinstance(base, _NORMALISED_LOGITS):  # torch normalises them when it builds these
         return logits
@@ -121,7 +127,9 @@ def label_log_prob(fn: dist.Distribution, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _num_categories(fn: dist.Distribution) -> int:
-    return _categorical_logits(fn).shape[-1]
+    """The number of classes of the categorical behind ``fn``, read off its logits' shape
+    (not normalised for it)."""
+    return _categorical_base(fn).logits.shape[-1]
 
 
 def label_range_error(labels: torch.Tensor, fn: dist.Distribution, site: str) -> Optional[str]:

@@ -610,6 +610,15 @@ def test_model_and_guide_observe_one_encoding_of_the_labels():
     assert trace.nodes["y"]["value"] is labels
 
 
+def test_labels_for_a_non_categorical_site_are_a_clear_error():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    with pytest.raises(TypeError, match="the label site must be a categorical distribution, got Normal"):
+        SemiSupervisedELBO(max_plate_nesting=1).loss(model, model, binary_x(3), y=torch.tensor([0, 1, -1]))
+
+
 def test_first_svi_step_with_a_guessed_plate_nesting_steps_every_parameter():
     model, guide = tiny_m2()
     x, y = binary_x(4), torch.tensor([1, -1, 0, -1])

@@ -20,6 +20,7 @@ __all__ = [
     "FreezableStack",
     "data_size",
     "one_hot",
+    "one_hot_rows",
     "check_model_input",
     "record",
     "register_module",
@@ -94,7 +95,19 @@ def one_hot(y: Optional[torch.Tensor], num_classes: int, like: torch.Tensor) -> 
         return None
     if is_validation_enabled():
         check_labels(y, num_classes, allow_unlabelled=False)
-    return torch.nn.functional.one_hot(y, num_classes).to(dtype=like.dtype, device=like.device)
+    return one_hot_rows(y.to(like.device), num_classes, like.dtype)
+
+
+def one_hot_rows(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``labels`` (class indices) as one-hot rows of ``dtype``, without reading the labels
+    back to the host: a label outside ``[0, num_classes)`` fails a device-side assertion
+    (:func:`torch._assert_async`; an error at once on the CPU) where
+    :func:`torch.nn.functional.one_hot` would synchronise to check it on the CPU.  So the
+    step stays free of host synchronisation, as a CUDA graph needs (:mod:`pyrodgm.graphs`)."""
+    torch._assert_async(
+        ((labels >= 0) & (labels < num_classes)).all(), f"labels must be class indices in [0, {num_classes - 1}]"
+    )
+    return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
 def check_model_input(x: Optional[torch.Tensor], num_features: int, unit_interval: bool, name: str = "x") -> None:

@@ -35,7 +35,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _KL_REGISTRY
 
-from .modeling import registered_once
+from .modeling import one_hot_rows, registered_once
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -85,7 +85,7 @@ def encode_labels(labels: torch.Tensor, fn: dist.Distribution, cache: Optional[d
     dtype = fn.logits.dtype if hasattr(fn, "logits") else torch.get_default_dtype()
     cache = {} if cache is None else cache
     if (num_classes, dtype) not in cache:
-        cache[num_classes, dtype] = torch.nn.functional.one_hot(labels, num_classes).to(dtype)
+        cache[num_classes, dtype] = one_hot_rows(labels, num_classes, dtype)
     return cache[num_classes, dtype]
 
 

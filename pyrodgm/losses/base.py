@@ -51,10 +51,17 @@ class Loss(ELBO):
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The loss as a float; its gradients are accumulated into the parameters' ``.grad``."""
+        return torch_item(self.differentiate(model, guide, *args, **kwargs))
+
+    def differentiate(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        """:meth:`loss_and_grads` without reading the value back to the host: the
+        gradients are accumulated into the parameters' ``.grad`` and the loss is returned
+        as a detached tensor on its device (what a step captured in a CUDA graph calls,
+        :mod:`pyrodgm.graphs`)."""
         value = self.differentiable_loss(model, guide, *args, **kwargs)
         if value.requires_grad:
             value.backward()
-        return torch_item(value)
+        return value.detach()
 
 
 @dataclass
@@ -94,7 +101,7 @@ class WeightedSum(Loss):
         values = self._term_values(model, guide, args, kwargs)
         return sum(self.terms[name].weight * value for name, (value, _) in values.items())
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def differentiate(self, model, guide, *args, **kwargs) -> torch.Tensor:
         values = self._term_values(model, guide, args, kwargs)
         free = []
         for name, (value, params) in values.items():
@@ -107,7 +114,7 @@ class WeightedSum(Loss):
         total = sum(free) if free else torch.zeros(())
         if torch.is_tensor(total) and total.requires_grad:
             total.backward()
-        return torch_item(sum(self.terms[n].weight * v.detach() for n, (v, _) in values.items()))
+        return sum(self.terms[n].weight * v.detach() for n, (v, _) in values.items())
 
     def _term_values(self, model, guide, args, kwargs) -> dict[str, tuple[torch.Tensor, dict]]:
         values = {}

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
@@ -100,7 +101,7 @@ class ModelClassifierCrossEntropy(Loss):
             model, guide, args_l, kwargs_l, self.num_particles, self.label_site, int(self.max_plate_nesting)
         )
         num_classes = log_p.shape[-1]
-        if bool(((labels_l < 0) | (labels_l >= num_classes)).any()):
+        if is_validation_enabled() and bool(((labels_l < 0) | (labels_l >= num_classes)).any()):
             bad = labels_l[(labels_l < 0) | (labels_l >= num_classes)][0].item()
             raise ValueError(
                 f"label {bad} is out of range for the model's site '{self.label_site}' with {num_classes} classes"

@@ -29,7 +29,9 @@ References
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import contextlib
+from contextvars import ContextVar
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from pyro import poutine
@@ -52,22 +54,53 @@ from ..modeling import register_programs, registered_once
 from ..validation import UNLABELLED, check_labels
 from .base import Loss
 
-__all__ = ["SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch", "labelled_rows"]
+__all__ = [
+    "SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch", "labelled_rows", "labelled_prefix",
+]
+
+
+#: The number of leading labelled rows declared by :func:`labelled_prefix`, or ``None``.
+_LABELLED_PREFIX: ContextVar[Optional[int]] = ContextVar("pyrodgm_labelled_prefix", default=None)
+
+
+@contextlib.contextmanager
+def labelled_prefix(num_labelled: int) -> Iterator[None]:
+    """Within the block, the batches given to the losses have a fixed layout: their first
+    ``num_labelled`` rows are labelled, the others unlabelled (``-1``), as
+    :class:`~pyrodgm.data.SemiSupervisedBatches` lays them out.  :func:`split_batch` then
+    slices instead of selecting rows by a boolean mask, which reads the labels back to the
+    host and gives shapes that depend on the data; the slices have fixed shapes and need no
+    synchronisation, as a step captured in a CUDA graph requires (:mod:`pyrodgm.graphs`).
+    The labels are *not* looked at to confirm the layout: whoever declares it checks it
+    (:class:`~pyrodgm.graphs.StaticStep` does, on the device)."""
+    if not isinstance(num_labelled, int) or isinstance(num_labelled, bool) or num_labelled < 0:
+        raise ValueError(f"num_labelled must be a non-negative integer, got {num_labelled!r}")
+    token = _LABELLED_PREFIX.set(num_labelled)
+    try:
+        yield
+    finally:
+        _LABELLED_PREFIX.reset(token)
 
 
 def split_batch(labels: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple, dict, torch.Tensor]:
     """Split every tensor argument whose first dim is the batch into its labelled rows
     (``labels != -1``) and unlabelled rows.  Returns ``(args_l, kwargs_l, args_u, kwargs_u,
-    labels_l)``."""
+    labels_l)``.  Within :func:`labelled_prefix` the first rows are the labelled ones."""
     batch = labels.shape[0]
-    labelled = labels != UNLABELLED
+    prefix = _LABELLED_PREFIX.get()
+    if prefix is not None:
+        if prefix > batch:
+            raise ValueError(f"the batch has {batch} rows, fewer than the {prefix} labelled rows its layout declares")
+        labelled, unlabelled = slice(0, prefix), slice(prefix, batch)
+    else:
+        labelled = labels != UNLABELLED
+        unlabelled = ~labelled
 
-    def take(value, mask):
+    def take(value, rows):
         if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
-            return value[mask.to(value.device)]
+            return value[rows if isinstance(rows, slice) else rows.to(value.device)]
         return value
 
-    unlabelled = ~labelled
     args_l = tuple(take(a, labelled) for a in args)
     args_u = tuple(take(a, unlabelled) for a in args)
     kwargs_l = {k: take(v, labelled) for k, v in kwargs.items()}

@@ -67,6 +67,10 @@ class Recipe:
         classification error is computed, see :meth:`classifier_site`).
     :param dataset_defaults: data set name -> hyper-parameters of the paper for that data
         set, overriding :attr:`defaults` and :data:`DATASET_PRESETS` (:func:`defaults`).
+    :param graph_capturable: its training step can be captured in a CUDA graph
+        (:mod:`pyrodgm.graphs`): no host synchronisation, no data-dependent shape.  The
+        margin and metric losses look at which rows are labelled on the host, so the
+        max-margin models and the semi-supervised GMVAE are not.
     """
 
     name: str
@@ -83,6 +87,7 @@ class Recipe:
     supervised: bool = False
     labels_optional: bool = False
     dataset_defaults: dict[str, dict] = field(default_factory=dict)
+    graph_capturable: bool = True
 
     def classifier_site(self, config) -> Optional[str]:
         """The label site whose classification error a run with ``config`` reports:
@@ -265,6 +270,7 @@ RECIPES: dict[str, Recipe] = {
             make_loss=mmva_loss,
             metrics=margin_metrics,
             supervised=True,
+            graph_capturable=False,
         ),
         Recipe(
             "conv-mmva",
@@ -275,6 +281,7 @@ RECIPES: dict[str, Recipe] = {
             make_loss=mmva_loss,
             metrics=margin_metrics,
             supervised=True,
+            graph_capturable=False,
         ),
         Recipe(
             "va-pegasos",
@@ -299,6 +306,7 @@ RECIPES: dict[str, Recipe] = {
             "max-margin CNN whose argmax labels unlabelled data; eq. 16 with alpha 0.1, alpha_U 0.3, alpha_B 0.001",
             dict(CONV_MMCVA_DEFAULTS),
             make_loss=conv_mmcva_loss,
+            graph_capturable=False,
         ),
         # semi-supervised GMVAE: gmvae
         Recipe(
@@ -312,6 +320,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=gmvae_metrics,
             labels_optional=True,
             dataset_defaults=GMVAE_DATASETS,
+            graph_capturable=False,
         ),
         Recipe(
             "gmvae-clustering",

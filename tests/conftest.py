@@ -5,6 +5,8 @@ defaults; a module opts in with ``pytestmark = pytest.mark.usefixtures("pyro_tes
 (Pyro's own test conventions: float64, a cleared param store, a fixed seed, validation on).
 """
 
+import os
+
 import pyro
 import pytest
 import torch
@@ -55,3 +57,15 @@ def pyro_test_env(float64_default, clean_param_store, pyro_validation, single_th
     with 0."""
     pyro.set_rng_seed(0)
     yield
+
+
+@pytest.fixture
+def test_device():
+    """The device the ``cuda``-marked tests compare with the CPU: ``$PYRODGM_TEST_DEVICE``
+    (default ``cuda``; skipped where that is unavailable).  ``PYRODGM_TEST_DEVICE=cpu``
+    runs them CPU against CPU: the GPU kit's rehearsal does, so they cannot rot while no GPU
+    is lent."""
+    device = torch.device(os.environ.get("PYRODGM_TEST_DEVICE", "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (PYRODGM_TEST_DEVICE=cpu rehearses these tests on the CPU)")
+    return device

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 from torch.distributions import kl_divergence
 
 import pyro.distributions as dist
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         out = args.out or f"runs/experiments/{args.model}_active_units_{args.dataset}_seed{args.seed}"
         config = TrainConfig(**{**ADGM_DEFAULTS, "model": args.model, "dataset": args.dataset, "root": args.root,
                                 "download": args.download, "validation": args.validation, "epochs": args.epochs,
-                                "seed": args.seed, "device": args.device, "out": out})
+                                "seed": args.seed, "device": args.device, "out": out, **run_options(args)})
         metrics = train(config, resume=args.resume, progress=not args.quiet)
         checkpoint = Path(out) / "best.pt"
         config, _, model, guide, state = build_from_checkpoint(checkpoint, args.device)

@@ -15,15 +15,16 @@ alpha = 0.1 N / N_l per labelled example as in the authors' code (the text says 
 binarisation, the classifier averaged over 100 samples of a for predictions.  The paper
 trains on all 60k training images; here a validation set (10k by default) is carved out of
 them to choose the checkpoint whose test error is reported.  The curve of validation error
-against epoch is written beside the results JSON as a PNG.
+against epoch is written beside the results JSON as a PNG, and with ``--track-test`` the test
+error against epoch and training seconds (``_test_curve.png``), beside the authors' curve.
 
     python experiments/adgm_mnist_100.py --root ../shared/data --no-download --mc 10
     python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm
 """
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
-from pyrodgm.plots import plot_history
+from pyrodgm.plots import plot_history, plot_test_curve
 from pyrodgm.training import TrainConfig, train
 from pyrodgm.zoo import ADGM_DEFAULTS
 
@@ -36,6 +37,15 @@ TARGETS = {
     "sdgm": {"test_error": 0.0132, "std": 0.0007, "source": "Maaløe et al. 2016 (SDGM), as quoted in the mmDGM paper (Li et al.), Table 6; MC samples not stated there"},
 }
 FIG_2A = {"test_error": None, "source": "Maaløe et al. 2016, Fig. 2a (a curve only: the ADGM ends below it)"}
+
+#: Test error by epoch of the authors' released code (the ml-lab/auxiliary-deep-generative-models
+#: snapshot of Dec 2015, its log and output/train.png), as read off them (approximate), for
+#: the plot of ``--track-test`` runs.
+AUTHORS_CURVES = {
+    ("adgm", 1): {"label": "authors' code, 1 MC (approx.)", "points": [(20, 0.17), (50, 0.11), (100, 0.09), (200, 0.05)]},
+    ("adgm", 10): {"label": "authors' code, 10 MC (approx.)", "points": [(20, 0.15), (100, 0.06), (200, 0.016)]},
+    ("m2", 1): {"label": "authors' code, M2 (approx.)", "points": [(50, 0.18), (100, 0.14), (200, 0.10)]},
+}
 
 
 def target(model: str, mc: int) -> dict:
@@ -54,7 +64,7 @@ def config_for(args) -> TrainConfig:
         validation=args.validation, epochs=args.epochs, seed=args.seed, device=args.device,
         out=args.out or f"runs/experiments/{name(args)}_{args.dataset}_seed{args.seed}",
         num_particles=args.mc, eval_particles=args.eval_particles, alpha_factor=args.alpha_factor,
-        validate_inputs=not args.no_validate_inputs,
+        validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
     return TrainConfig(**values)
 
@@ -80,6 +90,9 @@ def main(argv=None) -> dict:
     }
     path = write_result(args, name(args), metrics, target(args.model, args.mc), started, extra)
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))
+    if args.track_test:
+        curve = path.with_name(path.stem + "_test_curve.png")
+        plot_test_curve(metrics["history"], curve, reference=AUTHORS_CURVES.get((args.model, args.mc)))
     return metrics
 
 

@@ -20,7 +20,7 @@ Paper targets: CaGeM-0 -81.92 (K=20), -81.86 (K=5), -81.60 (K=10); CaGeM-100 -79
 
 from pathlib import Path
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.data import IMAGE_SHAPES
 from pyrodgm.evaluation import iwae_evaluate, posterior_mean
@@ -52,7 +52,7 @@ def config_for(args) -> TrainConfig:
         model="cagem", dataset=args.dataset, root=args.root, download=args.download, labels=args.labels,
         num_clusters=args.clusters, validation=args.validation, epochs=args.epochs, seed=args.seed, device=args.device,
         out=args.out or f"runs/experiments/{name(args)}_{args.dataset}_seed{args.seed}",
-        eval_particles=args.eval_particles, validate_inputs=not args.no_validate_inputs,
+        eval_particles=args.eval_particles, validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
     if args.kl_warmup_epochs is not None:
         values["kl_warmup_epochs"] = args.kl_warmup_epochs

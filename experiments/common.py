@@ -33,7 +33,18 @@ def parser(description: str, epochs: int) -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: start no epoch that would end after this (continue later with --resume)")
+    p.add_argument("--track-test", action="store_true",
+                   help="record the test metrics after every epoch: test error against epoch and training seconds")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph (--device cuda)")
     return p
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The :class:`~pyrodgm.training.TrainConfig` fields of how a run is driven, from the
+    arguments every script takes (they do not change the maths)."""
+    return {"time_limit": args.time_limit, "track_test": args.track_test, "cuda_graph": args.cuda_graph}
 
 
 def setup(args: argparse.Namespace) -> float:
@@ -62,6 +73,8 @@ def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dic
         "wall_seconds": time.perf_counter() - started,
         "best_validation": metrics["best_validation"],
         "test": metrics.get("test"),
+        "history": metrics.get("history"),  # per epoch: validation (and with --track-test, test) metrics, training seconds
+        "stopped_by_time_limit": metrics.get("stopped_by_time_limit"),
         "paper": target,
         "command": command_line(),
         **(extra or {}),

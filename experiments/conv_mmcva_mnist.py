@@ -15,7 +15,7 @@ that of the CNN's argmax (eq. 2).
     python experiments/conv_mmcva_mnist.py --root ../shared/data --no-download --labels 1000
 """
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.plots import plot_history
 from pyrodgm.training import TrainConfig, train
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         validation=args.validation, epochs=args.epochs, seed=args.seed, device=args.device,
         out=args.out or f"runs/experiments/{name}_{args.dataset}_seed{args.seed}", batch_size=args.batch_size,
         labelled_per_batch=args.labelled_per_batch, lr=args.lr, alpha_u=args.alpha_u,
-        validate_inputs=not args.no_validate_inputs,
+        validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
     metrics = train(TrainConfig(**values), resume=args.resume, progress=not args.quiet)
     path = write_result(args, name, metrics, TARGETS[args.labels], started, {"config": metrics["config"]})

@@ -16,7 +16,7 @@ generations of each cluster and a t-SNE (or PCA) of the test features.
 
 from pathlib import Path
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 from gmvae_mnist_100 import add_gmvae_arguments, result_stem, save_figures
 
 from pyrodgm.plots import plot_history
@@ -38,7 +38,7 @@ def config_for(args) -> TrainConfig:
         model="gmvae-clustering", dataset=args.dataset, root=args.root, download=args.download, labels=0,
         labelled_per_batch=0, epochs=args.epochs, seed=args.seed, device=args.device, label_mode=args.label_mode,
         out=args.out or f"runs/experiments/gmvae_clustering_{args.dataset}_seed{args.seed}",
-        validate_inputs=not args.no_validate_inputs,
+        validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
     if args.validation is not None:
         values["validation"] = args.validation

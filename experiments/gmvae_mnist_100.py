@@ -18,7 +18,7 @@ Table 1's Fashion-MNIST column with its presets (paper: 26.88% +- 0.86).
 
 from pathlib import Path
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.data import IMAGE_SHAPES
 from pyrodgm.plots import plot_history, save_embedding, save_samples
@@ -38,7 +38,7 @@ def config_for(args) -> TrainConfig:
         model="gmvae", dataset=args.dataset, root=args.root, download=args.download, labels=args.labels,
         epochs=args.epochs, seed=args.seed, device=args.device, label_mode=args.label_mode,
         out=args.out or f"runs/experiments/gmvae_{args.dataset}_{args.labels}_seed{args.seed}",
-        validate_inputs=not args.no_validate_inputs,
+        validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
     if args.validation is not None:
         values["validation"] = args.validation

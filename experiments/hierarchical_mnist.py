@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.evaluation import iwae_evaluate
 from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data, train
@@ -73,7 +73,8 @@ def main(argv=None) -> dict:
     out = args.out or f"runs/experiments/{name}_{args.dataset}_seed{args.seed}"
     config = TrainConfig(
         **{**values, "model": args.model, "dataset": args.dataset, "root": args.root, "download": args.download,
-           "validation": args.validation, "epochs": args.epochs, "seed": args.seed, "device": args.device, "out": out},
+           "validation": args.validation, "epochs": args.epochs, "seed": args.seed, "device": args.device, "out": out,
+           **run_options(args)},
     )
     metrics = train(config, resume=args.resume, progress=not args.quiet)
 

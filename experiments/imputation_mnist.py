@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.checkpoint import load_checkpoint
 from pyrodgm.imputation import impute_checkpoint, mask_name
@@ -57,7 +57,7 @@ def _train(args) -> tuple[Path, dict]:
     out = args.out or f"runs/experiments/imputation_{args.model}_{args.dataset}_seed{args.seed}"
     values = {**defaults(args.model, args.dataset), "model": args.model, "dataset": args.dataset, "root": args.root,
               "download": args.download, "labels": args.labels, "validation": args.validation, "epochs": args.epochs,
-              "seed": args.seed, "device": args.device, "out": out}  # fmt: skip
+              "seed": args.seed, "device": args.device, "out": out, **run_options(args)}  # fmt: skip
     return Path(out) / "best.pt", train(TrainConfig(**values), resume=args.resume, progress=not args.quiet)
 
 

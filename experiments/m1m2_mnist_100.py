@@ -6,7 +6,7 @@ z1 ~ q(z1|x), as in the paper.  ``--end-to-end`` trains the stack jointly instea
     python experiments/m1m2_mnist_100.py --root ../shared/data --no-download --m1-epochs 300 --epochs 1000
 """
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.training import TrainConfig, train
 
@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
         m1_checkpoint = f"{base}/m1/best.pt"
     stack = TrainConfig(model="m1m2", labels=100, batch_size=200, labelled_per_batch=100, epochs=args.epochs,
                         z_dim=50, hidden=(500,), alpha_factor=0.1, eval_particles=10, m1_checkpoint=m1_checkpoint,
-                        end_to_end=args.end_to_end, out=f"{base}/m1m2", **common)
+                        end_to_end=args.end_to_end, out=f"{base}/m1m2", **common, **run_options(args))
     metrics = train(stack, resume=args.resume, progress=not args.quiet)
     extra = {"m1_epochs_completed": m1_metrics["epochs_completed"] if m1_metrics else None,
              "m1_train_seconds": m1_metrics["train_seconds_total"] if m1_metrics else None,

@@ -6,7 +6,7 @@ The test error is that of the checkpoint with the best validation error.
     python experiments/m2_mnist_100.py --root ../shared/data --no-download --epochs 1000
 """
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.training import TrainConfig, train
 
@@ -19,7 +19,7 @@ def main(argv=None) -> dict:
         model="m2", dataset=args.dataset, root=args.root, download=args.download, labels=100,
         validation=args.validation, epochs=args.epochs, batch_size=200, labelled_per_batch=100,
         lr=3e-4, seed=args.seed, device=args.device, out=out, z_dim=50, hidden=(500,),
-        activation="softplus", alpha_factor=0.1, eval_particles=1,
+        activation="softplus", alpha_factor=0.1, eval_particles=1, **run_options(args),
     )
     metrics = train(config, resume=args.resume, progress=not args.quiet)
     write_result(args, "m2_100_labels", metrics, {"test_error": 0.1197, "std": 0.0171, "source": "Kingma et al. 2014, Table 1"}, started)

@@ -13,7 +13,7 @@ and then fit a linear SVM on the features of the 50,000 non-validation training 
     python experiments/mmva_mnist.py --root ../shared/data --no-download --model va-pegasos --epochs 100
 """
 
-from common import parser, setup, write_result
+from common import parser, run_options, setup, write_result
 
 from pyrodgm.data import load_dataset, semi_supervised_split
 from pyrodgm.svm import fit_linear_svm, guide_features, svm_error
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     config = TrainConfig(**{
         **defaults(model, args.dataset), **overrides, "model": model, "dataset": args.dataset, "root": args.root,
         "download": args.download, "validation": args.validation, "epochs": args.epochs, "seed": args.seed,
-        "device": args.device, "out": out,
+        "device": args.device, "out": out, **run_options(args),
     })
     metrics = train(config, resume=args.resume, progress=not args.quiet)
     extra = {"model": model, "C": C, "command_fields": {"model": args.model, "C": f"{C:g}", "svm_C": f"{args.svm_C:g}"}}

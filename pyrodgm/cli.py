@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-samples", dest="samples", action="store_false", default=None)
     train.add_argument("--no-validate-inputs", dest="validate_inputs", action="store_false", default=None,
                        help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")
+    train.add_argument("--cuda-graph", action="store_true", default=None,
+                       help="capture the training step in a CUDA graph and replay it (--device cuda; m1, m2, m1m2, the ADGMs, "
+                            "cagem and the VAE baselines)")
+    train.add_argument("--time-limit", type=float, help="seconds: start no epoch that would end after this (resume later)")
+    train.add_argument("--track-test", action="store_true", default=None,
+                       help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 

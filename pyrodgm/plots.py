@@ -102,6 +102,38 @@ def plot_history(history: Sequence[dict], path: str | Path, keys: Sequence[str] 
     plt.close(fig)
 
 
+def plot_test_curve(
+    history: Sequence[dict], path: str | Path, reference: Optional[dict] = None, key: str = "test_error"
+) -> None:
+    """The test error recorded after every epoch (``--track-test``) against the epoch and
+    against the training seconds, as a PNG; ``reference`` (``{"label": ..., "points":
+    [(epoch, error), ...]}``) is drawn on the epoch axis, e.g. a paper's published curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in history if r.get(key) is not None]
+    if not records:
+        raise ValueError(f"the history has no '{key}': train with track_test (--track-test) to record it")
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(9, 3.4))
+    errors = [100 * r[key] for r in records]
+    by_epoch.plot([r["epoch"] for r in records], errors, marker=".", label="this run")
+    if reference:
+        epochs, values = zip(*reference["points"])
+        by_epoch.plot(epochs, [100 * v for v in values], "o--", label=reference["label"])
+        by_epoch.legend(fontsize=7)
+    by_time.plot([r["train_seconds"] for r in records], errors, marker=".")
+    for axis, label in ((by_epoch, "epoch"), (by_time, "training seconds")):
+        axis.set_xlabel(label)
+        axis.set_ylabel(f"{key.replace('_', ' ')} (%)")
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def embed_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Tensor:
     """``features`` (``[n, d]``) projected to 2-D by scikit-learn's PCA or t-SNE."""
     if method not in ("pca", "tsne"):

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import IMAGE_SHAPES, ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
 from .evaluation import classification_error
+from .graphs import CapturedStep
 from .losses import Loss, SemiSupervisedELBO
 from .optim import FusedAdam
-from .zoo import Recipe, recipe
+from .zoo import RECIPES, Recipe, recipe
 
 __all__ = ["TrainConfig", "TrainingDiverged", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
 
@@ -102,6 +103,10 @@ class TrainConfig:
     top_hidden: tuple[int, ...] = (100, 100)  # vae2, iwae, lvae: widths between z1 and z2 (hidden: between x and z1)
     samples: bool = True
     validate_inputs: bool = True
+    # how the run is driven (none of these changes the maths: a run may resume with others)
+    cuda_graph: bool = False  # capture the training step in a CUDA graph (pyrodgm.graphs; --device cuda only)
+    time_limit: Optional[float] = None  # seconds: start no epoch that would end after this (the run is resumable)
+    track_test: bool = False  # record the test set's metrics after every epoch (a curve; never used to choose)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -116,6 +121,13 @@ class TrainConfig:
             raise ValueError("a Bernoulli likelihood needs binary pixels: keep binarisation on, or use likelihood='gaussian'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device '{self.device}' was asked for but CUDA is not available")
+        if self.cuda_graph and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"cuda_graph needs a CUDA device (--device cuda), got '{self.device}': CUDA graphs are a GPU feature, "
+                "and the eager step is the CPU's path"
+            )
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,6 +190,8 @@ class Run:
     optim: FusedAdam
     batches: SemiSupervisedBatches
     validation: ImageData
+    test: Optional[ImageData] = None  # only with config.track_test
+    captured: Optional[CapturedStep] = None  # only with config.cuda_graph
     epoch: int = 0
     history: list = field(default_factory=list)
     best: Optional[dict] = None
@@ -220,9 +234,19 @@ def _prepare(config: TrainConfig) -> Run:
     model, guide = recipe_.create(config, train_data.num_features, train_data.num_classes)
     model.to(device), guide.to(device)
     loss = recipe_.loss(config, num_data=len(unlabelled_index), num_labels=labels)
-    optim = FusedAdam({"lr": learning_rate(config, 0), "betas": config.betas})
+    optim = FusedAdam({"lr": learning_rate(config, 0), "betas": config.betas, **({"capturable": True} if config.cuda_graph else {})})
     validation = evaluation_data(train_data.subset(validation_index), config).to(device)
-    return Run(config, recipe_, device, model, guide, loss, optim, batches, validation)
+    test = load_test_data(config, device) if config.track_test else None
+    captured = None
+    if config.cuda_graph:
+        if not recipe_.graph_capturable:
+            capturable = ", ".join(name for name, r in RECIPES.items() if r.graph_capturable)
+            raise ValueError(
+                f"'{config.model}' cannot be captured in a CUDA graph: its losses look at which rows are labelled on the "
+                f"host; train it without --cuda-graph (capturable: {capturable})"
+            )
+        captured = CapturedStep(model, guide, loss, optim, num_labelled=labelled_per_batch)
+    return Run(config, recipe_, device, model, guide, loss, optim, batches, validation, test, captured)
 
 
 def evaluation_data(data: ImageData, config: TrainConfig) -> ImageData:
@@ -304,18 +328,29 @@ def _run_epoch(run: Run, progress: bool) -> float:
     bar = tqdm(run.batches, desc=f"epoch {run.epoch + 1}/{run.config.epochs}", disable=not progress, leave=False)
     for x, y in bar:
         labels = y if run.batches.labelled_per_batch else None
-        value = training_step(run.model, run.guide, run.loss, run.optim, (x, labels))
         steps += 1
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the loss became {value} at epoch {run.epoch + 1}, step {steps}; the parameters are no longer "
-                f"finite, so training stops here. The last checkpoint (epoch {run.epoch}) is intact: lower --lr, or "
-                "lengthen the KL warm-up, and start again or resume from it"
-            )
+        if run.captured is None:
+            value = training_step(run.model, run.guide, run.loss, run.optim, (x, labels))
+            _check_finite(value, run, f"step {steps}")
+        else:  # a device tensor: read back once an epoch, not once a step
+            value = run.captured(x, labels)
         total += value
         if progress and steps % 20 == 0:
-            bar.set_postfix(loss=f"{total / steps / x.shape[0]:.2f}")
+            bar.set_postfix(loss=f"{float(total) / steps / x.shape[0]:.2f}")
+    if run.captured is not None:
+        run.captured.check()
+        total = float(total)
+        _check_finite(total, run, "one of its steps (a CUDA-graph run reads the loss back once an epoch)")
     return total / max(steps, 1) / run.config.batch_size
+
+
+def _check_finite(value: float, run: Run, where: str) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"the loss became {value} at epoch {run.epoch + 1}, {where}; the parameters are no longer "
+            f"finite, so training stops here. The last checkpoint (epoch {run.epoch}) is intact: lower --lr, or "
+            "lengthen the KL warm-up, and start again or resume from it"
+        )
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -330,15 +365,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         _check_resumable(config, state["config"])
         _restore(run, state)
     started = time.perf_counter()
+    longest_epoch, stopped_early = 0.0, False
     while run.epoch < config.epochs:
         epoch_start = time.perf_counter()
+        if config.time_limit is not None and longest_epoch and epoch_start - started + longest_epoch > config.time_limit:
+            stopped_early = True  # the next epoch would end after the limit
+            break
         train_loss = _run_epoch(run, progress)
-        metrics = validation_metrics(
-            run.model, run.guide, run.recipe.classifier_site(config), config.eval_particles, run.validation, run.recipe.metrics
-        )
+        site = run.recipe.classifier_site(config)
+        metrics = validation_metrics(run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics)
         run.epoch += 1
         record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
         record["epoch_seconds"] = time.perf_counter() - epoch_start
+        record["train_seconds"] = sum(r["epoch_seconds"] for r in run.history) + record["epoch_seconds"]
+        if run.test is not None:
+            record.update(_test_curve_point(run, site))
         run.history.append(record)
         if _is_better(metrics, run.best):
             run.best = {"epoch": run.epoch, **metrics}
@@ -352,7 +393,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if progress:
             tqdm.write(_format_record(record))
         _write_metrics(out, run, wall_seconds=time.perf_counter() - started)
-    return _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True)
+        longest_epoch = max(longest_epoch, time.perf_counter() - epoch_start)
+    return _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True, stopped_early=stopped_early)
+
+
+def _test_curve_point(run: Run, site: Optional[str]) -> dict:
+    """The test set's metrics now, for the curve of test error against epoch and time
+    (``config.track_test``); in its own random stream, so tracking does not change the run."""
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=_cuda_devices(run.device)):
+        metrics = validation_metrics(run.model, run.guide, site, run.config.eval_particles, run.test, run.recipe.metrics)
+    return {**{f"test_{k}": v for k, v in metrics.items()}, "test_seconds": time.perf_counter() - start}
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
@@ -363,7 +414,7 @@ def _check_resumable(config: TrainConfig, saved: dict) -> None:
     current = config.to_dict()
     # fields added after the checkpoint was written compare as their defaults
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    ignored = ("epochs", "out", "device", "samples")
+    ignored = ("epochs", "out", "device", "samples", "cuda_graph", "time_limit", "track_test")
     differing = [k for k in current if k not in ignored and _norm(current[k]) != _norm(saved.get(k, defaults[k]))]
     if differing:
         raise ValueError(f"cannot resume: the checkpoint was trained with different {', '.join(differing)}")
@@ -384,7 +435,7 @@ def _save_samples(run: Run, path: Path) -> None:
     save_samples(run.model, path, IMAGE_SHAPES[run.config.dataset], num_classes=num_classes)
 
 
-def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False) -> dict:
+def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False, stopped_early: bool = False) -> dict:
     metrics = {
         "config": run.config.to_dict(),
         "device": device_description(run.device),
@@ -394,6 +445,10 @@ def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False
         "wall_seconds_this_session": wall_seconds,
         "train_seconds_total": sum(r["epoch_seconds"] for r in run.history),
     }
+    if stopped_early:
+        metrics["stopped_by_time_limit"] = run.config.time_limit
+    if run.captured is not None:
+        metrics["cuda_graph_captures"] = run.captured.captures
     if final:
         metrics["test"] = evaluate_test_set(out / "best.pt", run.device)
     with open(out / "metrics.json", "w") as handle:

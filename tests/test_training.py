@@ -59,8 +59,11 @@ def assert_same(a, b, path="state"):
         assert a == b, path
 
 
+TIMING = ("epoch_seconds", "train_seconds", "test_seconds")
+
+
 def without_timing(history):
-    return [{k: v for k, v in record.items() if k != "epoch_seconds"} for record in history]
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
 
 
 def one_thread_run(cfg, **kwargs):
@@ -264,6 +267,44 @@ def test_bad_config(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(config(tmp_path / "run", **overrides), progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_time_limit_stops_between_epochs_and_the_run_resumes_exactly(tmp_path):
+    """A run stopped by its time limit (here: after its first epoch, since any epoch is
+    longer than a microsecond) writes its metrics and test result, and resuming it without
+    the limit ends where an uninterrupted run ends."""
+    stopped = train(config(tmp_path / "a", epochs=3, time_limit=1e-6), progress=False)
+    assert stopped["epochs_completed"] == 1 and stopped["stopped_by_time_limit"] == 1e-6
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["test"]["epoch"] == 1
+    resumed = train(config(tmp_path / "a", epochs=3), resume=True, progress=False)
+    uninterrupted = train(config(tmp_path / "b", epochs=3, time_limit=1e6), progress=False)
+    assert "stopped_by_time_limit" not in uninterrupted and "stopped_by_time_limit" not in resumed
+    assert without_timing(resumed["history"]) == without_timing(uninterrupted["history"])
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert_same(a["model"], b["model"]) and assert_same(a["guide"], b["guide"])
+
+
+def test_track_test_records_a_test_curve_without_changing_the_run(tmp_path):
+    tracked = train(config(tmp_path / "a", epochs=2, track_test=True), progress=False)
+    plain = train(config(tmp_path / "b", epochs=2), progress=False)
+    seconds = [r["train_seconds"] for r in tracked["history"]]
+    assert 0 < seconds[0] < seconds[1]
+    assert seconds[1] == pytest.approx(tracked["history"][0]["epoch_seconds"] + tracked["history"][1]["epoch_seconds"])
+    for record in tracked["history"]:
+        assert 0 <= record["test_error"] <= 1 and record["test_elbo"] < 0 and record["test_seconds"] > 0
+    assert all("test_error" not in r for r in plain["history"])
+    # the curve is drawn in its own random stream: the run itself is the untracked one
+    strip = lambda history: [{k: v for k, v in r.items() if not k.startswith("test_")} for r in history]  # noqa: E731
+    assert without_timing(strip(tracked["history"])) == without_timing(plain["history"])
+    assert tracked["test"] == plain["test"]
+
+
+def test_cuda_graph_needs_a_cuda_device(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        config(tmp_path, cuda_graph=True)
+    with pytest.raises(ValueError, match="time_limit must be a positive number"):
+        config(tmp_path, time_limit=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -16,7 +16,11 @@ CPU memory in the process (:func:`pyrodgm.allocator.tune_glibc_malloc`;
 ``--glibc-malloc-defaults`` does not).  It also times the IWAE evaluation (test images per second at
 ``--iwae-k``, networks in eval mode) and records peak memory.
 
+With ``--cuda-graph`` (CUDA only) it also times pyrodgm's step captured in a CUDA graph
+(:class:`pyrodgm.graphs.CapturedStep`) against the same eager reference.
+
     python experiments/bench_speed.py --device cpu --threads 2
+    python experiments/bench_speed.py --device cuda --cuda-graph
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from references import cagem_loss as cagem_reference
 
 from pyrodgm.allocator import tune_glibc_malloc
 from pyrodgm.evaluation import iwae_log_likelihood
+from pyrodgm.graphs import CapturedStep
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
@@ -71,6 +76,7 @@ def _setup(model, guide, reference, device: torch.device, batch: int, num_partic
         "guide": guide,
         "x": x,
         "y": y,
+        "num_labelled": batch,  # the labelled rows come first, as CapturedStep needs
         "loss": loss,
         "reference": lambda: reference(model, guide, x, y, alpha),
         "reference_grads": lambda: reference_grads(model, guide, x, y, alpha),
@@ -139,23 +145,32 @@ def check_same_loss(setup: dict, seed: int = 0) -> tuple[float, float]:
     return ours, reference
 
 
-def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, validate: bool) -> dict:
+def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, validate: bool, cuda_graph: bool = False) -> dict:
     """Median seconds per step of the reference and of pyrodgm, interleaved, their ratio,
-    and the quartiles of the per-round ratios."""
+    and the quartiles of the per-round ratios.  ``cuda_graph``: pyrodgm's step is
+    :class:`~pyrodgm.graphs.CapturedStep` (the reference stays eager), timed after its
+    warm-up steps and its capture."""
     pyro.clear_param_store()
     pyro.enable_validation(validate)
     model, guide = setup["model"], setup["guide"]
     params = list(model.parameters()) + list(guide.parameters())
     reference_optim = torch.optim.Adam(params, **adam_arguments({"lr": 1e-4}, params))  # the same Adam kernel as FusedAdam's
-    svi = pyro.infer.SVI(model, guide, FusedAdam({"lr": 1e-4}), setup["loss"])
+    if cuda_graph:
+        captured = CapturedStep(model, guide, setup["loss"], FusedAdam({"lr": 1e-4, "capturable": True}), setup["num_labelled"])
+        warmup = max(warmup, captured.warmup_steps + 1)  # the capture happens in the warm-up
+
+        def pyro_step() -> None:
+            captured(setup["x"], setup["y"])
+    else:
+        svi = pyro.infer.SVI(model, guide, FusedAdam({"lr": 1e-4}), setup["loss"])
+
+        def pyro_step() -> None:
+            svi.step(setup["x"], y=setup["y"])
 
     def reference_step() -> None:
         reference_optim.zero_grad()
         setup["reference_grads"]()
         reference_optim.step()
-
-    def pyro_step() -> None:
-        svi.step(setup["x"], y=setup["y"])
 
     times: dict[str, list[float]] = {"reference": [], "pyrodgm": []}
     order = (("reference", reference_step), ("pyrodgm", pyro_step))
@@ -218,7 +233,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=None, help="JSON file (default results/bench_speed_DEVICE.json)")
     parser.add_argument("--glibc-malloc-defaults", action="store_true",
                         help="keep glibc's malloc thresholds (default: pyrodgm.allocator.tune_glibc_malloc, as the CLI)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time pyrodgm's step captured in a CUDA graph (pyrodgm.graphs.CapturedStep; CUDA only)")
     args = parser.parse_args(argv)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error("--cuda-graph needs --device cuda")
     malloc_tuned = False if args.glibc_malloc_defaults else tune_glibc_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,15 +262,20 @@ def main(argv=None) -> dict:
             "loss_reference": reference,
             "step_validation_off": time_steps(setup, device, args.steps, args.warmup, validate=False),
             "step_validation_on": time_steps(setup, device, args.steps, args.warmup, validate=True),
+            **({"step_cuda_graph": time_steps(setup, device, args.steps, args.warmup, validate=False, cuda_graph=True)}
+               if args.cuda_graph else {}),
             "iwae": time_iwae(setup, device, args.iwae_k, args.iwae_images, args.iwae_chunk),
             "peak_memory_mb": peak_memory_mb(device),
         }
         if "note" in setup:
             report["models"][name]["note"] = setup["note"]
-    print(f"{'model':8} {'reference s/step':>17} {'pyrodgm s/step':>15} {'ratio':>6} {'ratio (validated)':>18} {'IWAE img/s':>11}")
+    print(f"{'model':8} {'reference s/step':>17} {'pyrodgm s/step':>15} {'ratio':>6} {'ratio (validated)':>18} "
+          f"{'ratio (CUDA graph)':>19} {'IWAE img/s':>11}")
     for name, row in report["models"].items():
         off, on = row["step_validation_off"], row["step_validation_on"]
-        print(f"{name:8} {off['reference_s']:17.4f} {off['pyrodgm_s']:15.4f} {off['ratio']:6.3f} {on['ratio']:18.3f} {row['iwae']['images_per_second']:11.2f}")
+        graphed = f"{row['step_cuda_graph']['ratio']:19.3f}" if "step_cuda_graph" in row else f"{'-':>19}"
+        print(f"{name:8} {off['reference_s']:17.4f} {off['pyrodgm_s']:15.4f} {off['ratio']:6.3f} {on['ratio']:18.3f} {graphed} "
+              f"{row['iwae']['images_per_second']:11.2f}")
     output = Path(args.output) if args.output else RESULTS / f"bench_speed_{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))

@@ -1,7 +1,7 @@
 """Print the results tables of README.md from experiments/results/*.json, so that every
 number in the README comes from a recorded run: training runs (written by the experiment
-scripts), IWAE evaluations (``pyrodgm evaluate ... --output``) and speed benchmarks
-(``bench_speed.py``).
+scripts), IWAE evaluations (``pyrodgm evaluate ... --output``), speed benchmarks
+(``bench_speed.py``) and GPU kit runs (``gpu_kit.py collect``).
 
     python experiments/results_table.py            # print the markdown tables
     python experiments/results_table.py --write    # replace them in README.md
@@ -151,8 +151,8 @@ def active_unit_rows(results: list[tuple[str, dict]]) -> list[str]:
 
 def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
     lines = [
-        "| model | reference s/step | pyrodgm s/step | ratio, validation off (quartiles of the per-round ratio) | ratio, validation on | IWAE images/s (k) | hardware | date | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | reference s/step | pyrodgm s/step | ratio, validation off (quartiles of the per-round ratio) | ratio, validation on | ratio, step in a CUDA graph | IWAE images/s (k) | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:
         if "models" not in result or "command" not in result:
@@ -162,8 +162,10 @@ def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
             spread = off.get("paired_ratio_quartiles")
             ratio = f"{off['ratio']:.3f}" + (f" ({spread[0]:.3f}-{spread[2]:.3f})" if spread else "")
             hardware = result["device"] + (f"; malloc: {result['malloc']}" if "malloc" in result else "")
+            graphed = row.get("step_cuda_graph")
+            graphed = "n/a" if graphed is None else f"{graphed['ratio']:.3f} ({graphed['pyrodgm_s']:.4f} s/step)"
             lines.append(
-                f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} "
+                f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} | {graphed} "
                 f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {hardware} | {result['date']} | `{result['command']}` |"
             )
     return lines
@@ -195,6 +197,28 @@ def imputation_rows(results: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def gpu_kit_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """One row per GPU kit run (``gpu_kit.py collect`` saves its ``kit.json``): the machine,
+    each stage's outcome and time, the IWAE rate measured."""
+    lines = [
+        "| date | GPU | torch, CUDA | stages (status, seconds) | IWAE images/s (k) | command |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, result in results:
+        if "stages" not in result or "budget_seconds" not in result:
+            continue
+        environment = result.get("environment") or {}
+        gpu = (environment.get("gpu") or {}).get("name", result["device"])
+        stages = ", ".join(f"{s['stage']} {s['status']}" + (f" {s['seconds']:.0f}" if "seconds" in s else "") for s in result["stages"])
+        probe = result.get("iwae_probe")
+        rate = "n/a" if not probe else f"{probe['images_per_second']:.2f} ({probe['iwae_k']})"
+        lines.append(
+            f"| {result['date']} | {gpu} | {environment.get('torch', 'n/a')}, {environment.get('torch_cuda', 'n/a')} "
+            f"| {stages} | {rate} | `{result['command']}` |"
+        )
+    return lines
+
+
 def tables(results_dir: Path) -> list[str]:
     """The tables, each under its heading; a table with no rows is left out."""
     results = _load(results_dir)
@@ -205,6 +229,7 @@ def tables(results_dir: Path) -> list[str]:
         ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),
         ("Missing-data imputation (Li et al., Tables 4-5)", imputation_rows(results)),
         ("Speed: pyrodgm's SVI step against hand-written PyTorch of the same loss", speed_rows(results)),
+        ("GPU kit runs (experiments/gpu_kit.py)", gpu_kit_rows(results)),
     ):
         if len(table) > 2:
             lines += ["", f"### {heading}", "", *table]

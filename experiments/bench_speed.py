@@ -198,6 +198,16 @@ def time_steps(setup: dict, device: torch.device, steps: int, warmup: int, valid
     }
 
 
+def time_graphed_steps(setup: dict, device: torch.device, steps: int, warmup: int) -> dict:
+    """:func:`time_steps` with the step in a CUDA graph, or the error that stopped the
+    capture (recorded, so the benchmark's other rows survive it)."""
+    try:
+        return time_steps(setup, device, steps, warmup, validate=False, cuda_graph=True)
+    except (RuntimeError, ValueError) as error:
+        pyro.enable_validation(True)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def time_iwae(setup: dict, device: torch.device, k: int, images: int, chunk: int) -> dict:
     """IWAE-k of the first ``images`` rows, in eval mode (batch-norm with its running
     statistics, as at test time)."""
@@ -251,6 +261,8 @@ def main(argv=None) -> dict:
         "command": "python experiments/bench_speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "models": {},
     }
+    output = Path(args.output) if args.output else RESULTS / f"bench_speed_{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         pyro.set_rng_seed(0)
         setup = SETUPS[name](device, args.batch)
@@ -262,22 +274,21 @@ def main(argv=None) -> dict:
             "loss_reference": reference,
             "step_validation_off": time_steps(setup, device, args.steps, args.warmup, validate=False),
             "step_validation_on": time_steps(setup, device, args.steps, args.warmup, validate=True),
-            **({"step_cuda_graph": time_steps(setup, device, args.steps, args.warmup, validate=False, cuda_graph=True)}
-               if args.cuda_graph else {}),
+            **({"step_cuda_graph": time_graphed_steps(setup, device, args.steps, args.warmup)} if args.cuda_graph else {}),
             "iwae": time_iwae(setup, device, args.iwae_k, args.iwae_images, args.iwae_chunk),
             "peak_memory_mb": peak_memory_mb(device),
         }
         if "note" in setup:
             report["models"][name]["note"] = setup["note"]
+        output.write_text(json.dumps(report, indent=2))  # model by model: a run stopped midway keeps what it measured
     print(f"{'model':8} {'reference s/step':>17} {'pyrodgm s/step':>15} {'ratio':>6} {'ratio (validated)':>18} "
           f"{'ratio (CUDA graph)':>19} {'IWAE img/s':>11}")
     for name, row in report["models"].items():
         off, on = row["step_validation_off"], row["step_validation_on"]
-        graphed = f"{row['step_cuda_graph']['ratio']:19.3f}" if "step_cuda_graph" in row else f"{'-':>19}"
+        graphed = row.get("step_cuda_graph", {}).get("ratio")
+        graphed = f"{graphed:19.3f}" if graphed is not None else f"{'failed' if 'step_cuda_graph' in row else '-':>19}"
         print(f"{name:8} {off['reference_s']:17.4f} {off['pyrodgm_s']:15.4f} {off['ratio']:6.3f} {on['ratio']:18.3f} {graphed} "
               f"{row['iwae']['images_per_second']:11.2f}")
-    output = Path(args.output) if args.output else RESULTS / f"bench_speed_{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     return report
 

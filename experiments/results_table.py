@@ -163,7 +163,12 @@ def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
             ratio = f"{off['ratio']:.3f}" + (f" ({spread[0]:.3f}-{spread[2]:.3f})" if spread else "")
             hardware = result["device"] + (f"; malloc: {result['malloc']}" if "malloc" in result else "")
             graphed = row.get("step_cuda_graph")
-            graphed = "n/a" if graphed is None else f"{graphed['ratio']:.3f} ({graphed['pyrodgm_s']:.4f} s/step)"
+            if graphed is None:
+                graphed = "n/a"
+            elif "error" in graphed:
+                graphed = "capture failed (the JSON has the error)"
+            else:
+                graphed = f"{graphed['ratio']:.3f} ({graphed['pyrodgm_s']:.4f} s/step)"
             lines.append(
                 f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} | {graphed} "
                 f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {hardware} | {result['date']} | `{result['command']}` |"

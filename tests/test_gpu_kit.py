@@ -1,6 +1,7 @@
 """The GPU kit (experiments/gpu_kit.py) rehearsed on the CPU: pack offline (pyrodgm's own
 wheel and a tiny MNIST in torchvision's layout), then ``run --device cpu --smoke``, which
-installs the kit into a folder of its own and runs every stage as the GPU would."""
+installs the kit into a folder of its own, unpacks and checks its MNIST and runs every
+stage as the GPU would (training on the 8x8 digits)."""
 
 import gzip
 import json
@@ -69,15 +70,16 @@ def test_pack_and_the_cpu_rehearsal_of_the_whole_run(tmp_path):
     bench = json.loads((out / "bench_speed_cpu.json").read_text())
     assert set(bench["models"]) == {"m2"} and bench["models"]["m2"]["step_validation_off"]["ratio"] > 0
 
-    (result_file,) = out.glob("adgm_1mc_100_labels_mnist_seed0.json")
+    assert report["mnist"] == "unpacked and verified"
+    (result_file,) = out.glob("adgm_1mc_100_labels_digits_seed0.json")  # the rehearsal trains on the digits
     result = json.loads(result_file.read_text())
-    assert result["epochs_completed"] == 2 and result["dataset"] == "mnist"
+    assert result["epochs_completed"] == 2
     assert all(0 <= r["test_error"] <= 1 and r["train_seconds"] > 0 for r in result["history"])
-    assert (out / "adgm_1mc_100_labels_mnist_seed0_test_curve.png").stat().st_size > 0
+    assert (out / "adgm_1mc_100_labels_digits_seed0_test_curve.png").stat().st_size > 0
 
     (iwae_file,) = out.glob("iwae20_adgm_test_set_cpu.json")
     iwae = json.loads(iwae_file.read_text())
-    assert iwae["num_examples"] == 100 and iwae["iwae_log_likelihood"] < 0
+    assert iwae["num_examples"] == 297 and iwae["iwae_log_likelihood"] < 0
     assert report["iwae_probe"]["images_per_second"] > 0
     assert len(list(out.iterdir())) <= 8  # what a device call brings back
 
@@ -99,6 +101,14 @@ def test_run_refuses_a_kit_packed_from_other_sources(tmp_path):
     missing = subprocess.run([sys.executable, str(KIT), "run", "--kit", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "run 'python experiments/gpu_kit.py pack' first" in missing.stderr
+
+
+def test_the_kits_test_set_sizes_are_pyrodgms():
+    from pyrodgm.data import load_dataset
+
+    kit = _import_kit()
+    assert kit.DIGITS_TEST_IMAGES == len(load_dataset("digits", train=False))
+    assert kit.MNIST_TEST_IMAGES == 10_000
 
 
 def test_sources_digest_follows_the_sources(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI
+from torch.utils._python_dispatch import TorchDispatchMode
 from tiny_recipes import ALL_RECIPES, tiny_case
 
 from pyrodgm.graphs import CapturedStep, LabelLayoutError, StaticStep, _module_state, _optimizer_settings, _plain_state
@@ -74,12 +75,33 @@ def test_recipes_marked_capturable_step_on_the_meta_device(name):
     step = StaticStep(case.model, case.guide, case.loss, FusedAdam({"lr": 1e-2}), case.num_labelled)
     with pyro.validation_enabled(False):
         if RECIPES[name].graph_capturable:
-            for _ in range(2):  # the second step runs with the optimiser's state in place
-                value = step(case.x, case.y)
+            with _HostToDeviceCopies() as copies:
+                for _ in range(2):  # the second step runs with the optimiser's state in place
+                    value = step(case.x, case.y)
             assert value.device.type == "meta" and value.shape == ()
+            assert not copies.seen, f"host-to-device copies in the step: {copies.seen}"
         else:
             with pytest.raises((RuntimeError, NotImplementedError)):
                 step(case.x, case.y)
+
+
+class _HostToDeviceCopies(TorchDispatchMode):
+    """Records every copy of a CPU tensor to another device (on CUDA: a host-to-device
+    transfer, which the meta device itself allows but a graph capture does not hold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            target = out
+            if isinstance(source, torch.Tensor) and source.device.type == "cpu" and target.device.type != "cpu":
+                self.seen.append(f"{func} {tuple(source.shape)}")
+        return out
 
 
 def test_static_step_reports_a_batch_that_breaks_its_label_layout():

@@ -17,7 +17,9 @@ slow one cannot eat the rest, each leaving its results in ``--out`` as it finish
 
 ``kit.json`` (written after every stage) holds the manifest of the kit, the environment,
 each stage's command, status, time and the end of its output.  ``collect`` copies a run's
-files into ``experiments/results`` for the results table.
+files into ``experiments/results`` for the results table.  ``--stages`` runs some stages
+only, so a later call can give a whole budget to one: ``run --stages env adgm --adgm-mc 10``
+for Maaløe et al.'s 10-sample ADGM.
 
     python experiments/gpu_kit.py pack --mnist-root ../shared/data     # here: fills .gpu-kit/
     python3 experiments/gpu_kit.py run --out "$OUT"                    # there, in one call
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 DEFAULT_KIT = ROOT / ".gpu-kit"
 #: What the lent machine's image lacks of pyrodgm's runtime needs (its image lists torch,
 #: torchvision, numpy, scipy, scikit-learn, matplotlib, tqdm, pandas, xarray, h5py,
@@ -269,6 +272,7 @@ def _unpack_mnist(kit: Path, data: Path, manifest: dict) -> bool:
     return True
 
 
+STAGES = ("env", "cuda_tests", "bench", "adgm", "iwae")
 #: Seconds each stage may take at most in a full run (the ADGM gets what is left, minus the IWAE's share).
 STAGE_LIMITS = {"env": 60, "cuda_tests": 150, "bench": 150}
 IWAE_RESERVE, IWAE_PROBE_IMAGES = 120, 200
@@ -297,59 +301,65 @@ def run(args: argparse.Namespace) -> dict:
     runner.env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
                       PYTHONUNBUFFERED="1", MPLBACKEND="Agg", PYRODGM_TEST_DEVICE=args.device)
     runner.save()
-    experiments = ROOT / "experiments"
-    smoke, device = args.smoke, args.device
-
-    env = runner.stage("env", _python(str(experiments / "gpu_kit.py"), "env", "--output", str(work / "env.json")),
-                       STAGE_LIMITS["env"])
-    if env["status"] == "ok":
-        report["environment"] = json.loads((work / "env.json").read_text())
-        runner.save()
-
-    runner.stage("cuda_tests", _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-                                       str(ROOT / "tests" / "test_cuda.py"), "--junitxml", str(out / "cuda_tests.xml")),
-                 STAGE_LIMITS["cuda_tests"])
-
-    bench = [str(experiments / "bench_speed.py"), "--device", device, "--output", str(out / f"bench_speed_{device}.json")]
-    if smoke:
-        bench += ["--models", "m2", "--threads", "1", "--steps", "2", "--warmup", "1", "--batch", "20", "--iwae-k", "20",
-                  "--iwae-images", "2", "--iwae-chunk", "10"]
-    else:
-        bench += ["--steps", "50", "--warmup", "10", "--iwae-k", "5000", "--iwae-images", "100", "--iwae-chunk", "1000"]
-        bench += ["--cuda-graph"] if device.startswith("cuda") else []
-    runner.stage("bench", _python(*bench), STAGE_LIMITS["bench"])
-
-    run_dir = work / "runs" / "adgm"
-    use_mnist = has_mnist and not smoke  # the rehearsal trains on the 8x8 digits: seconds, not minutes
-    data_args = ["--root", str(data), "--no-download"] if use_mnist else ["--dataset", "digits"]
-    adgm = [str(experiments / "adgm_mnist_100.py"), *data_args, "--mc", "1", "--device", device, "--out", str(run_dir),
-            "--results", str(out), "--track-test", "--quiet", "--no-validate-inputs"]
-    if smoke:
-        adgm += ["--epochs", "2", "--validation", "300", "--eval-particles", "2", "--threads", "1"]
-        runner.stage("adgm", _python(*adgm), 600)
-    else:
-        timeout = runner.left() - IWAE_RESERVE
-        limit = max(timeout - 60, 1)  # the last epoch may end at the limit; then the test evaluation and the plots
-        adgm += ["--epochs", "1000", "--time-limit", f"{limit:.0f}"]
-        graphed = device.startswith("cuda")
-        record = runner.stage("adgm", _python(*adgm, *(["--cuda-graph"] if graphed else [])), timeout)
-        if graphed and record["status"] == "failed":  # the graph did not hold: the eager step, with the time left
-            timeout = runner.left() - IWAE_RESERVE
-            adgm[adgm.index("--time-limit") + 1] = f"{max(timeout - 60, 1):.0f}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            runner.stage("adgm_eager", _python(*adgm), timeout)
-
-    checkpoint = run_dir / "best.pt"
-    if checkpoint.is_file():
-        _iwae_stages(runner, checkpoint, device, smoke, data if use_mnist else None, out)
-    else:
-        runner.skip("iwae_probe", "the ADGM stage left no checkpoint to evaluate")
+    stages = set(args.stages)
+    if "env" in stages:
+        env = runner.stage("env", _python(str(EXPERIMENTS / "gpu_kit.py"), "env", "--output", str(work / "env.json")),
+                           STAGE_LIMITS["env"])
+        if env["status"] == "ok":
+            report["environment"] = json.loads((work / "env.json").read_text())
+            runner.save()
+    if "cuda_tests" in stages:
+        runner.stage("cuda_tests", _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                                           str(ROOT / "tests" / "test_cuda.py"), "--junitxml", str(out / "cuda_tests.xml")),
+                     STAGE_LIMITS["cuda_tests"])
+    if "bench" in stages:
+        runner.stage("bench", _python(*_bench_command(args, out)), STAGE_LIMITS["bench"])
+    use_mnist = has_mnist and not args.smoke  # the rehearsal trains on the 8x8 digits: seconds, not minutes
+    if "adgm" in stages:
+        checkpoint = _adgm_stage(runner, args, data if use_mnist else None, out, reserve=IWAE_RESERVE if "iwae" in stages else 0)
+        if "iwae" in stages and checkpoint.is_file():
+            _iwae_stages(runner, checkpoint, args.device, args.smoke, data if use_mnist else None, out)
+        elif "iwae" in stages:
+            runner.skip("iwae_probe", "the ADGM stage left no checkpoint to evaluate")
     report["seconds"] = round(time.monotonic() - started, 2)
     runner.save()
     shutil.rmtree(work, ignore_errors=True)
     failed = [s["stage"] for s in report["stages"] if s["status"] != "ok"]
     print(f"[gpu kit] done in {report['seconds']} s" + (f"; not ok: {', '.join(failed)}" if failed else "; every stage ok"))
     return report
+
+
+def _bench_command(args: argparse.Namespace, out: Path) -> list[str]:
+    command = [str(EXPERIMENTS / "bench_speed.py"), "--device", args.device, "--output", str(out / f"bench_speed_{args.device}.json")]
+    if args.smoke:
+        return command + ["--models", "m2", "--threads", "1", "--steps", "2", "--warmup", "1", "--batch", "20",
+                          "--iwae-k", "20", "--iwae-images", "2", "--iwae-chunk", "10"]
+    command += ["--steps", "50", "--warmup", "10", "--iwae-k", "5000", "--iwae-images", "100", "--iwae-chunk", "1000"]
+    return command + (["--cuda-graph"] if args.device.startswith("cuda") else [])
+
+
+def _adgm_stage(runner: Runner, args: argparse.Namespace, data: Optional[Path], out: Path, reserve: float) -> Path:
+    """ADGM with ``--adgm-mc`` samples on MNIST (the digits without ``data``), its test error
+    after every epoch, stopped by a time limit that leaves ``reserve`` seconds; on CUDA with
+    the step in a CUDA graph, and eagerly with the time left if the graph fails.  Returns
+    the run's ``best.pt``."""
+    run_dir = runner.work / "runs" / "adgm"
+    data_args = ["--root", str(data), "--no-download"] if data else ["--dataset", "digits"]
+    command = [str(EXPERIMENTS / "adgm_mnist_100.py"), *data_args, "--mc", str(args.adgm_mc), "--device", args.device,
+               "--out", str(run_dir), "--results", str(out), "--track-test", "--quiet", "--no-validate-inputs"]
+    if args.smoke:
+        runner.stage("adgm", _python(*command, "--epochs", "2", "--validation", "300", "--eval-particles", "2",
+                                     "--threads", "1"), 600)
+        return run_dir / "best.pt"
+    graphed = args.device.startswith("cuda")
+    for name, extra in (("adgm", ["--cuda-graph"] if graphed else []), ("adgm_eager", [])):
+        timeout = runner.left() - reserve
+        limit = max(timeout - 60, 1)  # the last epoch may end at the limit; then the test evaluation and the plots
+        record = runner.stage(name, _python(*command, "--epochs", "1000", "--time-limit", f"{limit:.0f}", *extra), timeout)
+        if not (graphed and name == "adgm" and record["status"] == "failed"):
+            break
+        shutil.rmtree(run_dir, ignore_errors=True)  # the graph did not hold: the eager step, with the time left
+    return run_dir / "best.pt"
 
 
 def _iwae_stages(runner: Runner, checkpoint: Path, device: str, smoke: bool, data: Optional[Path], out: Path) -> None:
@@ -453,6 +463,9 @@ def main(argv=None) -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--smoke", action="store_true", help="tiny settings: the rehearsal")
     r.add_argument("--budget", type=float, default=540, help="seconds for the whole run (a device call may take 600)")
+    r.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="the stages to run, in their fixed order (iwae needs adgm); default all")
+    r.add_argument("--adgm-mc", type=int, default=1, help="Monte Carlo samples per step of the ADGM stage (the paper: 1 or 10)")
     e = commands.add_parser("env", help="print the environment as JSON (a stage of run)")
     e.add_argument("--output")
     c = commands.add_parser("collect", help="copy a run's files into experiments/results")

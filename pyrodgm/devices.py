@@ -73,6 +73,10 @@ class _HostRandomNumbers(TorchDispatchMode):
             host_written = host_args[0] if kwargs.get("out") is None else host_kwargs["out"]
             written.copy_(host_written)
             return written
+        if func is torch.ops.aten.native_dropout.default:
+            # the CPU kernel's mask is of the input's dtype, the accelerators' (and their backward's) boolean
+            output, mask = result
+            return output.to(device), mask.to(device=device, dtype=torch.bool)
         return tree_map(lambda value: value.to(device) if isinstance(value, torch.Tensor) else value, result)
 
 

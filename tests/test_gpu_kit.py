@@ -91,6 +91,18 @@ def test_pack_and_the_cpu_rehearsal_of_the_whole_run(tmp_path):
     assert "adgm ok" in row and "iwae ok" in row and "--smoke" in row
 
 
+@pytest.mark.slow
+def test_run_with_some_stages_only(tmp_path):
+    """``--stages`` runs those alone (here the training without the IWAE: it takes the whole budget)."""
+    kit, out = tmp_path / "kit", tmp_path / "out"
+    _kit("pack", "--kit", str(kit), "--no-download", cwd=tmp_path)
+    _kit("run", "--kit", str(kit), "--out", str(out), "--device", "cpu", "--smoke", "--stages", "env", "adgm", "--adgm-mc", "2",
+         cwd=tmp_path)
+    report = json.loads((out / "kit.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["env", "adgm"] and report["mnist"] == "not in the kit"
+    assert json.loads((out / "adgm_2mc_100_labels_digits_seed0.json").read_text())["mc_samples"] == 2
+
+
 def test_run_refuses_a_kit_packed_from_other_sources(tmp_path):
     kit = tmp_path / "kit"
     (kit / "wheels").mkdir(parents=True)

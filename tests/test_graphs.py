@@ -166,8 +166,9 @@ def test_one_hot_rows_is_torchs_one_hot_and_checks_the_range():
             one_hot_rows(bad, 4, torch.float64)
 
 
-def test_differentiate_is_loss_and_grads_without_the_float():
-    case = tiny_case("adgm")
+@pytest.mark.parametrize("name", ["adgm", "cagem"])  # cagem: a WeightedSum with restricted terms (params=)
+def test_differentiate_is_loss_and_grads_without_the_float(name):
+    case = tiny_case(name)
     params = [p for m in (case.model, case.guide) for p in m.parameters()]
     results = []
     for method in ("loss_and_grads", "differentiate"):
@@ -175,25 +176,12 @@ def test_differentiate_is_loss_and_grads_without_the_float():
             p.grad = None
         pyro.set_rng_seed(3)
         value = getattr(case.loss, method)(case.model, case.guide, case.x, y=case.y)
-        results.append((value, [p.grad.clone() for p in params]))
+        results.append((value, [None if p.grad is None else p.grad.clone() for p in params]))
     (as_float, grads), (as_tensor, tensor_grads) = results
     assert isinstance(as_float, float) and torch.is_tensor(as_tensor) and not as_tensor.requires_grad
     assert float(as_tensor) == as_float
-    assert all(torch.equal(a, b) for a, b in zip(grads, tensor_grads))
-
-
-def test_weighted_sum_differentiate_matches_its_loss_and_grads():
-    case = tiny_case("cagem")  # restricted cross-entropies: WeightedSum with params=
-    params = [p for m in (case.model, case.guide) for p in m.parameters()]
-    results = []
-    for method in ("loss_and_grads", "differentiate"):
-        for p in params:
-            p.grad = None
-        pyro.set_rng_seed(3)
-        value = getattr(case.loss, method)(case.model, case.guide, case.x, y=case.y)
-        results.append((float(value), [None if p.grad is None else p.grad.clone() for p in params]))
-    assert results[0][0] == results[1][0]
-    for a, b in zip(results[0][1], results[1][1]):
+    assert any(g is not None for g in grads)
+    for a, b in zip(grads, tensor_grads):
         assert (a is None and b is None) or torch.equal(a, b)
 
 

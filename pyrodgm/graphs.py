@@ -137,7 +137,8 @@ class CapturedStep:
     A batch of another shape than the captured one runs eagerly (correct, just not
     replayed).  Before every replay the Python values the graph baked in are compared with
     their values now (optimiser settings, the loss's and the modules' plain attributes,
-    train/eval modes, the parameter objects); if any changed, the step is captured again.
+    train/eval modes, the parameter and buffer objects); if any changed, the step is
+    captured again.
     :meth:`invalidate` forces that.
 
     :param model: the model, its parameters on one CUDA device.
@@ -294,12 +295,12 @@ def _plain_state(obj: Any, depth: int = 0) -> tuple:
 
 
 def _module_state(module: Any) -> tuple:
-    """Train/eval modes, plain attributes and parameter objects of every submodule."""
+    """Train/eval modes, plain attributes and parameter and buffer objects of every submodule."""
     if not isinstance(module, nn.Module):
         return ()
     return tuple(
         (name, sub.training, tuple((k, _plain(v)) for k, v in vars(sub).items() if not k.startswith("_")),
-         tuple(id(p) for p in sub._parameters.values()))
+         tuple(id(p) for p in sub._parameters.values()), tuple(id(b) for b in sub._buffers.values()))
         for name, sub in module.named_modules()
     )
 

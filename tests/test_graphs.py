@@ -213,3 +213,7 @@ def test_what_a_graph_bakes_in_is_fingerprinted():
     layer = case.model.decoder.hidden_layers[0][0]
     layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
     assert fingerprint() not in seen  # a replaced parameter object: the graph holds the old one
+    seen.add(fingerprint())
+    norm = next(m for m in case.guide.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    norm.running_mean = norm.running_mean.clone()
+    assert fingerprint() not in seen  # a replaced buffer, likewise

@@ -38,6 +38,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 from collections.abc import Iterator
@@ -177,6 +179,21 @@ def _uint8_images(data: object) -> torch.Tensor:
     return data.to(torch.float32).div_(255.0)
 
 
+@contextlib.contextmanager
+def _dataset_not_found(name: str, folder: str) -> Iterator[None]:
+    """torchvision's "Dataset not found" (or its checksum error), with the folder it looked
+    in and what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "not found" not in str(error) and "corrupted" not in str(error):
+            raise
+        raise FileNotFoundError(
+            f"{name} is not in {folder} (torchvision's layout, the files its download writes there): drop "
+            "--no-download (download=False) to download it, or give --root the folder that holds it"
+        ) from None
+
+
 def _load_digits(train: bool) -> ImageData:
     from sklearn.datasets import load_digits
 
@@ -191,7 +208,8 @@ def _load_mnist_like(name: str, root: str, train: bool, download: bool) -> Image
     import torchvision
 
     cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-    ds = cls(root=root, train=train, download=download)
+    with _dataset_not_found(name, os.path.join(root, cls.__name__, "raw")):
+        ds = cls(root=root, train=train, download=download)
     x = _uint8_images(ds.data).unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
     y = torch.as_tensor(ds.targets).to(torch.int64)
     return ImageData(x, y, 10, name)
@@ -200,9 +218,8 @@ def _load_mnist_like(name: str, root: str, train: bool, download: bool) -> Image
 def _load_svhn(root: str, train: bool, download: bool) -> ImageData:
     import torchvision
 
-    ds = torchvision.datasets.SVHN(
-        root=root, split="train" if train else "test", download=download
-    )
+    with _dataset_not_found("svhn", root):
+        ds = torchvision.datasets.SVHN(root=root, split="train" if train else "test", download=download)
     x = _uint8_images(np.ascontiguousarray(ds.data))  # already [N, 3, 32, 32]
     y = torch.tensor(np.asarray(ds.labels), dtype=torch.int64)  # torchvision maps 10 -> 0
     return ImageData(x, y, 10, "svhn")

@@ -22,6 +22,7 @@ __all__ = [
     "one_hot",
     "one_hot_rows",
     "check_model_input",
+    "parameter_dtype",
     "record",
     "register_module",
     "register_programs",
@@ -110,17 +111,45 @@ def one_hot_rows(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> 
     return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
-def check_model_input(x: Optional[torch.Tensor], num_features: int, unit_interval: bool, name: str = "x") -> None:
-    """Shape and dtype always (no device sync); NaN/inf and range only while Pyro's
-    validation is enabled (``pyro.enable_validation(False)`` turns it off for speed)."""
+def check_model_input(
+    x: Optional[torch.Tensor], num_features: int, unit_interval: bool, name: str = "x",
+    dtype: Optional[torch.dtype] = None, binary: bool = False,
+) -> None:
+    """Shape and dtype always (no device sync; ``dtype``: the model's parameters'); NaN/inf,
+    the range (``unit_interval``) and, for a Bernoulli likelihood, binary values
+    (``binary``) only while Pyro's validation is enabled (``pyro.enable_validation(False)``
+    turns it off for speed)."""
     if x is None:
         return
     if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() != 2 or x.shape[-1] != num_features:
         check_features(x, name=name, event_shape=(num_features,))
         if x.dim() != 2:
             raise ValueError(f"{name} must have shape [batch, {num_features}], got {tuple(x.shape)}")
-    elif is_validation_enabled():
-        check_features(x, name=name, event_shape=(num_features,), unit_interval=unit_interval)
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(
+            f"{name} is {x.dtype} but the model's parameters are {dtype}: convert the data (x.to({dtype})) or the "
+            f"model and guide (.to({x.dtype}))"
+        )
+    if not is_validation_enabled():
+        return
+    if binary:
+        not_binary = (x != 0) & (x != 1)  # NaN and infinities included
+        if not bool(not_binary.any()):
+            return
+        check_features(x, name=name, event_shape=(num_features,), unit_interval=True)  # NaN, inf, range: their own message
+        raise ValueError(
+            f"{name} must be binary (0 or 1) for a Bernoulli likelihood, but {int(not_binary.sum())} values are not "
+            f"(e.g. {float(x[not_binary][0]):g}): binarise it (pyrodgm.data.binarize) or use likelihood='gaussian'"
+        )
+    check_features(x, name=name, event_shape=(num_features,), unit_interval=unit_interval)
+
+
+def parameter_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the first floating-point parameter of ``module`` (``None`` if it has none)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
 
 
 def record(name: str, value: torch.Tensor, event_dim: int = 1) -> torch.Tensor:
@@ -154,7 +183,8 @@ class PlatedModel(nn.Module):
         batch_size: Optional[int] = None,
     ) -> torch.Tensor:
         self.register()
-        check_model_input(x, self.x_dim, self.likelihood_kind == "bernoulli")
+        bernoulli = self.likelihood_kind == "bernoulli"
+        check_model_input(x, self.x_dim, bernoulli, dtype=parameter_dtype(self), binary=bernoulli)
         with pyro.plate("data", data_size(x, y, batch_size)):
             return self.generate(x, y)
 
@@ -176,7 +206,7 @@ class PlatedGuide(nn.Module):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.register()
-        check_model_input(x, self.x_dim, unit_interval=False)
+        check_model_input(x, self.x_dim, unit_interval=False, dtype=parameter_dtype(self))
         with pyro.plate("data", x.shape[0]):
             return self.infer(x, y)
 

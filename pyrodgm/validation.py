@@ -87,10 +87,10 @@ def check_features(
         raise ValueError(f"{name} is empty: batch dimension has size 0 (shape {tuple(x.shape)})")
     if event_shape is not None:
         expected = tuple(int(d) for d in event_shape)
-        if tuple(x.shape[1:]) != expected:
+        if tuple(x.shape[1:]) != expected:  # not the row count: a loss may have split the batch
             raise ValueError(
-                f"{name} must have shape [N, {', '.join(map(str, expected))}] "
-                f"(event shape {expected}), got shape {tuple(x.shape)}"
+                f"{name} must have rows of shape {expected} (a tensor [N, {', '.join(map(str, expected))}]), "
+                f"got rows of shape {tuple(x.shape[1:])}"
             )
     if x.numel() == 0:
         raise ValueError(f"{name} has an empty event shape: got shape {tuple(x.shape)}")

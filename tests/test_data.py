@@ -415,7 +415,7 @@ def _nan(x):
         (dict(x_labelled=torch.zeros(7, 13, dtype=torch.float64)), TypeError, r"same dtype"),
         (dict(x_labelled=_nan(_toy()[0])), ValueError, r"x_labelled must contain only finite values, found 1 NaN and 0 inf"),
         (dict(x_unlabelled=_toy()[2] * float("inf")), ValueError, r"x_unlabelled must contain only finite values, found \d+ NaN and \d+ inf"),
-        (dict(x_labelled=torch.zeros(7, 12)), ValueError, r"x_labelled must have shape \[N, 13\].*got shape \(7, 12\)"),
+        (dict(x_labelled=torch.zeros(7, 12)), ValueError, r"x_labelled must have rows of shape \(13,\).*got rows of shape \(12,\)"),
         (dict(x_unlabelled=torch.zeros(20)), ValueError, r"x_unlabelled must have at least 2 dimensions"),
         (dict(y_labelled=torch.zeros(7)), TypeError, r"y_labelled must be an integer tensor.*torch.float32"),
         (dict(y_labelled=torch.tensor([0, 1, 2, -1, 0, 1, 2])), ValueError, r"y_labelled contains 1 label\(s\) out of range: found -1"),

@@ -750,9 +750,10 @@ def test_nan_in_x():
 def test_wrong_feature_count():
     model, guide = tiny_m2()
     x = binary_x(3, x_dim=4)
-    with pytest.raises(ValueError, match=r"shape \[N, 3\].*got shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"rows of shape \(3,\) \(a tensor \[N, 3\]\), got rows of shape \(4,\)(\n|$)"):
         SemiSupervisedELBO().loss(model, guide, x)
-    with pytest.raises(ValueError, match=r"shape \[N, 3\].*got shape \(\d, 4\)"):
+    # the labelled rows run apart, and the message must not quote their count as the batch's
+    with pytest.raises(ValueError, match=r"rows of shape \(3,\) \(a tensor \[N, 3\]\), got rows of shape \(4,\)(\n|$)"):
         SemiSupervisedELBO().loss(model, guide, x, y=torch.tensor([0, -1, 1]))
 
 
@@ -810,3 +811,21 @@ def test_latent_weights_reject_negative_weights():
     model, guide = tiny_m2()
     with pytest.raises(ValueError, match="latent site 'z' must be non-negative"):
         SemiSupervisedELBO(latent_weights={"z": -1.0}).loss(model, guide, binary_x(2))
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_an_empty_batch_is_an_error_before_any_parameter_moves(labels):
+    """SVI on an empty batch used to return 0.0 and step Adam anyway (its momentum moved
+    every parameter)."""
+    model, guide = tiny_m2()
+    svi = SVI(model, guide, Adam({"lr": 0.1}), SemiSupervisedELBO(alpha=1.0))
+    x, y = binary_x(4), torch.tensor([0, 1, -1, -1])
+    svi.step(x, y=y)  # the momentum is there now
+    before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    empty = {"y": y[:0]} if labels else {}
+    with pytest.raises(ValueError, match=r"the batch is empty \(its data has shape \(0, 3\)\).*no parameter was changed"):
+        svi.step(x[:0], **empty)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        SemiSupervisedELBO().loss(model, guide, x[:0])
+    after = dict(pyro.get_param_store().items())
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -293,7 +293,7 @@ def test_wrong_number_of_features(which):
         "m1m2": m1m2,
         "m1m2_guide": m1m2_guide,
     }[which]
-    with pytest.raises(ValueError, match=rf"\[N, {X_DIM}\].*got shape \(5, {X_DIM - 1}\)"):
+    with pytest.raises(ValueError, match=rf"rows of shape \({X_DIM},\).*\[N, {X_DIM}\].*got rows of shape \({X_DIM - 1},\)"):
         fn(binary_x(5, X_DIM - 1))
     with pytest.raises(ValueError, match=rf"\[N, {X_DIM}\]"):
         fn(binary_x(5)[:, :, None])  # 3-d input
@@ -388,3 +388,33 @@ def test_save_manifold(tmp_path):
     vae = VAE(64, Z_DIM, HIDDEN)
     save_manifold(vae, tmp_path / "vae_manifold.png", (1, 8, 8), Z_DIM, steps=7)
     assert png_size(tmp_path / "vae_manifold.png") == (7 * 9 + 1, 7 * 9 + 1)
+
+
+def test_data_of_another_dtype_than_the_model_is_named():
+    """float64 data into a float32 model used to fail deep in torch ("mat1 and mat2 must have
+    the same dtype")."""
+    model, guide = make_m2()
+    model.float(), guide.float()
+    x = torch.bernoulli(torch.full((5, X_DIM), 0.5, dtype=torch.float64))
+    for program in (model, guide):
+        with pytest.raises(TypeError, match=r"x is torch.float64 but the model's parameters are torch.float32: convert"):
+            program(x)
+
+
+def test_a_bernoulli_model_names_pixels_that_are_not_binary():
+    """Grey pixels into a Bernoulli likelihood used to give Pyro's support error with a dump
+    of the tensor."""
+    model, guide = make_m2()
+    x = torch.bernoulli(torch.full((5, X_DIM), 0.5))
+    x[2, 3] = 0.25
+    with pytest.raises(ValueError, match=r"x must be binary \(0 or 1\) for a Bernoulli likelihood, but 1 values are not \(e\.g\. 0\.25\): binarise"):
+        model(x)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"must contain only finite values, found 1 NaN"):
+        model(x)
+    x[2, 3] = 0.25
+    gaussian, _ = make_m2(likelihood="gaussian")
+    gaussian(x)  # grey values are a Gaussian likelihood's data
+    guide(x)  # and a guide's
+    with pyro.validation_enabled(False):  # the user's choice: no checks at all
+        model(x)

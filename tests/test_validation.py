@@ -62,7 +62,7 @@ def test_check_features_empty_event():
 def test_check_features_wrong_event_shape():
     x = torch.zeros(10, 64)
     with pytest.raises(
-        ValueError, match=r"x must have shape \[N, 1, 8, 8\] \(event shape \(1, 8, 8\)\), got shape \(10, 64\)"
+        ValueError, match=r"x must have rows of shape \(1, 8, 8\) \(a tensor \[N, 1, 8, 8\]\), got rows of shape \(64,\)"
     ):
         check_features(x, event_shape=(1, 8, 8))
 

@@ -17,7 +17,7 @@ from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
 
-__all__ = ["Loss", "Weighted", "WeightedSum"]
+__all__ = ["Loss", "Weighted", "WeightedSum", "check_batch_not_empty"]
 
 
 class Loss(ELBO):
@@ -46,6 +46,7 @@ class Loss(ELBO):
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The loss as a float, without building a graph."""
+        check_batch_not_empty(args, kwargs)
         with torch.no_grad():
             return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
 
@@ -58,6 +59,7 @@ class Loss(ELBO):
         gradients are accumulated into the parameters' ``.grad`` and the loss is returned
         as a detached tensor on its device (what a step captured in a CUDA graph calls,
         :mod:`pyrodgm.graphs`)."""
+        check_batch_not_empty(args, kwargs)
         value = self.differentiable_loss(model, guide, *args, **kwargs)
         if value.requires_grad:
             value.backward()
@@ -102,6 +104,7 @@ class WeightedSum(Loss):
         return sum(self.terms[name].weight * value for name, (value, _) in values.items())
 
     def differentiate(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        check_batch_not_empty(args, kwargs)
         values = self._term_values(model, guide, args, kwargs)
         free = []
         for name, (value, params) in values.items():
@@ -127,6 +130,20 @@ class WeightedSum(Loss):
             for part, part_value in term.loss.last_components.items():
                 self.last_components[f"{name}.{part}"] = part_value
         return values
+
+
+def check_batch_not_empty(args: tuple, kwargs: dict) -> None:
+    """An error if the batch (the first tensor argument with a batch dim) has no rows,
+    raised before the model or guide runs: SVI would otherwise step its optimiser on zero
+    gradients, and Adam's momentum moves every parameter all the same."""
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value) and value.dim() > 0:
+            if value.shape[0] == 0:
+                raise ValueError(
+                    f"the batch is empty (its data has shape {tuple(value.shape)}): there is nothing to learn from, "
+                    "and no parameter was changed"
+                )
+            return
 
 
 def _as_weighted(name: str, term) -> Weighted:

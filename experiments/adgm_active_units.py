@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
         config = TrainConfig(**{**ADGM_DEFAULTS, "model": args.model, "dataset": args.dataset, "root": args.root,
                                 "download": args.download, "validation": args.validation, "epochs": args.epochs,
                                 "seed": args.seed, "device": args.device, "out": out, **run_options(args)})
-        metrics = train(config, resume=args.resume, progress=not args.quiet)
+        metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
         checkpoint = Path(out) / "best.pt"
         config, _, model, guide, state = build_from_checkpoint(checkpoint, args.device)
     test = load_test_data(config, args.device, root=args.root, limit=args.limit, download=args.download and config.download)

@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     extra = {
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
         "alpha_factor": args.alpha_factor, "out": config.out,

@@ -31,7 +31,8 @@ def parser(description: str, epochs: int) -> argparse.ArgumentParser:
     p.add_argument("--validation", type=int, default=None)
     p.add_argument("--out", default=None, help="run folder (default runs/experiments/NAME_seedS)")
     p.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: start no epoch that would end after this (continue later with --resume)")

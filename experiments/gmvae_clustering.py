@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     name = "gmvae_clustering"
     stem = result_stem(args, name)
     figures = save_figures(Path(config.out) / "best.pt", stem, args.embedding, args.embedding_limit, args.device)

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     name = f"gmvae_{args.labels}_labels"
     target = TARGETS.get(args.dataset, TARGETS["mnist"])
     stem = result_stem(args, name)

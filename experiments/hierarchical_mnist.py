@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
            "validation": args.validation, "epochs": args.epochs, "seed": args.seed, "device": args.device, "out": out,
            **run_options(args)},
     )
-    metrics = train(config, resume=args.resume, progress=not args.quiet)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
 
     _, _, model, guide, state = build_from_checkpoint(f"{out}/best.pt", args.device)
     test = load_test_data(config, args.device, limit=args.test_images)

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         "download": args.download, "validation": args.validation, "epochs": args.epochs, "seed": args.seed,
         "device": args.device, "out": out, **run_options(args),
     })
-    metrics = train(config, resume=args.resume, progress=not args.quiet)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     extra = {"model": model, "C": C, "command_fields": {"model": args.model, "C": f"{C:g}", "svm_C": f"{args.svm_C:g}"}}
     if model not in PAPER_C:  # the Pegasos baselines: the SVM's error is the result
         svm = fit_pegasos(config, out, args.svm_C, args.device)

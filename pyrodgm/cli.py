@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pyrodgm", description="Deep generative models for semi-supervised learning, in Pyro.")
     commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)  # every command takes --debug
+    debug.add_argument("--debug", action="store_true", help="show the whole traceback of an error instead of one line")
 
-    train = commands.add_parser("train", help="train a model (writes checkpoints, metrics.json, sample grids)")
+    train = commands.add_parser("train", parents=[debug], help="train a model (writes checkpoints, metrics.json, sample grids)")
     train.add_argument("model", choices=sorted(RECIPES))
     train.add_argument("--dataset", choices=DATASETS, default="digits")
     train.add_argument("--root", help="data folder (torchvision layout); downloads there unless --no-download")
@@ -107,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--track-test", action="store_true", default=None,
                        help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    evaluate = commands.add_parser("evaluate", help="test-set IWAE log-likelihood (with PSIS k-hat, ESS) and error")
+    evaluate = commands.add_parser("evaluate", parents=[debug], help="test-set IWAE log-likelihood (with PSIS k-hat, ESS) and error")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--iwae-k", type=int, default=5000)
     evaluate.add_argument("--limit", type=int, help="evaluate the first N test images only")
@@ -120,13 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="write the results as JSON here too")
     evaluate.add_argument("--quiet", action="store_true")
 
-    plot = commands.add_parser("plot", help="class-conditional samples and 2-D latent manifolds as PNGs")
+    plot = commands.add_parser("plot", parents=[debug], help="class-conditional samples and 2-D latent manifolds as PNGs")
     plot.add_argument("checkpoint")
     plot.add_argument("--out", help="folder (default: beside the checkpoint)")
     plot.add_argument("--steps", type=int, default=20)
 
     # max-margin DGMs: the impute command
-    impute = commands.add_parser("impute", help="missing-data imputation of test images: MSE on missing pixels, error, strips")
+    impute = commands.add_parser("impute", parents=[debug], help="missing-data imputation of test images: MSE on missing pixels, error, strips")
     impute.add_argument("checkpoint")
     impute.add_argument("--mask", choices=("rand-drop", "rect"), required=True, help="Rand-Drop(p) or Rect(k x k)")
     impute.add_argument("--p", type=float, help="rand-drop: probability that a pixel is missing")
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     impute.add_argument("--device", default="cpu")
     impute.add_argument("--out", help="folder for the image strip (Fig. 5); none drawn if omitted")
     impute.add_argument("--output", help="write the results as JSON here too")
-    commands.add_parser("models", help="list the models")
+    commands.add_parser("models", parents=[debug], help="list the models")
     return parser
 
 
@@ -158,7 +161,7 @@ def _train_config(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> dict:
     from .training import train
 
-    return train(_train_config(args), resume=args.resume, progress=not args.quiet)
+    return train(_train_config(args), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
@@ -244,6 +247,12 @@ def _models(args: argparse.Namespace) -> dict:
     return {name: r.description for name, r in RECIPES.items()}
 
 
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message (Pyro appends a table of shapes to some)."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -252,9 +261,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute}[args.command]
     try:
         result = handler(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
-        print(f"pyrodgm {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:  # the input's problem
+        if args.debug:
+            raise
+        print(f"pyrodgm {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # pyrodgm's (or a library's) problem: still one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"pyrodgm {args.command}: internal error: {type(error).__name__}: {_one_line(error)} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     if args.command == "train":
         summary = {"out": result["config"]["out"], "best_validation": result["best_validation"], "test": result.get("test")}
         print(json.dumps(summary, indent=2))

@@ -28,7 +28,9 @@ import torch
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CheckpointError, copy_checkpoint, load_checkpoint, previous_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
 from .data import IMAGE_SHAPES, ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
 from .evaluation import classification_error
 from .graphs import CapturedStep
@@ -353,17 +355,75 @@ def _check_finite(value: float, run: Run, where: str) -> None:
         )
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+#: What a run writes into its folder (what ``overwrite`` removes before a new run).
+RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "metrics.json", "samples")
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Run (or, with ``resume``, continue) the schedule of ``config``; returns the metrics
-    written to ``out/metrics.json``."""
+    written to ``out/metrics.json``.
+
+    A folder that holds a run already is refused unless the run is resumed (``resume``) or
+    replaced (``overwrite``: its checkpoints, metrics and sample grids are removed first,
+    once the new run has started without error); ``resume`` without a checkpoint is an
+    error; a run that fails before its first checkpoint leaves no folder it created behind."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = _prepare(config)
-    checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        _check_resumable(config, state["config"])
-        _restore(run, state)
+    _check_run_folder(out, resume, overwrite)
+    created = not out.exists()
+    try:
+        run = _prepare(config)
+        if resume:
+            _restore(run, _resumable_state(out / "checkpoint.pt", config))
+        elif overwrite:
+            _remove_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        return _train_epochs(run, out, progress)
+    except BaseException:
+        if created and out.is_dir() and not (out / "checkpoint.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite replaces it: give one of them")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: give a folder for the run's files")
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"nothing to resume: {out} holds no checkpoint.pt; start the run without --resume")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if present and not resume and not overwrite:
+        raise ValueError(
+            f"{out} holds a run already ({', '.join(present)}): --resume continues it, --overwrite replaces it, "
+            "or give another --out"
+        )
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _resumable_state(path: Path, config: TrainConfig) -> dict:
+    """The checkpoint to resume from; a damaged one is named, with the previous epoch's
+    checkpoint kept beside it."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as error:
+        previous = previous_checkpoint(path)
+        hint = f"; the checkpoint of the epoch before is kept as {previous}: copy it over {path.name} to resume from there"
+        raise CheckpointError(f"{error}{hint if previous.is_file() else ''}") from None
+    _check_resumable(config, state["config"])
+    return state
+
+
+def _train_epochs(run: Run, out: Path, progress: bool) -> dict:
+    """The epochs left of ``run.config``'s schedule, each checkpointed in ``out``."""
+    config, checkpoint = run.config, out / "checkpoint.pt"
     started = time.perf_counter()
     longest_epoch, stopped_early = 0.0, False
     while run.epoch < config.epochs:
@@ -384,9 +444,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if _is_better(metrics, run.best):
             run.best = {"epoch": run.epoch, **metrics}
         state = _checkpoint_state(run)
-        save_checkpoint(checkpoint, state)
+        save_checkpoint(checkpoint, state, keep_previous=True)
         if run.best["epoch"] == run.epoch:
-            shutil.copyfile(checkpoint, out / "best.pt")
+            copy_checkpoint(checkpoint, out / "best.pt")
         if config.samples:
             with torch.random.fork_rng(devices=_cuda_devices(run.device)):  # resume stays exact
                 _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")

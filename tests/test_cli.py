@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+import shutil
 
 import pyro
 import pytest
@@ -168,7 +169,71 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, argv, messag
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"pyrodgm {argv[0]}: error: ")
     assert re.search(message, lines[0]), lines[0]
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run").exists()  # a failed start leaves no folder behind
+
+
+def _truncated(source, target):
+    target.write_bytes(source.read_bytes()[:1000])
+
+
+def _zeroed(source, target):
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # 4 KB of a tensor's bytes
+    target.write_bytes(bytes(data))
+
+
+#: (how to prepare ``tmp_path``, argv with {run} for the trained run's folder and {tmp} for tmp_path, message)
+LOST_WORK_AND_BAD_FILES = [
+    (None, ["train", "m2", "--out", "{tmp}/new", "--dataset", "mnist", "--root", "{tmp}/nothing", "--no-download"],
+     r"mnist is not in .*nothing/MNIST/raw .*drop --no-download .*--root"),
+    (lambda run, tmp: (tmp / "file").write_text("x"), ["train", "m2", "--out", "{tmp}/file"], r"is a file, not a folder"),
+    (None, ["train", "m2", "--out", "{run}"], r"holds a run already \(checkpoint\.pt, best\.pt, metrics\.json, samples\): --resume continues it, --overwrite replaces it"),
+    (None, ["train", "m2", "--out", "{tmp}/new", "--resume"], r"nothing to resume: .*new holds no checkpoint\.pt"),
+    (None, ["train", "m2", "--out", "{run}", "--resume", "--overwrite"], r"give one of them"),
+    (lambda run, tmp: _truncated(run / "best.pt", tmp / "t.pt"), ["evaluate", "{tmp}/t.pt"], r"t\.pt is not a pyrodgm checkpoint: it is not a complete archive"),
+    (lambda run, tmp: (tmp / "e.pt").write_bytes(b""), ["plot", "{tmp}/e.pt"], r"e\.pt is empty \(0 bytes\)"),
+    (lambda run, tmp: (tmp / "x.pt").write_text("hello"), ["evaluate", "{tmp}/x.pt"], r"x\.pt is not a pyrodgm checkpoint"),
+    (lambda run, tmp: torch.save({"a": re.compile("x")}, tmp / "p.pt"), ["plot", "{tmp}/p.pt"], r"holds Python objects other than tensors"),
+    (lambda run, tmp: _zeroed(run / "best.pt", tmp / "z.pt"), ["evaluate", "{tmp}/z.pt"], r"z\.pt is corrupted: its record '.*' no longer matches the checksum"),
+    (lambda run, tmp: (shutil.copytree(run, tmp / "copy"), _zeroed(run / "checkpoint.pt", tmp / "copy" / "checkpoint.pt")),
+     ["train", "m2", "--out", "{tmp}/copy", "--resume", "--epochs", "2"], r"checkpoint\.pt is corrupted"),
+]
+
+
+@pytest.mark.parametrize("prepare, argv, message", LOST_WORK_AND_BAD_FILES)
+def test_lost_work_and_bad_files_exit_2_with_one_line(trained, tmp_path, capsys, prepare, argv, message):
+    run = trained[0]
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    if prepare is not None:
+        prepare(run, tmp_path)
+    argv = [part.format(run=run, tmp=tmp_path) for part in argv]
+    if argv[0] == "train" and "--epochs" not in argv:
+        argv += ["--epochs", "1"]
+    if argv[0] == "train":  # the case's own options after SMALL's, so that they win
+        argv = [*argv[:2], *SMALL, *argv[2:]]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # the earlier run untouched
+
+
+def test_overwrite_replaces_a_run_and_its_stale_files(trained, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy)
+    (copy / "samples" / "epoch_0099.png").write_bytes(b"stale")
+    (copy / "notes.txt").write_text("the user's own file")
+    assert main(["train", "m2", "--labels", "100", "--epochs", "1", "--out", str(copy), "--overwrite", *SMALL]) == 0
+    assert sorted(p.name for p in (copy / "samples").iterdir()) == ["epoch_0001.png"]
+    assert (copy / "notes.txt").read_text() == "the user's own file"  # only the run's own files go
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at missing.pt"):
+        main(["evaluate", "missing.pt", "--debug"])
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pyro.optim import Adam
 
-from pyrodgm.checkpoint import load_checkpoint, save_checkpoint
+from pyrodgm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodgm.guides import M2Guide, VAEGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2, VAE
@@ -266,7 +266,37 @@ def test_training_step_unsupervised():
 def test_bad_config(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(config(tmp_path / "run", **overrides), progress=False)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run").exists()  # a failed start leaves no folder behind
+
+
+def test_a_corrupted_checkpoint_is_named_and_the_epoch_before_is_kept(tmp_path):
+    """A checkpoint with 4 KB zeroed inside used to load silently (a damaged Adam state)."""
+    uninterrupted = train(config(tmp_path / "a", epochs=2), progress=False)
+    train(config(tmp_path / "b", epochs=2), progress=False)
+    checkpoint, previous = tmp_path / "b" / "checkpoint.pt", tmp_path / "b" / "checkpoint.prev.pt"
+    assert load_checkpoint(previous)["epoch"] == 1 and load_checkpoint(checkpoint)["epoch"] == 2
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is corrupted: its record .* no longer matches the checksum"
+                                              r".*kept as .*checkpoint\.prev\.pt: copy it over checkpoint\.pt"):
+        train(config(tmp_path / "b", epochs=3), resume=True, progress=False)
+    shutil.copyfile(previous, checkpoint)  # what the message says: the run goes on from epoch 1, exactly
+    resumed = train(config(tmp_path / "b", epochs=2), resume=True, progress=False)
+    assert without_timing(resumed["history"]) == without_timing(uninterrupted["history"])
+    assert_same(load_checkpoint(checkpoint)["model"], load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"])
+
+
+def test_a_run_is_refused_into_a_folder_that_holds_one(tmp_path):
+    train(config(tmp_path / "a"), progress=False)
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(ValueError, match=r"holds a run already .*--resume continues it, --overwrite replaces it"):
+        train(config(tmp_path / "a"), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()} == written
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume: .*holds no checkpoint\.pt"):
+        train(config(tmp_path / "none"), resume=True, progress=False)
+    assert not (tmp_path / "none").exists()
+    assert train(config(tmp_path / "a"), overwrite=True, progress=False)["epochs_completed"] == 1
 
 
 def test_time_limit_stops_between_epochs_and_the_run_resumes_exactly(tmp_path):

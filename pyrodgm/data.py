@@ -39,7 +39,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 from collections.abc import Iterator
@@ -189,8 +188,8 @@ def _dataset_not_found(name: str, folder: str) -> Iterator[None]:
         if "not found" not in str(error) and "corrupted" not in str(error):
             raise
         raise FileNotFoundError(
-            f"{name} is not in {folder} (torchvision's layout, the files its download writes there): drop "
-            "--no-download (download=False) to download it, or give --root the folder that holds it"
+            f"{name} is not in {folder}, or not whole (torchvision's layout, the files its download writes there): "
+            "drop --no-download (pass download=True) to download it, or give --root the folder that holds it"
         ) from None
 
 

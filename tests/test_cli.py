@@ -185,7 +185,7 @@ def _zeroed(source, target):
 #: (how to prepare ``tmp_path``, argv with {run} for the trained run's folder and {tmp} for tmp_path, message)
 LOST_WORK_AND_BAD_FILES = [
     (None, ["train", "m2", "--out", "{tmp}/new", "--dataset", "mnist", "--root", "{tmp}/nothing", "--no-download"],
-     r"mnist is not in .*nothing/MNIST/raw .*drop --no-download .*--root"),
+     r"mnist is not in .*nothing/MNIST/raw, or not whole .*drop --no-download .*--root"),
     (lambda run, tmp: (tmp / "file").write_text("x"), ["train", "m2", "--out", "{tmp}/file"], r"is a file, not a folder"),
     (None, ["train", "m2", "--out", "{run}"], r"holds a run already \(checkpoint\.pt, best\.pt, metrics\.json, samples\): --resume continues it, --overwrite replaces it"),
     (None, ["train", "m2", "--out", "{tmp}/new", "--resume"], r"nothing to resume: .*new holds no checkpoint\.pt"),

@@ -293,6 +293,28 @@ def check_plate_nesting(trace: Trace, plate_nesting: int, num_particles: int) ->
             )
 
 
+def check_enumeration_dims(guide_trace: Trace) -> None:
+    """Every enumerated guide site has an enumeration dim of its own.  pyrodgm sums the
+    enumerated sites exactly by weighing each term with their *joint* guide probability, a
+    product over their dims; :func:`pyro.markov` in a guide recycles the dims of sites it
+    no longer needs (``config_enumerate(expand=False)``, the default), and two sites on one
+    dim would be weighed on the diagonal of their joint only: a wrong number, silently.
+    Pyro's :class:`~pyro.infer.TraceEnum_ELBO` contracts such structures; pyrodgm refuses
+    them, naming the sites."""
+    owner: dict[int, str] = {}
+    for name, site in guide_trace.nodes.items():
+        if not (_is_latent(site) and _is_enumerated(site)):
+            continue
+        dim = site["infer"]["_enumerate_dim"]
+        if dim in owner:
+            raise ValueError(
+                f"guide sites '{owner[dim]}' and '{name}' share enumeration dim {dim} (pyro.markov recycled it): pyrodgm's "
+                "losses need a dim for every enumerated guide site; drop pyro.markov from the guide, or train this "
+                "model/guide pair with pyro.infer.TraceEnum_ELBO, which contracts such structures"
+            )
+        owner[dim] = name
+
+
 def particle_guide(guide: Callable, num_particles: int, plate_nesting: int, enumerate_guide: bool = True) -> Callable:
     """``guide`` inside the particle plate at dim ``-(plate_nesting + 1)``
     (:func:`particle_plate`), its enumerable sites enumerated in parallel to the left of it."""
@@ -308,6 +330,7 @@ def guide_trace(guide: Callable, args: tuple, kwargs: dict, num_particles: int, 
     trace = poutine.trace(particle_guide(guide, num_particles, plate_nesting)).get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
     check_plate_nesting(trace, plate_nesting, num_particles)
+    check_enumeration_dims(trace)
     trace.compute_log_prob()
     return trace
 
@@ -342,6 +365,7 @@ def particle_traces(
     _check_no_model_enumeration(model_trace, guide_trace)
     check_plate_nesting(guide_trace, plate_nesting, num_particles)
     check_plate_nesting(model_trace, plate_nesting, num_particles)
+    check_enumeration_dims(guide_trace)
     return model_trace, guide_trace
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import SVI, TraceEnum_ELBO
+from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
 from pyro.optim import Adam
 
 from pyrodgm.evaluation import predict_proba
@@ -829,3 +829,47 @@ def test_an_empty_batch_is_an_error_before_any_parameter_moves(labels):
         SemiSupervisedELBO().loss(model, guide, x[:0])
     after = dict(pyro.get_param_store().items())
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _hmm_in_the_guide(expand):
+    """A two-state HMM whose hidden chain the guide enumerates under pyro.markov (the shape
+    of Pyro's test_elbo_hmm_in_guide)."""
+    init = torch.tensor([0.5, 0.5])
+    start = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
+
+    def model(data):
+        transition = pyro.param("transition", start.clone(), constraint=dist.constraints.simplex)
+        emission = pyro.param("emission", start.clone(), constraint=dist.constraints.simplex)
+        x = None
+        for i, y in pyro.markov(enumerate(data)):
+            x = pyro.sample(f"x_{i}", dist.Categorical(init if x is None else transition[x]))
+            pyro.sample(f"y_{i}", dist.Categorical(emission[x]), obs=y)
+
+    @config_enumerate(default="parallel", expand=expand)
+    def guide(data):
+        transition = pyro.param("transition", start.clone(), constraint=dist.constraints.simplex)
+        x = None
+        for i, _ in pyro.markov(enumerate(data)):
+            x = pyro.sample(f"x_{i}", dist.Categorical(init if x is None else transition[x]))
+
+    return model, guide
+
+
+def test_recycled_enumeration_dims_are_refused_not_summed_wrongly():
+    """pyro.markov in an enumerated guide recycles dims (expand=False): pyrodgm used to
+    return 1.569 where TraceEnum_ELBO and brute force give 2.511; it now refuses the
+    structure, naming the sites.  With a dim per site (expand=True) it equals Pyro."""
+    data = torch.ones(3)
+    model, guide = _hmm_in_the_guide(expand=False)
+    with pytest.raises(ValueError, match=r"guide sites 'x_0' and 'x_2' share enumeration dim -2 \(pyro.markov recycled it\)"):
+        SemiSupervisedELBO(max_plate_nesting=0).loss(model, guide, data)
+    model, guide = _hmm_in_the_guide(expand=True)
+    grads = []
+    for loss in (TraceEnum_ELBO(max_plate_nesting=0), SemiSupervisedELBO(max_plate_nesting=0)):
+        pyro.clear_param_store()
+        value = loss.loss_and_grads(model, guide, data)
+        grads.append((value, {k: v.unconstrained().grad.clone() for k, v in pyro.get_param_store().items()}))
+    (expected, expected_grads), (actual, actual_grads) = grads
+    assert actual == pytest.approx(expected, rel=1e-12) and actual == pytest.approx(2.510964650357508, rel=1e-12)
+    for name in expected_grads:
+        assert torch.allclose(actual_grads[name], expected_grads[name], rtol=1e-10, atol=1e-12), name

@@ -167,8 +167,12 @@ class SemiSupervisedELBO(_TracingLoss):
     guide are called *without* the label keyword), the unlabelled ones with the guide's
     discrete sites enumerated in parallel and summed exactly.  Every tensor argument whose
     first dim is the batch is split the same way.  Without labels (``y`` absent or
-    ``None``) this is the plain ELBO with enumerated sites summed exactly, a drop-in for
-    :class:`~pyro.infer.TraceEnum_ELBO` on guide-side enumeration.
+    ``None``) this is the plain ELBO with enumerated sites summed exactly: what
+    :class:`~pyro.infer.TraceEnum_ELBO` computes for guide-side enumeration, equal in
+    expectation (the closed-form KL replaces Monte Carlo terms where sound), and with
+    ``analytic_kl=False`` and one particle the same number for the same noise.  Every enumerated guide site needs an enumeration dim
+    of its own (:func:`~pyrodgm.traces.check_enumeration_dims`: a guide whose
+    :func:`pyro.markov` recycles dims is refused).
 
     :param int num_particles: vectorised particles (samples of the continuous latents).
     :param float alpha: weight per labelled example of :math:`-\log \bar q(y|x)`.

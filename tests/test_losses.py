@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.optim import Adam
 
 from pyrodgm.evaluation import predict_proba
@@ -873,3 +873,27 @@ def test_recycled_enumeration_dims_are_refused_not_summed_wrongly():
     assert actual == pytest.approx(expected, rel=1e-12) and actual == pytest.approx(2.510964650357508, rel=1e-12)
     for name in expected_grads:
         assert torch.allclose(actual_grads[name], expected_grads[name], rtol=1e-10, atol=1e-12), name
+
+
+def test_loss_lets_a_guide_differentiate_as_pyros_losses_do():
+    """``.loss`` used to run under torch.no_grad(), so a guide calling torch.autograd.grad
+    failed ("element 0 of tensors does not require grad") where Pyro's losses work."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", torch.tensor(0.3))
+        energy = (w * x).pow(2).sum() / 2  # the guide's location is the gradient of an energy
+        (loc,) = torch.autograd.grad(energy, w, create_graph=True)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc.expand(x.shape), 1.0))
+
+    x = torch.tensor([0.5, -1.0, 2.0])
+    values = []
+    for loss in (Trace_ELBO(max_plate_nesting=1), SemiSupervisedELBO(analytic_kl=False, max_plate_nesting=1)):
+        pyro.set_rng_seed(4)
+        values.append(loss.loss(model, guide, x))
+    assert values[1] == pytest.approx(values[0], rel=1e-12)

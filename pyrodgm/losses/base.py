@@ -45,10 +45,10 @@ class Loss(ELBO):
         raise NotImplementedError
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """The loss as a float, without building a graph."""
+        """The loss as a float.  Like Pyro's losses it runs with autograd on (a guide may
+        differentiate inside); call it under :func:`torch.no_grad` to build no graph."""
         check_batch_not_empty(args, kwargs)
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+        return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The loss as a float; its gradients are accumulated into the parameters' ``.grad``."""

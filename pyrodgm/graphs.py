@@ -47,7 +47,7 @@ from pyro import poutine
 from pyro.infer.util import zero_grads
 from torch import nn
 
-from .losses import Loss
+from .losses import Loss, Weighted
 from .losses.elbo import labelled_prefix
 from .validation import UNLABELLED
 
@@ -115,8 +115,8 @@ class StaticStep:
     def check(self) -> None:
         """Raise :class:`LabelLayoutError` if a batch so far broke the layout (reads one
         number back from the device)."""
-        if self._misplaced is not None and int(self._misplaced) != 0:
-            count = int(self._misplaced)
+        count = 0 if self._misplaced is None else int(self._misplaced)
+        if count:
             self._misplaced.zero_()
             raise LabelLayoutError(
                 f"{count} label(s) broke the batch layout this step was built for: the first {self.num_labelled} rows "
@@ -287,19 +287,20 @@ def _plain_state(obj: Any, depth: int = 0) -> tuple:
             continue
         if isinstance(value, Loss):
             state.append((name, _plain_state(value, depth + 1)))
-        elif isinstance(value, dict) and any(hasattr(v, "loss") for v in value.values()):  # WeightedSum.terms
-            state.append((name, tuple((k, _plain(getattr(v, "weight", None)), _plain_state(v.loss, depth + 1)) for k, v in value.items())))
+        elif isinstance(value, dict) and any(isinstance(v, Weighted) for v in value.values()):  # WeightedSum.terms
+            state.append((name, tuple((k, _plain(v.weight), _plain_state(v.loss, depth + 1)) for k, v in value.items())))
         else:
             state.append((name, _plain(value)))
     return tuple(state)
 
 
 def _module_state(module: Any) -> tuple:
-    """Train/eval modes, plain attributes and parameter and buffer objects of every submodule."""
+    """Plain attributes (the train/eval mode among them) and parameter and buffer objects of
+    every submodule."""
     if not isinstance(module, nn.Module):
         return ()
     return tuple(
-        (name, sub.training, tuple((k, _plain(v)) for k, v in vars(sub).items() if not k.startswith("_")),
+        (name, tuple((k, _plain(v)) for k, v in vars(sub).items() if not k.startswith("_")),
          tuple(id(p) for p in sub._parameters.values()), tuple(id(b) for b in sub._buffers.values()))
         for name, sub in module.named_modules()
     )

@@ -356,7 +356,7 @@ def _check_finite(value: float, run: Run, where: str) -> None:
 
 
 #: What a run writes into its folder (what ``overwrite`` removes before a new run).
-RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "metrics.json", "samples")
+RUN_FILES = ("checkpoint.pt", previous_checkpoint("checkpoint.pt").name, "best.pt", "metrics.json", "samples")
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:

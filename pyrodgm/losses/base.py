@@ -17,7 +17,7 @@ from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
 
-__all__ = ["Loss", "Weighted", "WeightedSum", "check_batch_not_empty"]
+__all__ = ["Loss", "Weighted", "WeightedSum", "batch_tensor", "check_batch_not_empty"]
 
 
 class Loss(ELBO):
@@ -132,18 +132,24 @@ class WeightedSum(Loss):
         return values
 
 
-def check_batch_not_empty(args: tuple, kwargs: dict) -> None:
-    """An error if the batch (the first tensor argument with a batch dim) has no rows,
-    raised before the model or guide runs: SVI would otherwise step its optimiser on zero
-    gradients, and Adam's momentum moves every parameter all the same."""
+def batch_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The tensor that carries the batch: the first tensor argument with a batch dim."""
     for value in (*args, *kwargs.values()):
         if torch.is_tensor(value) and value.dim() > 0:
-            if value.shape[0] == 0:
-                raise ValueError(
-                    f"the batch is empty (its data has shape {tuple(value.shape)}): there is nothing to learn from, "
-                    "and no parameter was changed"
-                )
-            return
+            return value
+    return None
+
+
+def check_batch_not_empty(args: tuple, kwargs: dict) -> None:
+    """An error if the batch (:func:`batch_tensor`) has no rows, raised before the model or
+    guide runs: SVI would otherwise step its optimiser on zero gradients, and Adam's
+    momentum moves every parameter all the same."""
+    batch = batch_tensor(args, kwargs)
+    if batch is not None and batch.shape[0] == 0:
+        raise ValueError(
+            f"the batch is empty (its data has shape {tuple(batch.shape)}): there is nothing to learn from, "
+            "and no parameter was changed"
+        )
 
 
 def _as_weighted(name: str, term) -> Weighted:

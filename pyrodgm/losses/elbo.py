@@ -52,7 +52,7 @@ from ..traces import (
 )
 from ..modeling import register_programs, registered_once
 from ..validation import UNLABELLED, check_labels
-from .base import Loss
+from .base import Loss, batch_tensor
 
 __all__ = [
     "SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch", "labelled_rows", "labelled_prefix",
@@ -293,7 +293,5 @@ def _check_batch_labels(labels: torch.Tensor, args: tuple, kwargs: dict) -> None
 
 
 def _batch_size(args: tuple, kwargs: dict, labels: torch.Tensor) -> int:
-    for value in list(args) + list(kwargs.values()):
-        if torch.is_tensor(value) and value.dim() > 0:
-            return value.shape[0]
-    return labels.shape[0]
+    batch = batch_tensor(args, kwargs)
+    return labels.shape[0] if batch is None else batch.shape[0]

@@ -25,7 +25,7 @@ SCRIPTS = {
 
 
 # helpers imported by the scripts and the tests below, and scripts with a test of their own
-NOT_TRAINING_SCRIPTS = {"common.py", "results_table.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py"}
+NOT_TRAINING_SCRIPTS = {"common.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py"}
 
 
 def _import_experiment(name: str):
@@ -54,6 +54,84 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     assert 0.0 <= result["test"]["error"] <= 1.0
     assert (result["paper"].get("test_error") or result["paper"].get("p_error")) > 0
     assert result["command"].startswith(f"python {EXPERIMENTS / script}")
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_baselines_use_the_split_and_test_images_of_a_training_run(seed, monkeypatch, tmp_path, clean_param_store, pyro_validation, single_thread):
+    import torch
+
+    import pyrodgm.training as training
+    from pyrodgm.data import load_dataset
+
+    baselines = _import_experiment("baselines")
+    splits = []
+
+    def spy(*args, **kwargs):
+        splits.append(split_function(*args, **kwargs))
+        return splits[-1]
+
+    split_function = training.semi_supervised_split
+    monkeypatch.setattr(training, "semi_supervised_split", spy)
+    run = training._prepare(training.TrainConfig(model="m2", dataset="digits", labels=100, seed=seed, out=str(tmp_path)))
+    (trained,) = splits
+
+    train, test = load_dataset("digits"), load_dataset("digits", train=False)
+    ours = baselines.pyrodgm_split(train, baselines.train_config("digits", 100, None, seed, binarized=False))
+    for part in ("labelled", "unlabelled", "validation"):
+        assert torch.equal(getattr(ours, part), getattr(trained, part))
+    grey = baselines.problem(train, test, baselines.train_config("digits", 100, None, seed, binarized=False))
+    rows = grey.labelled_rows
+    assert torch.equal(torch.from_numpy(grey.x_fit[rows]), train.flat()[trained.labelled])
+    assert torch.equal(torch.from_numpy(grey.y_fit[rows]), train.y[trained.labelled])
+    assert (grey.y_fit != -1).sum() == 100 and torch.equal(torch.from_numpy(grey.x_test), test.flat())
+    # --binarized: the very images the run validates and tests on
+    binary = baselines.problem(train, test, baselines.train_config("digits", 100, None, seed, binarized=True))
+    assert torch.equal(torch.from_numpy(binary.x_validation), run.validation.flat())
+    assert torch.equal(torch.from_numpy(binary.x_test), training.load_test_data(run.config).flat())
+
+
+def test_baselines_on_the_digits_are_sane(single_thread):
+    from pyrodgm.data import load_dataset
+
+    baselines = _import_experiment("baselines")
+    config = baselines.train_config("digits", 100, None, 0, binarized=False)
+    record = baselines.run_seed(load_dataset("digits"), load_dataset("digits", train=False), config)
+    assert record["num_test"] == 297 and record["num_fit_images"] == 1200 and record["num_validation"] == 300
+    assert record["label_spreading"]["test_error"] < 0.15  # 7.1% when written
+    assert record["label_spreading"]["test_without_label_mass"] == 0
+    for name in ("self_training", "labelled_only"):
+        assert record[name]["test_error"] < 0.3  # 13-15%: far better than chance (90%)
+    assert record["label_spreading"]["test_error"] < record["labelled_only"]["test_error"]
+
+
+def test_baselines_script_writes_results(tmp_path):
+    script = str(EXPERIMENTS / "baselines.py")
+    args = [sys.executable, script, "--dataset", "digits", "--seeds", "0", "1", "--threads", "1", "--results", str(tmp_path), "--quiet"]
+    subprocess.run(args, check=True, cwd=tmp_path, timeout=120, capture_output=True)
+    (result_file,) = tmp_path.glob("*.json")
+    assert result_file.name == "baselines_100_labels_digits.json"
+    result = json.loads(result_file.read_text())
+    assert result["seeds"] == [0, 1] and result["validation"] == 300 and result["pixels"] == "grey"
+    assert result["command"].startswith(f"python {script} --dataset digits")
+    for method in result["methods"].values():
+        errors = list(method["test_error"].values())
+        assert len(errors) == 2 and method["mean"] == pytest.approx(sum(errors) / 2) and method["sd"] >= 0
+        assert all(seconds >= 0 for seconds in method["seconds"].values())
+    assert [len(indices) for indices in result["labelled_indices"].values()] == [100, 100]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--labels", "105"], "not divisible"),
+    (["--labels", "0"], "--labels must be positive"),
+    (["--seeds", "1", "1"], "--seeds must be distinct"),
+    (["--dataset", "mnist", "--root", "no-such-folder", "--no-download"], "mnist is not in"),
+])
+def test_baselines_refuse_bad_input_in_one_line(argv, message, tmp_path, capsys):
+    baselines = _import_experiment("baselines")
+    with pytest.raises(SystemExit) as exit_:
+        baselines.main(["--dataset", "digits", "--results", str(tmp_path / "results"), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "results").exists()
 
 
 def test_readme_results_table_is_generated_from_the_results_json():

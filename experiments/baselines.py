@@ -80,8 +80,8 @@ class Problem:
 
 
 def train_config(dataset: str, labels: int, validation: int | None, seed: int, binarized: bool) -> TrainConfig:
-    """The :class:`TrainConfig` fields that decide a run's split and evaluation images
-    (a model is named only because the config needs one)."""
+    """A :class:`TrainConfig` with the fields that decide a run's split (dataset, labels,
+    validation size, seed) and its evaluation images (binarised or not)."""
     return TrainConfig(dataset=dataset, labels=labels, validation=validation, seed=seed, binarize=binarized,
                        likelihood="bernoulli" if binarized else "gaussian", device="cpu")
 

@@ -1,7 +1,8 @@
 """Print the results tables of README.md from experiments/results/*.json, so that every
 number in the README comes from a recorded run: training runs (written by the experiment
 scripts), IWAE evaluations (``pyrodgm evaluate ... --output``), speed benchmarks
-(``bench_speed.py``) and GPU kit runs (``gpu_kit.py collect``).
+(``bench_speed.py``), GPU kit runs (``gpu_kit.py collect``) and the classical baselines on the
+runs' own splits (``baselines.py``), whose errors also stand beside each semi-supervised run.
 
     python experiments/results_table.py            # print the markdown tables
     python experiments/results_table.py --write    # replace them in README.md
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,10 +81,65 @@ def _metric_cells(test: dict, paper: dict) -> tuple[str, str]:
     return "; ".join(measured) or "n/a", "; ".join(targets) or "n/a"
 
 
+#: The baselines' methods (keys of ``baselines.py``'s JSON) and their names in the tables.
+BASELINE_METHODS = {
+    "label_spreading": "LabelSpreading (k-NN, 10 neighbours)",
+    "self_training": "self-training (logistic regression)",
+    "labelled_only": "logistic regression, labelled images only",
+}
+
+
+def _validation_size(result: dict, model: str) -> int:
+    """The validation size a run trained with: its config's, its command's ``--validation``,
+    else its recipe's default for the dataset (the GMVAE's 12,000 on MNIST), else
+    :class:`~pyrodgm.training.TrainConfig`'s (10,000; 300 for the digits)."""
+    from pyrodgm.training import TrainConfig
+    from pyrodgm.zoo import RECIPES, defaults
+
+    config = result.get("config") or {}
+    validation = config.get("validation")
+    if validation is None and not config:
+        match = re.search(r"--validation[ =](\d+)", result.get("command") or "")
+        validation = int(match.group(1)) if match else None
+        if validation is None and model in RECIPES:
+            validation = defaults(model, result["dataset"]).get("validation")
+    return TrainConfig(dataset=result["dataset"], validation=validation).num_validation
+
+
+def _split_of(result: dict) -> tuple[str, int | None, int, int]:
+    """``(dataset, labels, validation size, seed)``: what decides a training run's split
+    (labels from its config, else its experiment's name)."""
+    config = result.get("config") or {}
+    labels = config.get("labels")
+    if labels is None:
+        match = re.search(r"(?:^|_)(\d+)_labels", result["experiment"])
+        labels = int(match.group(1)) if match else None
+    model = config.get("model") or result.get("model") or result["experiment"].split("_")[0]
+    return result["dataset"], labels, _validation_size(result, model), result["seed"]
+
+
+def baseline_results(results: list[tuple[str, dict]]) -> list[dict]:
+    """The results of ``baselines.py``, by dataset, labels, validation size, grey pixels first."""
+    found = [result for _, result in results if str(result.get("experiment", "")).startswith("baselines_") and "methods" in result]
+    return sorted(found, key=lambda r: (r["dataset"], r["labels"], r["validation"], r["pixels"] != "grey"))
+
+
+def _baseline_cell(result: dict, baselines: list[dict]) -> str:
+    """The grey-level baselines' test errors on the split of ``result`` (same dataset,
+    labels, validation size and seed), ``LabelSpreading / self-training / labelled only``."""
+    dataset, labels, validation, seed = _split_of(result)
+    for baseline in baselines:
+        if (baseline["dataset"], baseline["labels"], baseline["validation"], baseline["pixels"]) == (dataset, labels, validation, "grey") \
+                and seed in baseline["seeds"]:
+            return " / ".join(_percent(baseline["methods"][name]["test_error"][str(seed)]) for name in BASELINE_METHODS)
+    return "n/a"
+
+
 def training_rows(results: list[tuple[str, dict]]) -> list[str]:
+    baselines = baseline_results(results)
     lines = [
-        "| experiment | measured (checkpoint chosen on validation) | paper | epochs run | train time | hardware | date | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| experiment | measured (checkpoint chosen on validation) | baselines on the same split: LabelSpreading / self-training / labelled only | paper | epochs run | train time | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:
         if "epochs_completed" not in result or "experiment" not in result or "active_units" in result:
@@ -101,9 +158,30 @@ def training_rows(results: list[tuple[str, dict]]) -> list[str]:
         test = result.get("test") or {}
         measured, target = _metric_cells(test, result["paper"])
         lines.append(
-            f"| {name} ({result['dataset']}, seed {result['seed']}) | {measured} (epoch {test.get('epoch')}) | {target} "
+            f"| {name} ({result['dataset']}, seed {result['seed']}) | {measured} (epoch {test.get('epoch')}) "
+            f"| {_baseline_cell(result, baselines)} | {target} "
             f"| {epochs} | {seconds / 60:.0f} min | {result['device']} | {result['date']} | `{command}` |"
         )
+    return lines
+
+
+def baseline_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """One row per method of every ``baselines.py`` result: test error per seed, mean ± sd,
+    seconds per seed (fit and test prediction, the PCA apart)."""
+    lines = [
+        "| dataset, labels (validation) | pixels | method | test error by seed | mean ± sd | seconds by seed | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for result in baseline_results(results):
+        for name, label in BASELINE_METHODS.items():
+            method = result["methods"][name]
+            errors = ", ".join(f"{seed}: {_percent(error)}" for seed, error in method["test_error"].items())
+            spread = "" if method["sd"] is None else f" ± {_percent(method['sd'])}"
+            seconds = ", ".join(f"{value:.1f}" for value in method["seconds"].values())
+            lines.append(
+                f"| {result['dataset']}, {result['labels']} ({result['validation']}) | {result['pixels']} | {label} | {errors} "
+                f"| {_percent(method['mean'])}{spread} | {seconds} | {result['device']} | {result['date']} | `{result['command']}` |"
+            )
     return lines
 
 
@@ -230,6 +308,7 @@ def tables(results_dir: Path) -> list[str]:
     lines: list[str] = []
     for heading, table in (
         ("Training runs (MNIST)", training_rows(results)),
+        ("Classical baselines on the runs' splits (scikit-learn, experiments/baselines.py)", baseline_rows(results)),
         ("Importance-weighted log-likelihood", iwae_rows(results)),
         ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),
         ("Missing-data imputation (Li et al., Tables 4-5)", imputation_rows(results)),

@@ -134,6 +134,28 @@ def test_baselines_refuse_bad_input_in_one_line(argv, message, tmp_path, capsys)
     assert not (tmp_path / "results").exists()
 
 
+def test_results_table_puts_the_baseline_of_the_same_split_beside_a_run():
+    results_table = _import_experiment("results_table")
+
+    def baseline(validation, pixels, error):
+        methods = {name: {"test_error": {"0": error, "1": 0.5}} for name in results_table.BASELINE_METHODS}
+        return {"experiment": "baselines_100_labels", "dataset": "mnist", "labels": 100, "validation": validation,
+                "pixels": pixels, "seeds": [0, 1], "methods": methods}
+
+    baselines = [baseline(10000, "binarized", 0.3), baseline(10000, "grey", 0.1), baseline(12000, "grey", 0.2)]
+    m2 = {"experiment": "m2_100_labels", "dataset": "mnist", "seed": 0, "command": "python experiments/m2_mnist_100.py"}
+    assert results_table._baseline_cell(m2, baselines) == "10.00% / 10.00% / 10.00%"
+    assert results_table._baseline_cell({**m2, "seed": 1}, baselines) == "50.00% / 50.00% / 50.00%"
+    assert results_table._baseline_cell({**m2, "seed": 2}, baselines) == "n/a"  # a seed the baselines did not run
+    assert results_table._baseline_cell({**m2, "command": "x.py --validation 12000"}, baselines).startswith("20.00%")
+    gmvae = {"experiment": "gmvae_100_labels", "dataset": "mnist", "seed": 0}  # its recipe carves 12,000
+    assert results_table._baseline_cell(gmvae, baselines).startswith("20.00%")
+    conv = {"experiment": "conv_mmcva_1000_labels", "dataset": "mnist", "seed": 0, "config": {"labels": 1000, "validation": None}}
+    assert results_table._baseline_cell(conv, baselines) == "n/a"
+    supervised = {"experiment": "mmva_full_labels", "dataset": "mnist", "seed": 0, "model": "mmva"}
+    assert results_table._baseline_cell(supervised, baselines) == "n/a"
+
+
 def test_readme_results_table_is_generated_from_the_results_json():
     results_table = _import_experiment("results_table")
     readme = (EXPERIMENTS.parent / "README.md").read_text()

@@ -6,9 +6,9 @@ enumeration of its discrete sites, replays the model against it, and returns the
 per-site log-density terms laid out as ``(enum dims..., particles, plate dims...)``
 (broadcastable: a single particle runs without a particle plate, so its dim is 1 or
 absent, :func:`particle_plate`), and :class:`TraceTerms` reduces them either to an ELBO
-(enumerated sites summed exactly with their guide probabilities) or to per-datapoint
-importance log-weights.  Labels of a
-semi-supervised batch enter through :class:`ObserveLabels`, a messenger that observes the
+(enumerated sites summed exactly with their guide probabilities, or, for the structures
+where that is not exact, contracted by Pyro's own estimators: :mod:`pyrodgm.contraction`)
+or to per-datapoint importance log-weights.  Labels of a semi-supervised batch enter through :class:`ObserveLabels`, a messenger that observes the
 label site with the right encoding (integer or one-hot) for its distribution.
 
 All data-dependent sites must sit in ``pyro.plate("data", ...)``; sites outside it are
@@ -35,7 +35,9 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _KL_REGISTRY
 
+from .contraction import baseline_sites, dice_elbo, is_enumerated_site, is_latent_site, score_function_sites, tracegraph_elbo
 from .modeling import one_hot_rows, registered_once
+from .validation import UNLABELLED
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -43,12 +45,20 @@ PARTICLE_PLATE = "num_particles_vectorized"
 __all__ = [
     "DATA_PLATE",
     "PARTICLE_PLATE",
+    "LabelledRows",
+    "MaskLabels",
+    "MaskRows",
     "ObserveLabels",
     "ScaleLatents",
     "TraceTerms",
+    "check_parallel_enumeration",
     "check_plate_nesting",
+    "enumeration_problem",
+    "fast_path_problem",
     "encode_labels",
     "guess_plate_nesting",
+    "plate_nesting_of",
+    "trial_traces",
     "label_log_prob",
     "label_range_error",
     "log_weight_terms",
@@ -62,8 +72,9 @@ __all__ = [
 # labels
 # --------------------------------------------------------------------------------------
 def _base_distribution(fn: dist.Distribution) -> dist.Distribution:
-    """``fn`` without the Independent / Masked / Expanded wrappers Pyro puts around it."""
-    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+    """``fn`` without the Independent / Masked / Expanded wrappers Pyro puts around it (nor
+    :class:`LabelledRows`, the classifier behind it)."""
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution, LabelledRows)):
         fn = fn.base_dist
     return fn
 
@@ -196,6 +207,106 @@ class ObserveLabels(Messenger):
         self.seen = True
 
 
+class LabelledRows(dist.TorchDistribution):
+    """The guide's label distribution ``base_dist`` on unlabelled rows and the point mass
+    at the label on labelled ones: enumerated, the labelled rows weigh every term with
+    ``1[y = label]`` and the unlabelled rows with ``q(y|x)``, in one run of the whole batch.
+
+    :param base_dist: the guide's categorical at the label site.
+    :param labels: encoded labels (integers, or one-hot rows for one-hot sites) laid out
+        for the site's batch shape, any value on unlabelled rows.
+    :param labelled: boolean, broadcastable to the batch shape.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base_dist: dist.Distribution, labels: torch.Tensor, labelled: torch.Tensor) -> None:
+        self.base_dist, self.labels, self.labelled = base_dist, labels, labelled
+        super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=False)
+
+    @property
+    def has_enumerate_support(self) -> bool:
+        return self.base_dist.has_enumerate_support
+
+    @dist.constraints.dependent_property
+    def support(self):
+        return self.base_dist.support
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        return self.base_dist.enumerate_support(expand=expand)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        value = self.base_dist.sample(sample_shape)
+        labelled = self.labelled.reshape(self.labelled.shape + (1,) * self.event_dim)
+        return torch.where(labelled, self.labels.to(value.dtype), value)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        hit = value == self.labels
+        if self.event_dim:
+            hit = hit.all(-1)
+        point_mass = torch.zeros((), dtype=self.base_dist.logits.dtype, device=value.device).masked_fill(~hit, -math.inf)
+        return torch.where(self.labelled, point_mass, self.base_dist.log_prob(value))
+
+
+def _at_data_dim(rows: torch.Tensor, msg) -> Optional[torch.Tensor]:
+    """A per-row tensor (rows first, then event dims) laid out at the data plate's dim of
+    the site of ``msg``, or ``None`` for a site outside the data plate."""
+    dim = _data_dim(msg)
+    return None if dim is None else rows.reshape(rows.shape[:1] + (1,) * (-dim - 1) + rows.shape[1:])
+
+
+class MaskLabels(Messenger):
+    """Feeds the labels of a batch to a guide without splitting its rows: the site
+    ``site`` draws from :class:`LabelledRows` (enumerated in parallel, it weighs the
+    labelled rows' terms with the indicator of their label) and its own ``-log q(y|x)``
+    is masked to the unlabelled rows, as in Kingma et al.'s labelled bound.  For guides
+    whose data plate must keep its size (autoguides: one parameter per datapoint).  Apply
+    it innermost, to the guide only.
+
+    :ivar base_fn: the guide's own distribution at ``site`` in the last run (the classifier).
+    """
+
+    def __init__(self, site: str, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.site, self.labels = site, labels
+        self.unlabelled = labels == UNLABELLED
+        self.base_fn: Optional[dist.Distribution] = None
+        self.error: Optional[str] = None
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] != self.site or msg["is_observed"]:
+            return
+        unlabelled = _at_data_dim(self.unlabelled, msg)
+        if unlabelled is None:
+            raise ValueError(f"the label site '{self.site}' must lie in pyro.plate('{DATA_PLATE}', ...)")
+        fn = self.base_fn = msg["fn"]
+        if is_validation_enabled() and self.error is None:
+            self.error = label_range_error(self.labels[~self.unlabelled], fn, self.site)
+        encoded = _at_data_dim(encode_labels(self.labels.clamp(0, _num_categories(fn) - 1), fn), msg)
+        msg["fn"] = LabelledRows(fn, encoded, ~unlabelled)
+        msg["mask"] = unlabelled if msg["mask"] is None else msg["mask"] & unlabelled
+
+    def check(self) -> None:
+        """Raise the label problem found during the run, if any."""
+        if self.error:
+            raise ValueError(self.error)
+
+
+class MaskRows(Messenger):
+    """Masks every sample site inside the data plate to the rows where ``rows`` is true,
+    the way :func:`pyro.poutine.mask` does, with the mask laid out at each site's data
+    plate dim."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def _pyro_sample(self, msg) -> None:
+        rows = _at_data_dim(self.rows, msg)
+        if rows is not None:
+            msg["mask"] = rows if msg["mask"] is None else msg["mask"] & rows
+
+
 # --------------------------------------------------------------------------------------
 # tracing
 # --------------------------------------------------------------------------------------
@@ -222,9 +333,9 @@ class ScaleLatents(Messenger):
             msg["scale"] = weight * msg["scale"]
 
 
-def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
-    """Number of plate dims the guide (and the model, if given) use, from one
-    un-enumerated run."""
+def trial_traces(model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> list[Trace]:
+    """The guide's trace (and the model's against it, if given) of one un-enumerated run
+    that leaves no trace outside: blocked, and on forked random number generators."""
     # The trial run must not advance the random number generators: a resumed run guesses
     # again where an uninterrupted one did not, and must still draw the same numbers.
     # Its blocked parameter sites must not count as the registration of a surrounding
@@ -235,6 +346,17 @@ def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple,
         if model is not None:
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
             traces.append(prune_subsample_sites(model_trace))
+    return traces
+
+
+def guess_plate_nesting(model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Number of plate dims the guide (and the model, if given) use, from one
+    un-enumerated run (:func:`trial_traces`)."""
+    return plate_nesting_of(trial_traces(model, guide, args, kwargs))
+
+
+def plate_nesting_of(traces: Iterable[Trace]) -> int:
+    """Number of plate dims the sample sites of ``traces`` use."""
     dims = [
         frame.dim
         for trace in traces
@@ -293,26 +415,50 @@ def check_plate_nesting(trace: Trace, plate_nesting: int, num_particles: int) ->
             )
 
 
-def check_enumeration_dims(guide_trace: Trace) -> None:
-    """Every enumerated guide site has an enumeration dim of its own.  pyrodgm sums the
-    enumerated sites exactly by weighing each term with their *joint* guide probability, a
-    product over their dims; :func:`pyro.markov` in a guide recycles the dims of sites it
-    no longer needs (``config_enumerate(expand=False)``, the default), and two sites on one
-    dim would be weighed on the diagonal of their joint only: a wrong number, silently.
-    Pyro's :class:`~pyro.infer.TraceEnum_ELBO` contracts such structures; pyrodgm refuses
-    them, naming the sites."""
+def enumeration_problem(guide_trace: Trace) -> Optional[str]:
+    """Why the enumerated guide sites cannot be summed by weighing each term with their
+    *joint* guide probability, a product over their dims, or ``None`` when they can: each
+    site needs an enumeration dim of its own and an exhaustive enumeration.
+    :func:`pyro.markov` in a guide recycles the dims of sites it no longer needs
+    (``config_enumerate(expand=False)``, the default), and two sites on one dim would be
+    weighed on the diagonal of their joint; a site enumerated with ``num_samples`` is
+    sampled, and its values weigh ``1/num_samples`` each, not their probability."""
     owner: dict[int, str] = {}
     for name, site in guide_trace.nodes.items():
         if not (_is_latent(site) and _is_enumerated(site)):
             continue
+        if site["infer"].get("num_samples") is not None:
+            return f"guide site '{name}' is enumerated with num_samples={site['infer']['num_samples']} (sampled, not summed)"
         dim = site["infer"]["_enumerate_dim"]
         if dim in owner:
-            raise ValueError(
-                f"guide sites '{owner[dim]}' and '{name}' share enumeration dim {dim} (pyro.markov recycled it): pyrodgm's "
-                "losses need a dim for every enumerated guide site; drop pyro.markov from the guide, or train this "
-                "model/guide pair with pyro.infer.TraceEnum_ELBO, which contracts such structures"
-            )
+            return f"guide sites '{owner[dim]}' and '{name}' share enumeration dim {dim} (pyro.markov recycled it)"
         owner[dim] = name
+    return None
+
+
+def check_enumeration_dims(guide_trace: Trace) -> None:
+    """A clear error where :func:`enumeration_problem` finds one: for the per-datapoint
+    values (a classifier averaged over an enumerated guide, CaGeM's), which only pyrodgm's
+    product weighting gives.  The ELBO itself contracts such structures
+    (:func:`pyrodgm.contraction.dice_elbo`)."""
+    problem = enumeration_problem(guide_trace)
+    if problem:
+        raise ValueError(
+            f"{problem}: a per-datapoint value needs every enumerated guide site summed exhaustively on a dim of its own; "
+            "drop pyro.markov (or num_samples) from the guide"
+        )
+
+
+def check_parallel_enumeration(guide_trace: Trace) -> None:
+    """pyrodgm enumerates guide sites in parallel only: a site marked
+    ``infer={"enumerate": "sequential"}`` is refused, naming it (Pyro's
+    :class:`~pyro.infer.TraceEnum_ELBO` runs the guide once per value for it)."""
+    for name, site in guide_trace.nodes.items():
+        if _is_latent(site) and site["infer"].get("enumerate") == "sequential":
+            raise ValueError(
+                f"guide site '{name}' is marked infer={{'enumerate': 'sequential'}}: pyrodgm's losses enumerate in "
+                "parallel only; mark it 'parallel' (the same exact sum, vectorised)"
+            )
 
 
 def particle_guide(guide: Callable, num_particles: int, plate_nesting: int, enumerate_guide: bool = True) -> Callable:
@@ -365,7 +511,7 @@ def particle_traces(
     _check_no_model_enumeration(model_trace, guide_trace)
     check_plate_nesting(guide_trace, plate_nesting, num_particles)
     check_plate_nesting(model_trace, plate_nesting, num_particles)
-    check_enumeration_dims(guide_trace)
+    check_parallel_enumeration(guide_trace)
     return model_trace, guide_trace
 
 
@@ -462,14 +608,16 @@ class Term:
     value: torch.Tensor
     data_dim: Optional[int]
     enumerated_guide: bool = False
+    plates: frozenset[str] = frozenset()
 
 
-def _is_enumerated(site) -> bool:
-    return site["infer"].get("_enumerate_dim") is not None
+_is_enumerated = is_enumerated_site
+_is_latent = is_latent_site
 
 
-def _is_latent(site) -> bool:
-    return site["type"] == "sample" and not site["is_observed"]
+def _plates(site) -> frozenset[str]:
+    """The names of the program's vectorised plates around ``site`` (not the particles')."""
+    return frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE)
 
 
 def _data_dim(site) -> Optional[int]:
@@ -551,12 +699,12 @@ def log_weight_terms(
             continue
         if name in kl_sites:
             kl = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
-            terms.append(Term(name, -_scale_and_mask(kl, site), _data_dim(site)))
+            terms.append(Term(name, -_scale_and_mask(kl, site), _data_dim(site), plates=_plates(site)))
         else:
-            terms.append(Term(name, site["log_prob"], _data_dim(site)))
+            terms.append(Term(name, site["log_prob"], _data_dim(site), plates=_plates(site)))
     for name, site in guide_trace.nodes.items():
         if _is_latent(site) and name not in kl_sites:
-            terms.append(Term(name, -site["log_prob"], _data_dim(site), enumerated_guide=_is_enumerated(site)))
+            terms.append(Term(name, -site["log_prob"], _data_dim(site), _is_enumerated(site), _plates(site)))
     return terms, kl_sites
 
 
@@ -566,17 +714,49 @@ def enumerated_log_q(guide_trace: Trace) -> Optional[torch.Tensor]:
     return sum(logs[1:], logs[0]) if logs else None
 
 
-def check_reparameterized(guide_trace: Trace) -> None:
-    """Every latent guide site must be reparameterised or enumerated: pyrodgm's losses
-    differentiate through samples and sum discrete sites exactly; they use no score
-    function estimator."""
-    for name, site in guide_trace.nodes.items():
-        if _is_latent(site) and not _is_enumerated(site) and not site["fn"].has_rsample:
-            raise ValueError(
-                f"guide site '{name}' ({type(site['fn']).__name__}) is neither reparameterizable "
-                "nor enumerated: mark it infer={'enumerate': 'parallel'} or use a relaxed "
-                "distribution such as RelaxedOneHotCategorical"
+def check_reparameterized(guide_trace: Trace, purpose: str = "this loss") -> None:
+    """Every latent guide site must be reparameterised or enumerated where ``purpose``
+    differentiates through samples and has no score-function estimator (the IWAE bound, a
+    classifier's cross-entropy; :class:`~pyrodgm.losses.SemiSupervisedELBO` has one)."""
+    for name in score_function_sites(guide_trace):
+        raise ValueError(
+            f"guide site '{name}' ({type(guide_trace.nodes[name]['fn']).__name__}) is neither reparameterizable nor "
+            f"enumerated, and {purpose} has no score-function estimator: mark it infer={{'enumerate': 'parallel'}} or "
+            "use a relaxed distribution such as RelaxedOneHotCategorical"
+        )
+
+
+def fast_path_problem(guide_trace: Trace, terms: Iterable[Term]) -> Optional[str]:
+    """Why :meth:`TraceTerms.elbo` cannot weigh the terms with the joint guide probability
+    of the enumerated sites (its fast path), or ``None`` when it can: every guide site
+    reparameterised or enumerated, every enumerated site summed exhaustively on a dim of
+    its own (:func:`enumeration_problem`), and every term that depends on an enumerated
+    site inside all the plates of every enumerated site (else its expectation needs the
+    enumerated sites' marginal in fewer plates: a global enumerated site beside
+    per-datapoint ones)."""
+    sampled = score_function_sites(guide_trace)
+    if sampled:
+        return f"guide sites {sampled} are discrete and not enumerated (score-function terms)"
+    problem = enumeration_problem(guide_trace)
+    if problem:
+        return problem
+    enumerated = [site for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)]
+    if not enumerated:
+        return None
+    enum_plates = frozenset().union(*(_plates(site) for site in enumerated))
+    for term in terms:
+        if not enum_plates <= term.plates and _depends_on_enumeration(term.value, guide_trace):
+            return (
+                f"site '{term.name}' depends on an enumerated site and lies outside plate(s) "
+                f"{sorted(enum_plates - term.plates)} of the enumerated sites"
             )
+    return None
+
+
+def _depends_on_enumeration(value: torch.Tensor, guide_trace: Trace) -> bool:
+    """Whether ``value`` has a dim of size > 1 at one of the guide's enumeration dims."""
+    dims = {site["infer"]["_enumerate_dim"] for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)}
+    return any(-dim <= value.dim() and value.shape[dim] > 1 for dim in dims)
 
 
 class TraceTerms:
@@ -584,7 +764,10 @@ class TraceTerms:
     losses and the evaluator need.
 
     Every term is laid out as ``(enum dims..., particles, plates...)`` where the particle
-    plate sits at dim ``-(plate_nesting + 1)``.
+    plate sits at dim ``-(plate_nesting + 1)``.  :meth:`elbo` weighs the terms with the
+    joint guide probability of the enumerated sites where that is exact
+    (:func:`fast_path_problem`); every other guide structure is contracted by Pyro's own
+    machinery (:mod:`pyrodgm.contraction`), and :attr:`fast_path_problem` says why.
 
     :param int plate_nesting: plate dims of the model, excluding the particle plate.
     :param analytic_kl: see :func:`log_weight_terms`.
@@ -607,14 +790,31 @@ class TraceTerms:
             kl_terms = {term.name: term.value for term in self.terms if term.name in self.kl_sites}
             values = {(is_model, name): kl for name, kl in kl_terms.items() for is_model in (True, False)}
             check_site_shapes(model_trace, guide_trace, plate_nesting + 1, values)
-        log_q = enumerated_log_q(guide_trace)
-        self.enum_weight = None if log_q is None else log_q.exp()
         self.num_particles = _plate_size(model_trace, PARTICLE_PLATE) or 1
+        self.fast_path_problem = fast_path_problem(guide_trace, self.terms)
+        log_q = None if self.fast_path_problem else enumerated_log_q(guide_trace)
+        self.enum_weight = None if log_q is None else log_q.exp()
 
     def elbo(self) -> torch.Tensor:
         """The ELBO of the trace pair (a scalar): enumerated sites summed exactly with their
-        guide probabilities, mean over particles, sum over everything else."""
-        return sum(self._particle_mean(self._enum_expectation(term)).sum() for term in self._merged_terms())
+        guide probabilities, mean over particles, sum over everything else.  Where the
+        fast path does not apply, Pyro's estimator for the structure: Dice contraction as in
+        :class:`~pyro.infer.TraceEnum_ELBO`, or :class:`~pyro.infer.TraceGraph_ELBO`'s
+        surrogate where a guide site asks for a baseline (with Monte Carlo terms only:
+        TraceGraph has no analytic KL)."""
+        if self.fast_path_problem is None:
+            return sum(self._particle_mean(self._enum_expectation(term)).sum() for term in self._merged_terms())
+        if baseline_sites(self.guide_trace):
+            return tracegraph_elbo(self.model_trace, self.guide_trace, self.num_particles)
+        kl_terms = {term.name: term.value for term in self.terms if term.name in self.kl_sites}
+        return dice_elbo(self.model_trace, self.guide_trace, kl_terms, self.num_particles, self.plate_nesting)
+
+    def _require_fast_path(self, purpose: str) -> None:
+        if self.fast_path_problem is not None:
+            raise ValueError(
+                f"{purpose} needs every guide site reparameterised or enumerated exhaustively on a dim of its own, and "
+                f"every term inside the plates of the enumerated sites; here {self.fast_path_problem}"
+            )
 
     def _merged_terms(self) -> list[Term]:
         """The terms with those of one shape added up first (the ELBO is linear in them):
@@ -632,6 +832,7 @@ class TraceTerms:
     def elbo_per_datapoint(self) -> torch.Tensor:
         """The ELBO integrand as a ``(particles, batch)`` tensor, enumerated sites summed
         exactly.  Every site must be local to the data plate."""
+        self._require_fast_path("a per-datapoint ELBO")
         shape = (self.num_particles, self.batch_size)
         return sum(self._collapse_plates(term, self._enum_expectation(term)).expand(shape) for term in self.terms)
 
@@ -643,6 +844,15 @@ class TraceTerms:
         the data plate."""
         if self.kl_sites:
             raise ValueError("importance weights need log-densities, not analytic KL terms")
+        problem = enumeration_problem(self.guide_trace)
+        if problem:
+            raise ValueError(f"importance weights sum each enumerated guide site exhaustively on a dim of its own; here {problem}")
+        for name, site in self.guide_trace.nodes.items():
+            if _is_latent(site) and _is_enumerated(site) and _plates(site) != {DATA_PLATE}:
+                raise ValueError(
+                    f"guide site '{name}' is enumerated in plates {sorted(_plates(site))}: importance weights sum an "
+                    f"enumerated site inside each weight, so it must be local to pyro.plate('{DATA_PLATE}', ...) and no other plate"
+                )
         terms = [term for term in self.terms if not term.enumerated_guide]
         total = sum(self._collapse_plates(term, term.value) for term in terms)
         enum_dims = total.dim() - 2
@@ -660,19 +870,12 @@ class TraceTerms:
     # ---- shape helpers ------------------------------------------------------------------
     def _enum_expectation(self, term: Term) -> torch.Tensor:
         """``sum_y q(y) * term`` over the enumerated dims, or the term itself when it does
-        not depend on an enumerated site."""
+        not depend on an enumerated site (the fast path's structure is checked first:
+        :func:`fast_path_problem`)."""
         value = term.value
         enum_dims = value.dim() - (self.plate_nesting + 1)
         if self.enum_weight is None or enum_dims <= 0 or all(s == 1 for s in value.shape[:enum_dims]):
             return value
-        plates = slice(-self.plate_nesting, None) if self.plate_nesting else slice(0, 0)
-        weight_plates = self.enum_weight.shape[plates]
-        value_plates = (1,) * (self.plate_nesting - len(value.shape[plates])) + tuple(value.shape[plates])
-        if any(w > 1 and v == 1 for w, v in zip(weight_plates, value_plates)):
-            raise ValueError(
-                f"site '{term.name}' depends on an enumerated site but lies outside one of its "
-                "plates; an enumerated site must be local to every plate of the sites using it"
-            )
         weighted = self.enum_weight * value
         return weighted.sum(dim=tuple(range(weighted.dim() - (self.plate_nesting + 1))))
 

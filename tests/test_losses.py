@@ -15,7 +15,7 @@ from pyro.optim import Adam
 from pyrodgm.evaluation import predict_proba
 from pyrodgm.guides import M2Guide, VAEGuide
 from pyrodgm.losses import ClassifierCrossEntropy, Weighted, WeightedSum
-from pyrodgm.losses import SemiSupervisedELBO
+from pyrodgm.losses import ImportanceWeightedELBO, SemiSupervisedELBO
 from pyrodgm.modeling import registered_once
 from pyrodgm.models import M2, VAE
 from pyrodgm.traces import TraceTerms, particle_traces
@@ -757,18 +757,33 @@ def test_wrong_feature_count():
         SemiSupervisedELBO().loss(model, guide, x, y=torch.tensor([0, -1, 1]))
 
 
-def test_non_reparameterizable_guide_site():
+def test_non_reparameterizable_guide_site_gets_the_score_function_terms_pyro_gives():
+    """A discrete guide site that is not enumerated used to be refused; now its gradient
+    is the score-function estimator TraceEnum_ELBO builds (Dice): value and gradients equal
+    for the same noise.  The IWAE bound, which has no score-function estimator, refuses it."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             b = pyro.sample("b", dist.Bernoulli(0.5))
             pyro.sample("x", dist.Normal(b, 1.0), obs=x)
 
     def guide(x):
+        probs = pyro.param("probs", torch.tensor([0.3, 0.6, 0.8]), constraint=dist.constraints.unit_interval)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("b", dist.Bernoulli(0.3))  # not enumerated, no rsample
+            pyro.sample("b", dist.Bernoulli(probs))  # not enumerated, no rsample
 
-    with pytest.raises(ValueError, match="neither reparameterizable nor enumerated"):
-        SemiSupervisedELBO().loss(model, guide, torch.randn(3))
+    x = torch.tensor([0.2, 1.5, -0.7])
+    results = []
+    for loss in (TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False), SemiSupervisedELBO(max_plate_nesting=1)):
+        pyro.set_rng_seed(3)
+        value = loss.differentiable_loss(model, guide, x)
+        (grad,) = torch.autograd.grad(value, [pyro.param("probs").unconstrained()])
+        results.append((value, grad))
+    (expected, expected_grad), (actual, actual_grad) = results
+    assert torch.allclose(actual, expected, rtol=1e-12) and torch.allclose(actual_grad, expected_grad, rtol=1e-12)
+    assert expected_grad.abs().sum() > 0  # the score-function term is there
+    with pytest.raises(ValueError, match="guide site 'b' .* neither reparameterizable nor enumerated, and ImportanceWeightedELBO"):
+        ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1).loss(model, guide, x)
 
 
 def test_labels_for_model_without_label_site():
@@ -855,15 +870,14 @@ def _hmm_in_the_guide(expand):
     return model, guide
 
 
-def test_recycled_enumeration_dims_are_refused_not_summed_wrongly():
+@pytest.mark.parametrize("expand", [False, True])
+def test_recycled_enumeration_dims_are_contracted_as_pyro_does(expand):
     """pyro.markov in an enumerated guide recycles dims (expand=False): pyrodgm used to
-    return 1.569 where TraceEnum_ELBO and brute force give 2.511; it now refuses the
-    structure, naming the sites.  With a dim per site (expand=True) it equals Pyro."""
+    return 1.569 where TraceEnum_ELBO and brute force give 2.511, then refused the
+    structure; it now contracts it with Pyro's Dice machinery, and with a dim per site
+    (expand=True) its fast path gives the same number."""
     data = torch.ones(3)
-    model, guide = _hmm_in_the_guide(expand=False)
-    with pytest.raises(ValueError, match=r"guide sites 'x_0' and 'x_2' share enumeration dim -2 \(pyro.markov recycled it\)"):
-        SemiSupervisedELBO(max_plate_nesting=0).loss(model, guide, data)
-    model, guide = _hmm_in_the_guide(expand=True)
+    model, guide = _hmm_in_the_guide(expand=expand)
     grads = []
     for loss in (TraceEnum_ELBO(max_plate_nesting=0), SemiSupervisedELBO(max_plate_nesting=0)):
         pyro.clear_param_store()
@@ -873,6 +887,14 @@ def test_recycled_enumeration_dims_are_refused_not_summed_wrongly():
     assert actual == pytest.approx(expected, rel=1e-12) and actual == pytest.approx(2.510964650357508, rel=1e-12)
     for name in expected_grads:
         assert torch.allclose(actual_grads[name], expected_grads[name], rtol=1e-10, atol=1e-12), name
+
+
+def test_recycled_enumeration_dims_are_refused_where_a_per_datapoint_value_needs_a_dim_each():
+    """The importance weights sum each enumerated site inside each weight: recycled dims
+    would be summed on the diagonal of their joint, so they are refused, naming the sites."""
+    model, guide = _hmm_in_the_guide(expand=False)
+    with pytest.raises(ValueError, match=r"guide sites 'x_0' and 'x_2' share enumeration dim -2 \(pyro.markov recycled it\)"):
+        ImportanceWeightedELBO(max_plate_nesting=0).loss(model, guide, torch.ones(3))
 
 
 def test_loss_lets_a_guide_differentiate_as_pyros_losses_do():

@@ -35,20 +35,26 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 
 from ..traces import (
+    DATA_PLATE,
+    MaskLabels,
+    MaskRows,
     ObserveLabels,
     ScaleLatents,
     TraceTerms,
     check_reparameterized,
-    guess_plate_nesting,
     label_log_prob,
     label_range_error,
     logmeanexp,
     particle_traces,
+    plate_nesting_of,
     site_distribution,
+    trial_traces,
 )
 from ..modeling import register_programs, registered_once
 from ..validation import UNLABELLED, check_labels
@@ -127,25 +133,35 @@ def particle_mean_log_prob(fn, labels: torch.Tensor) -> torch.Tensor:
 
 class _TracingLoss(Loss):
     """Shared tracing for the ELBO-type losses: plate nesting guessed once, particles
-    vectorised, the guide's discrete sites enumerated."""
+    vectorised, the guide's discrete sites enumerated.  The first call makes one trial run
+    (:func:`~pyrodgm.traces.trial_traces`, which draws no random numbers) to guess the
+    plate nesting if it is not given and to see whether a guide site asks for a baseline;
+    then the guide's non-reparameterised values are provenance-tracked, as
+    :class:`~pyro.infer.TraceGraph_ELBO` tracks them."""
 
     def __init__(self, num_particles: int, max_plate_nesting: float, analytic_kl, latent_weights: Optional[dict] = None) -> None:
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.analytic_kl = analytic_kl
         self.latent_weights: dict[str, float] = dict(latent_weights or {})
+        self._track_provenance: Optional[bool] = None
+        self._global_latents: list[str] = []
 
     def _plate_nesting(self, model: Optional[Callable], guide: Callable, args: tuple, kwargs: dict) -> int:
-        """``max_plate_nesting``, guessed from one run on the first call if not given."""
-        if self.max_plate_nesting == float("inf"):
-            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+        """``max_plate_nesting``, guessed from one trial run on the first call if not given."""
+        if self.max_plate_nesting == float("inf") or self._track_provenance is None:
+            traces = trial_traces(model if self.max_plate_nesting == float("inf") else None, guide, args, kwargs)
+            if self.max_plate_nesting == float("inf"):
+                self.max_plate_nesting = plate_nesting_of(traces)
+            self._track_provenance = _asks_for_baseline(traces[0])
+            self._global_latents = _global_latents(traces[0])
         return int(self.max_plate_nesting)
 
     def _terms(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> TraceTerms:
         if self.latent_weights:
             model, guide = ScaleLatents(self.latent_weights)(model), ScaleLatents(self.latent_weights)(guide)
         nesting = self._plate_nesting(model, guide, args, kwargs)
-        model_trace, guide_trace = particle_traces(model, guide, args, kwargs, self.num_particles, nesting, compute_log_prob=False)
-        check_reparameterized(guide_trace)
+        with TrackNonReparam() if self._track_provenance else contextlib.nullcontext():
+            model_trace, guide_trace = particle_traces(model, guide, args, kwargs, self.num_particles, nesting, compute_log_prob=False)
         return TraceTerms(model_trace, guide_trace, nesting, self.analytic_kl)
 
     def _labelled_terms(self, model, guide, args, kwargs, label_site: str, labels: torch.Tensor) -> TraceTerms:
@@ -188,6 +204,18 @@ class SemiSupervisedELBO(_TracingLoss):
         (Kingma et al.).  ``False``: labelled rows add only the ``alpha`` term, so the
         bound covers the unlabelled rows alone (CaGeM's objective, Maaløe et al. 2017,
         App. B, whose labelled data train only the classifiers).
+    :param str label_rows: how a labelled batch reaches the programs.  ``"split"``: the
+        labelled and unlabelled rows run apart (the labelled ones with the label observed,
+        not enumerated: the fastest).  ``"mask"``: the whole batch runs once, the label
+        site enumerated for every row, the labelled rows' terms weighed with the indicator
+        of their label (:class:`~pyrodgm.traces.MaskLabels`): the same objective, for
+        guides whose data plate must keep its size, such as autoguides (one parameter per
+        datapoint), at the cost of every class on the labelled rows too.  ``"auto"``
+        (default): ``"mask"`` for a :class:`~pyro.infer.autoguide.AutoGuide` (wrapped in handlers such as
+        :func:`~pyro.infer.config_enumerate` or not) and for a guide with latent sites
+        outside the data plate (the split would draw them twice: ``"split"`` refuses
+        those), else ``"split"``.
+        With ``"mask"``, :attr:`last_components` has one ``"elbo"`` for both kinds of row.
     """
 
     def __init__(
@@ -199,13 +227,17 @@ class SemiSupervisedELBO(_TracingLoss):
         max_plate_nesting: float = float("inf"),
         latent_weights: Optional[dict[str, float]] = None,
         labelled_elbo: bool = True,
+        label_rows: str = "auto",
     ) -> None:
         if alpha < 0:
             raise ValueError(f"alpha must be non-negative, got {alpha}")
+        if label_rows not in ("auto", "split", "mask"):
+            raise ValueError(f"label_rows must be 'auto', 'split' or 'mask', got {label_rows!r}")
         super().__init__(num_particles, max_plate_nesting, analytic_kl, latent_weights)
         self.alpha = float(alpha)
         self.label_site = label_site
         self.labelled_elbo = bool(labelled_elbo)
+        self.label_rows = label_rows
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         with registered_once():  # the labelled and unlabelled runs register the parameters once
@@ -218,6 +250,8 @@ class SemiSupervisedELBO(_TracingLoss):
         if labels is None:
             return -self._record("unlabelled_elbo", self._terms(model, guide, args, kwargs).elbo())
         _check_batch_labels(labels, args, kwargs)
+        if self._masks_rows(model, guide, args, kwargs):
+            return self._masked_loss(model, guide, args, kwargs, labels)
         args_l, kwargs_l, args_u, kwargs_u, labels_l = split_batch(labels, args, kwargs)
         loss = torch.zeros((), device=labels.device)
         if labels_l.numel() and (self.labelled_elbo or self.alpha):
@@ -229,6 +263,42 @@ class SemiSupervisedELBO(_TracingLoss):
                 loss = loss + self.alpha * self._record("classification", nll)
         if labels_l.numel() < labels.numel():
             loss = loss - self._record("unlabelled_elbo", self._terms(model, guide, args_u, kwargs_u).elbo())
+        return loss
+
+    def _masks_rows(self, model, guide, args: tuple, kwargs: dict) -> bool:
+        """Whether the labelled rows are masked in (else split off): ``label_rows``, and
+        for ``"auto"`` the guide (an autoguide) and its global latent sites, which the
+        split would draw twice, once for each kind of row."""
+        self._plate_nesting(model, guide, args, kwargs)  # the first call's trial run finds the global latents
+        if self.label_rows == "split" and self._global_latents:
+            raise ValueError(
+                f"guide sites {self._global_latents} lie outside pyro.plate('{DATA_PLATE}', ...): label_rows='split' runs "
+                "the labelled and unlabelled rows apart and would draw them once for each; use label_rows='mask' "
+                "(the default 'auto' does)"
+            )
+        return self.label_rows == "mask" or (
+            self.label_rows == "auto" and (isinstance(poutine.unwrap(guide), AutoGuide) or bool(self._global_latents))
+        )
+
+    def _masked_loss(self, model, guide, args: tuple, kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the whole batch in one run, labelled rows masked in
+        (``label_rows="mask"``)."""
+        labelled = labels != UNLABELLED
+        in_guide = MaskLabels(self.label_site, labels)
+        model, guide = model, in_guide(guide)
+        if not self.labelled_elbo:
+            model, guide = MaskRows(~labelled)(model), MaskRows(~labelled)(guide)
+        terms = self._terms(model, guide, args, kwargs)
+        in_guide.check()
+        if in_guide.base_fn is None:
+            raise ValueError(f"labels were given but the guide has no sample site '{self.label_site}'")
+        if self.label_site not in terms.model_trace.nodes:
+            raise ValueError(f"labels were given but the model has no sample site '{self.label_site}'")
+        loss = -self._record("elbo", terms.elbo())
+        if self.alpha:
+            log_q = particle_mean_log_prob(in_guide.base_fn, labels.clamp(min=0))
+            nll = -torch.where(labelled, log_q, torch.zeros((), dtype=log_q.dtype, device=log_q.device)).sum()
+            loss = loss + self.alpha * self._record("classification", nll)
         return loss
 
     def _record(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -255,7 +325,7 @@ class ClassifierCrossEntropy(_TracingLoss):
         nesting = self._plate_nesting(None, guide, args_l, kwargs_l)
         with poutine.trace() as before_label:  # what the guide samples before its label
             fn = site_distribution(guide, args_l, kwargs_l, self.label_site, self.num_particles, nesting, role="guide")
-        check_reparameterized(prune_subsample_sites(before_label.trace))
+        check_reparameterized(prune_subsample_sites(before_label.trace), type(self).__name__)
         if is_validation_enabled():
             error = label_range_error(labels_l, fn, self.label_site)
             if error:
@@ -263,6 +333,26 @@ class ClassifierCrossEntropy(_TracingLoss):
         value = -particle_mean_log_prob(fn, labels_l).sum()
         self.last_components = {"classification": value.detach()}
         return value
+
+
+def _global_latents(guide_trace) -> list[str]:
+    """The latent sites of a guide trace outside the data plate."""
+    return [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+        and not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
+    ]
+
+
+def _asks_for_baseline(guide_trace) -> bool:
+    """Whether a latent site of an un-enumerated guide trace is discrete, not marked for
+    enumeration, and asks for a baseline."""
+    return any(
+        site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample
+        and not site["infer"].get("enumerate") and site["infer"].get("baseline")
+        for site in guide_trace.nodes.values()
+    )
 
 
 def labelled_rows(loss_name: str, label_site: str, args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor]:

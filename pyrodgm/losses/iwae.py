@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..traces import check_reparameterized
 from .elbo import _TracingLoss
 
 __all__ = ["ImportanceWeightedELBO"]
@@ -67,7 +68,9 @@ class ImportanceWeightedELBO(_TracingLoss):
 
     def log_weights(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         """``log w`` of each particle and datapoint, a ``(num_particles, batch)`` tensor."""
-        return self._terms(model, guide, args, kwargs).importance_log_weights()
+        terms = self._terms(model, guide, args, kwargs)
+        check_reparameterized(terms.guide_trace, type(self).__name__)
+        return terms.importance_log_weights()
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         log_weights = self.log_weights(model, guide, *args, **kwargs)

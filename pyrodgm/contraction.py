@@ -33,7 +33,9 @@ import warnings
 from collections import defaultdict
 from typing import Optional
 
+import pyro.distributions as dist
 import torch
+from pyro.distributions.distribution import Distribution
 from pyro.infer.tracegraph_elbo import _compute_elbo as _tracegraph_surrogate
 from pyro.infer.util import Dice, is_validation_enabled
 from pyro.ops import packed
@@ -42,6 +44,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import check_traceenum_requirements
 
 __all__ = [
+    "base_distribution",
     "baseline_sites",
     "dice_elbo",
     "is_enumerated_site",
@@ -61,13 +64,30 @@ def is_enumerated_site(site) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
 
+def base_distribution(fn: dist.Distribution) -> dist.Distribution:
+    """``fn`` without the Independent / Masked / Expanded wrappers Pyro puts around it, nor
+    the wrappers of pyrodgm's that mark themselves ``wraps_base_dist``."""
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)) or getattr(
+        fn, "wraps_base_dist", False
+    ):
+        fn = fn.base_dist
+    return fn
+
+
+def has_score_function(fn: dist.Distribution) -> bool:
+    """Whether the gradient of samples of ``fn`` needs a score-function term: it has no
+    reparameterised sampler, or only a partial one (its ``score_parts`` are its own, as
+    the rejection samplers' are, :class:`~pyro.distributions.Rejector`)."""
+    return not fn.has_rsample or type(base_distribution(fn)).score_parts is not Distribution.score_parts
+
+
 def score_function_sites(guide_trace: Trace) -> list[str]:
-    """The latent guide sites that are neither enumerated nor reparameterised: their
-    gradient needs the score-function estimator."""
+    """The latent guide sites that are not enumerated and not (fully) reparameterised:
+    their gradient needs the score-function estimator."""
     return [
         name
         for name, site in guide_trace.nodes.items()
-        if is_latent_site(site) and not is_enumerated_site(site) and not site["fn"].has_rsample
+        if is_latent_site(site) and not is_enumerated_site(site) and has_score_function(site["fn"])
     ]
 
 

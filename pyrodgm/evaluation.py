@@ -1,4 +1,7 @@
-r"""Evaluation for any model/guide pair with its data in ``pyro.plate("data", ...)``.
+r"""Evaluation for any model/guide pair whose sample sites all lie in ``pyro.plate("data",
+...)``: a per-datapoint value has no room for a global latent (one draw shared by the
+batch), which is refused with a message naming the site, and each enumerated guide site
+must be local to the data plate alone, on an enumeration dim of its own.
 
 * :func:`iwae_log_likelihood`: the importance-weighted estimate of :math:`\log p(x)` per
   datapoint (Burda et al. 2016),

@@ -35,7 +35,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _KL_REGISTRY
 
-from .contraction import baseline_sites, dice_elbo, is_enumerated_site, is_latent_site, score_function_sites, tracegraph_elbo
+from .contraction import base_distribution, baseline_sites, dice_elbo, is_enumerated_site, is_latent_site, score_function_sites, tracegraph_elbo
 from .modeling import one_hot_rows, registered_once
 from .validation import UNLABELLED
 
@@ -71,12 +71,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # labels
 # --------------------------------------------------------------------------------------
-def _base_distribution(fn: dist.Distribution) -> dist.Distribution:
-    """``fn`` without the Independent / Masked / Expanded wrappers Pyro puts around it (nor
-    :class:`LabelledRows`, the classifier behind it)."""
-    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution, LabelledRows)):
-        fn = fn.base_dist
-    return fn
+_base_distribution = base_distribution
 
 
 def _is_one_hot(fn: dist.Distribution) -> bool:
@@ -219,6 +214,7 @@ class LabelledRows(dist.TorchDistribution):
     """
 
     arg_constraints: dict = {}
+    wraps_base_dist = True  # base_distribution() looks through it, to the classifier
 
     def __init__(self, base_dist: dist.Distribution, labels: torch.Tensor, labelled: torch.Tensor) -> None:
         self.base_dist, self.labels, self.labelled = base_dist, labels, labelled
@@ -720,7 +716,7 @@ def check_reparameterized(guide_trace: Trace, purpose: str = "this loss") -> Non
     classifier's cross-entropy; :class:`~pyrodgm.losses.SemiSupervisedELBO` has one)."""
     for name in score_function_sites(guide_trace):
         raise ValueError(
-            f"guide site '{name}' ({type(guide_trace.nodes[name]['fn']).__name__}) is neither reparameterizable nor "
+            f"guide site '{name}' ({type(guide_trace.nodes[name]['fn']).__name__}) is neither (fully) reparameterizable nor "
             f"enumerated, and {purpose} has no score-function estimator: mark it infer={{'enumerate': 'parallel'}} or "
             "use a relaxed distribution such as RelaxedOneHotCategorical"
         )

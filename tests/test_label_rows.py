@@ -209,3 +209,45 @@ def test_sequential_enumeration_is_refused_naming_the_site():
 
     with pytest.raises(ValueError, match="guide site 'y' is marked infer=\\{'enumerate': 'sequential'\\}"):
         SemiSupervisedELBO().loss(model, guide, torch.tensor([0.5, 1.5]))
+
+
+# --------------------------------------------------------------------------------------
+# one run of the feature network per step for the composite losses
+# --------------------------------------------------------------------------------------
+def _count_calls(network: torch.nn.Module) -> list:
+    """A list that grows by one at every call of ``network``'s first convolution."""
+    calls: list = []
+    first = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("name, network, expected", [
+    # the ELBO runs the whole batch once; the assignment and metric terms read its features
+    ("gmvae", "features", 1),
+    # the ELBO runs the labelled and the unlabelled rows apart; the hinge, hat and balance
+    # terms share one run of the classifier, stopped at its scores (no encoder, no z)
+    ("conv-mmcva", "classifier", 3),
+])
+def test_composite_losses_run_the_feature_network_once_per_step(name, network, expected):
+    """WeightedSum's terms used to run the guide once each: Conv-MMCVA's guide five times a
+    step, the GMVAE's conv features three times.  In eval mode (no dropout, batch-norm's
+    running statistics) the shared value equals the sum of the terms computed one by one."""
+    from tiny_recipes import tiny_case
+
+    case = tiny_case(name)
+    calls = _count_calls(getattr(case.guide, network))
+    encoder_calls = _count_calls(case.guide.encoder) if name == "conv-mmcva" else []
+    case.loss.differentiable_loss(case.model, case.guide, case.x, **case.kwargs())  # the first call's trial run
+    calls.clear(), encoder_calls.clear()
+    case.loss.differentiable_loss(case.model, case.guide, case.x, **case.kwargs())
+    assert len(calls) == expected
+    assert len(encoder_calls) == (2 if name == "conv-mmcva" else 0)  # the ELBO's two runs only
+    case.guide.eval(), case.model.eval()
+    torch.manual_seed(3)
+    shared = case.loss.differentiable_loss(case.model, case.guide, case.x, **case.kwargs())
+    separate = 0.0
+    for term in case.loss.terms.values():
+        torch.manual_seed(3)
+        separate = separate + term.weight * term.loss.differentiable_loss(case.model, case.guide, case.x, **case.kwargs())
+    assert torch.allclose(shared, separate, rtol=1e-6)

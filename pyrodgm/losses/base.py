@@ -8,16 +8,70 @@ one method, :meth:`Loss.differentiable_loss`; :meth:`Loss.loss` and
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
 
-__all__ = ["Loss", "Weighted", "WeightedSum", "batch_tensor", "check_batch_not_empty"]
+__all__ = [
+    "Loss", "Weighted", "WeightedSum", "batch_tensor", "call_key", "check_batch_not_empty", "publish", "published", "shared_step",
+    "step_memo",
+]
+
+
+#: What the terms of one loss evaluation have computed of their programs, or ``None``
+#: outside :func:`shared_step`.
+_STEP_MEMO: ContextVar[Optional[dict]] = ContextVar("pyrodgm_step_memo", default=None)
+
+
+@contextlib.contextmanager
+def shared_step() -> Iterator[None]:
+    """Within the block, loss terms share what they compute of the same program on the
+    same batch (:func:`step_memo`): :class:`WeightedSum` opens one per evaluation, so that
+    its terms run a guide's feature network once, as the papers' code does, not once per
+    term."""
+    token = _STEP_MEMO.set({})
+    try:
+        yield
+    finally:
+        _STEP_MEMO.reset(token)
+
+
+def step_memo(key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered under ``key`` for the rest of the :func:`shared_step`
+    block (computed afresh outside one)."""
+    memo = _STEP_MEMO.get()
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def publish(key: tuple, value: Any) -> None:
+    """Offer ``value`` under ``key`` to the later terms of the :func:`shared_step` block
+    (nothing outside one)."""
+    memo = _STEP_MEMO.get()
+    if memo is not None:
+        memo[key] = value
+
+
+def published(key: tuple) -> Any:
+    """What an earlier term of the :func:`shared_step` block offered under ``key``, or ``None``."""
+    memo = _STEP_MEMO.get()
+    return None if memo is None else memo.get(key)
+
+
+def call_key(program: Callable, args: tuple, kwargs: dict) -> tuple:
+    """The identity of a call: the program and its arguments' objects (a term of a step
+    sees the same objects as the others; a sub-batch sliced from them is another call)."""
+    return (id(program), tuple(id(a) for a in args), tuple(sorted((k, id(v)) for k, v in kwargs.items())))
 
 
 class Loss(ELBO):
@@ -81,7 +135,12 @@ class Weighted:
 
 class WeightedSum(Loss):
     r"""A weighted sum of named loss terms, :math:`\sum_i w_i L_i`, each computed by its own
-    loss object on the same ``(model, guide, *args, **kwargs)``.
+    loss object on the same ``(model, guide, *args, **kwargs)``.  The terms share what they
+    compute of the guide on the whole batch (:func:`shared_step`): a feature or score site
+    one term's run recorded is read by the next, not computed again (the margin terms'
+    classifier scores, the metric terms' features, taken from the ELBO's guide trace
+    where it ran the whole batch); a term restricted to some parameters (``params=``)
+    runs its own.
 
     A term built with :class:`Weighted` ``params=`` sends its gradient only to the
     parameters whose names pass the predicate (CaGeM's cross-entropies, for instance, must
@@ -121,15 +180,33 @@ class WeightedSum(Loss):
 
     def _term_values(self, model, guide, args, kwargs) -> dict[str, tuple[torch.Tensor, dict]]:
         values = {}
-        for name, term in self.terms.items():
+        with shared_step():
+            for name, term in self.terms.items():
+                values[name] = self._term_value(name, term, model, guide, args, kwargs)
+        return values
+
+    def _term_value(self, name: str, term: Weighted, model, guide, args, kwargs) -> tuple[torch.Tensor, dict]:
+        """One term's value and the parameters its run used (those it restricts its
+        gradient to are among them: such a term shares nothing)."""
+        with contextlib.nullcontext() if term.params is None else _private_step():
             with poutine.trace(param_only=True) as capture:
                 value = term.loss.differentiable_loss(model, guide, *args, **kwargs)
-            params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
-            values[name] = (value, params)
-            self.last_components[name] = value.detach()
-            for part, part_value in term.loss.last_components.items():
-                self.last_components[f"{name}.{part}"] = part_value
-        return values
+        params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
+        self.last_components[name] = value.detach()
+        for part, part_value in term.loss.last_components.items():
+            self.last_components[f"{name}.{part}"] = part_value
+        return value, params
+
+
+@contextlib.contextmanager
+def _private_step() -> Iterator[None]:
+    """A block that neither reads nor offers what the surrounding :func:`shared_step`
+    holds (a term whose parameters are captured from its own run)."""
+    token = _STEP_MEMO.set(None)
+    try:
+        yield
+    finally:
+        _STEP_MEMO.reset(token)
 
 
 def batch_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:

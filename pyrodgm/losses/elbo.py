@@ -58,7 +58,7 @@ from ..traces import (
 )
 from ..modeling import register_programs, registered_once
 from ..validation import UNLABELLED, check_labels
-from .base import Loss, batch_tensor
+from .base import Loss, batch_tensor, call_key, publish
 
 __all__ = [
     "SemiSupervisedELBO", "ClassifierCrossEntropy", "classifier_log_prob", "split_batch", "labelled_rows", "labelled_prefix",
@@ -248,7 +248,9 @@ class SemiSupervisedELBO(_TracingLoss):
         labels: Optional[torch.Tensor] = kwargs.pop(self.label_site, None)
         self.last_components = {}
         if labels is None:
-            return -self._record("unlabelled_elbo", self._terms(model, guide, args, kwargs).elbo())
+            terms = self._terms(model, guide, args, kwargs)
+            publish(whole_batch_guide_trace_key(guide, args, kwargs, self.num_particles), terms.guide_trace)
+            return -self._record("unlabelled_elbo", terms.elbo())
         _check_batch_labels(labels, args, kwargs)
         if self._masks_rows(model, guide, args, kwargs):
             return self._masked_loss(model, guide, args, kwargs, labels)
@@ -333,6 +335,13 @@ class ClassifierCrossEntropy(_TracingLoss):
         value = -particle_mean_log_prob(fn, labels_l).sum()
         self.last_components = {"classification": value.detach()}
         return value
+
+
+def whole_batch_guide_trace_key(guide: Callable, args: tuple, kwargs: dict, num_particles: int) -> tuple:
+    """The key under which :class:`SemiSupervisedELBO` offers the guide trace of a batch
+    without labels to the later terms of a :class:`~pyrodgm.losses.WeightedSum` (the
+    metric losses read the features from it instead of running the guide again)."""
+    return ("whole-batch guide trace", num_particles) + call_key(guide, args, kwargs)
 
 
 def _global_latents(guide_trace) -> list[str]:

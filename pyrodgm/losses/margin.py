@@ -58,10 +58,11 @@ from typing import Callable, Optional
 import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.runtime import NonlocalExit
 from torch import nn
 
 from ..validation import UNLABELLED
-from .base import Loss, WeightedSum
+from .base import Loss, WeightedSum, call_key, step_memo
 from .elbo import _check_batch_labels
 
 __all__ = [
@@ -227,23 +228,27 @@ def margin_scores(
     guide: Callable, *args, score_site: str = "scores", feature_site: str = "features", **kwargs
 ) -> torch.Tensor:
     """``[batch, num_classes]`` scores of the guide run on ``(*args, **kwargs)``: its
-    ``score_site``, else its ``feature_site`` through its :class:`MarginClassifier`.  Site
-    values with leading particle dims are averaged over them (:math:`\\mathbb E_q`)."""
-    trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    if score_site in trace.nodes:
-        scores = trace.nodes[score_site]["value"]
-    elif feature_site in trace.nodes:
-        classifier = find_margin_classifier(guide)
-        if classifier is None:
-            raise ValueError(
-                f"the guide has no site '{score_site}' and no MarginClassifier to score its '{feature_site}' with"
-            )
-        scores = classifier(trace.nodes[feature_site]["value"])
-    else:
+    ``score_site`` (the guide runs up to it, :func:`~pyro.poutine.escape`, so nothing it
+    draws after the scores is drawn), else its ``feature_site`` through its
+    :class:`MarginClassifier`.  Site values with leading particle dims are averaged over
+    them (:math:`\\mathbb E_q`)."""
+    with poutine.trace() as tracer:
+        try:
+            poutine.escape(guide, escape_fn=lambda msg: msg["name"] == score_site)(*args, **kwargs)
+        except NonlocalExit as exit_:  # the messengers have exited: no reset_stack (site_distribution)
+            return _particle_mean(exit_.site["value"])
+    trace = tracer.trace
+    if feature_site not in trace.nodes:
         raise ValueError(f"the guide has neither a '{score_site}' nor a '{feature_site}' site to classify with")
-    if scores.dim() > 2:
-        scores = scores.reshape((-1,) + tuple(scores.shape[-2:])).mean(0)
-    return scores
+    classifier = find_margin_classifier(guide)
+    if classifier is None:
+        raise ValueError(f"the guide has no site '{score_site}' and no MarginClassifier to score its '{feature_site}' with")
+    return _particle_mean(classifier(trace.nodes[feature_site]["value"]))
+
+
+def _particle_mean(scores: torch.Tensor) -> torch.Tensor:
+    """``[..., batch, K]`` scores averaged over their leading (particle) dims."""
+    return scores.reshape((-1,) + tuple(scores.shape[-2:])).mean(0) if scores.dim() > 2 else scores
 
 
 @torch.no_grad()
@@ -273,8 +278,10 @@ def margin_error(guide: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: 
 # loss classes
 # --------------------------------------------------------------------------------------
 class _MarginLoss(Loss):
-    """Shared plumbing: trace the guide on the whole batch (labels withheld) and read the
-    scores; the rows are then selected by their labels."""
+    """Shared plumbing: run the guide on the whole batch (labels withheld) up to its
+    scores, once for all the margin terms of a :class:`~pyrodgm.losses.WeightedSum`
+    (:func:`~pyrodgm.losses.base.step_memo`), and read them; the rows are then selected by
+    their labels."""
 
     def __init__(self, feature_site: str, score_site: str, label_site: str, cost: float) -> None:
         super().__init__()
@@ -287,7 +294,9 @@ class _MarginLoss(Loss):
             raise ValueError(f"{type(self).__name__} needs labels as the keyword '{self.label_site}' (-1 for unlabelled rows)")
         if labels is not None:
             _check_batch_labels(labels, args, kwargs)
-        scores = margin_scores(guide, *args, score_site=self.score_site, feature_site=self.feature_site, **kwargs)
+        sites = dict(score_site=self.score_site, feature_site=self.feature_site)
+        key = ("margin scores", self.score_site, self.feature_site) + call_key(guide, args, kwargs)
+        scores = step_memo(key, lambda: margin_scores(guide, *args, **sites, **kwargs))
         return scores, labels
 
 

@@ -52,8 +52,8 @@ from pyro.infer.util import is_validation_enabled
 
 from ..traces import DATA_PLATE, _categorical_logits, _plate_size, guess_plate_nesting, logmeanexp, site_distribution
 from ..validation import UNLABELLED, check_features, check_labels
-from .base import Loss
-from .elbo import _check_batch_labels
+from .base import Loss, published
+from .elbo import _check_batch_labels, whole_batch_guide_trace_key
 
 __all__ = [
     "AssignmentLoss",
@@ -231,10 +231,17 @@ def trace_guide_features(
     dim ``-(plate_nesting + 1)``), stopped at ``label_site``, and read its feature site
     and its classifier.  Sample sites are hidden from outer handlers, parameter sites are
     not (so :class:`~pyro.infer.SVI` and :class:`~pyrodgm.losses.Weighted` ``params=`` see
-    the parameters used)."""
-    with poutine.block(hide_types=["sample"]), poutine.trace() as tracer:
-        label_fn = site_distribution(guide, args, kwargs, label_site, num_particles, plate_nesting, required=False)
-    site = tracer.trace.nodes.get(feature_site)
+    the parameters used).  Within a :class:`~pyrodgm.losses.WeightedSum` whose ELBO ran
+    the same guide on the same batch with as many particles, its guide trace is read
+    instead (:func:`~pyrodgm.losses.base.shared_step`): the feature network runs once."""
+    trace = published(whole_batch_guide_trace_key(guide, args, kwargs, num_particles))
+    if trace is not None and feature_site in trace.nodes:
+        label_fn = trace.nodes[label_site]["fn"] if label_site in trace.nodes else None
+    else:
+        with poutine.block(hide_types=["sample"]), poutine.trace() as tracer:
+            label_fn = site_distribution(guide, args, kwargs, label_site, num_particles, plate_nesting, required=False)
+        trace = tracer.trace
+    site = trace.nodes.get(feature_site)
     if site is None or site["type"] != "sample":
         before = f" before its label site '{label_site}'" if label_fn is not None else ""
         raise ValueError(
@@ -242,7 +249,7 @@ def trace_guide_features(
             f"pyro.plate('data') with pyro.deterministic('{feature_site}', f, event_dim=1)"
         )
     value = site["value"]
-    batch = _plate_size(tracer.trace, DATA_PLATE)
+    batch = _plate_size(trace, DATA_PLATE)
     if not torch.is_tensor(value) or value.dim() < 2 or (batch is not None and value.shape[-2] != batch):
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
         raise ValueError(f"the feature site '{feature_site}' must have shape [..., batch, feature_dim], got {shape}")

@@ -919,3 +919,28 @@ def test_loss_lets_a_guide_differentiate_as_pyros_losses_do():
         pyro.set_rng_seed(4)
         values.append(loss.loss(model, guide, x))
     assert values[1] == pytest.approx(values[0], rel=1e-12)
+
+
+def test_importance_weights_refuse_an_enumerated_site_in_a_plate_inside_the_data_plate():
+    """An enumerated site in a plate nested in the data plate was summed after the plate's
+    product was taken (log sum_b prod_j instead of sum_j log sum_b): a wrong weight.  The
+    importance weights now refuse it, naming the site; the ELBO, which weighs each term by
+    the site's probability inside the plate, is still exact (equal to TraceEnum_ELBO)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            with pyro.plate("pixels", x.shape[1], dim=-1):
+                b = pyro.sample("b", dist.Bernoulli(0.3))
+                pyro.sample("x", dist.Normal(b, 1.0), obs=x)
+
+    @config_enumerate
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            with pyro.plate("pixels", x.shape[1], dim=-1):
+                pyro.sample("b", dist.Bernoulli(torch.sigmoid(x)))
+
+    x = torch.tensor([[0.2, 1.4, -0.3], [0.9, 0.1, 2.0]])
+    with pytest.raises(ValueError, match=r"guide site 'b' is enumerated in plates \['data', 'pixels'\]"):
+        ImportanceWeightedELBO(num_particles=2, max_plate_nesting=2).loss(model, guide, x)
+    expected = TraceEnum_ELBO(max_plate_nesting=2).loss(model, guide, x)
+    assert SemiSupervisedELBO(max_plate_nesting=2).loss(model, guide, x) == pytest.approx(expected, rel=1e-12)

@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", parents=[debug], help="class-conditional samples and 2-D latent manifolds as PNGs")
     plot.add_argument("checkpoint")
     plot.add_argument("--out", help="folder (default: beside the checkpoint)")
-    plot.add_argument("--steps", type=int, default=20)
+    plot.add_argument("--steps", type=int, default=20, help="manifold points along each direction (default 20)")
+    plot.add_argument("--images", type=int, default=1000,
+                      help="training images whose posterior means give the manifold's two principal directions (default 1000)")
+    plot.add_argument("--root", help="override the data folder saved in the checkpoint")
 
     # max-margin DGMs: the impute command
     impute = commands.add_parser("impute", parents=[debug], help="missing-data imputation of test images: MSE on missing pixels, error, strips")
@@ -206,21 +209,44 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
 def _plot(args: argparse.Namespace) -> dict:
     from .data import IMAGE_SHAPES
-    from .plots import save_manifold, save_samples
+    from .plots import latent_directions, save_manifold, save_samples
     from .training import build_from_checkpoint
 
+    for name in ("steps", "images"):
+        if getattr(args, name) < (2 if name == "steps" else 3):
+            raise ValueError(f"--{name} must be at least {2 if name == 'steps' else 3}, got {getattr(args, name)}")
     config, recipe_, model, guide, _ = build_from_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "plots"
     image_shape = IMAGE_SHAPES[config.dataset]
     num_classes = getattr(model, "num_classes", None) if recipe_.label_site else None
+    site = recipe_.latent_site
+    directions = latent_directions(guide, _training_sample(config, args.images, args.root), site, seed=config.seed)
     written = [out / "samples.png"]
     save_samples(model, written[0], image_shape, num_classes=num_classes)
     labels = range(num_classes) if num_classes else [None]
     for label in labels:
         name = "manifold.png" if label is None else f"manifold_class{label}.png"
-        save_manifold(model, out / name, image_shape, config.z_dim, site=recipe_.latent_site, label=label, steps=args.steps)
+        latent_dim = directions.center.shape[0]
+        save_manifold(model, out / name, image_shape, latent_dim, site=site, label=label, steps=args.steps, directions=directions)
         written.append(out / name)
-    return {"written": [str(p) for p in written]}
+    if directions.explained is None:
+        swept = f"{site}'s two units over the prior's 5%..95% quantiles (a 2-D latent)"
+    else:
+        shares = " and ".join(f"{100 * share:.1f}%" for share in directions.explained)
+        swept = (f"the two principal directions of {site}'s posterior means over {args.images} training images "
+                 f"({shares} of their variance), 5%..95% normal quantiles of their spread")
+    return {"written": [str(p) for p in written], "manifold": swept}
+
+
+def _training_sample(config, count: int, root: Optional[str]) -> torch.Tensor:
+    """``count`` training images drawn with the run's seed, as the run evaluates them
+    (binarised once when it trained on binarised images), flattened."""
+    from .data import load_dataset
+    from .training import evaluation_data
+
+    data = load_dataset(config.dataset, root=root or config.root, train=True, download=config.download)
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:count].sort().values
+    return evaluation_data(data.subset(index), config).flat()
 
 
 def _impute(args: argparse.Namespace) -> dict:

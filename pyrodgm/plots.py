@@ -1,18 +1,44 @@
 """Pictures of what a model has learnt: sample grids (class-conditional for models with a
-label), 2-D latent manifolds as in Kingma & Welling (2014, Fig. 4) and Kingma et al. (2014,
-Fig. 1), and training curves.  Images come from the mean of the model's ``x`` site, read
-off a :func:`~pyro.poutine.trace` of the model with its latents fixed by
-:func:`~pyro.poutine.condition`."""
+label, one row per class, labelled), 2-D latent manifolds as in Kingma & Welling (2014,
+Fig. 4) and Kingma et al. (2014, Fig. 1) over the two directions along which the
+encoder's posterior means vary most, and training curves.  Images come from the mean of
+the model's ``x`` site, read off a :func:`~pyro.poutine.trace` of the model with its
+latents fixed by :func:`~pyro.poutine.condition`; grids are laid out by torchvision's
+:func:`~torchvision.utils.make_grid` and drawn by matplotlib at a readable size (every
+image at least :data:`MIN_IMAGE_PIXELS` pixels high, nearest-neighbour)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from pyro import poutine
 
-__all__ = ["mean_images", "save_samples", "save_manifold", "plot_history", "embed_2d", "save_embedding"]
+__all__ = [
+    "MIN_IMAGE_PIXELS",
+    "LatentDirections",
+    "mean_images",
+    "save_grid",
+    "save_samples",
+    "latent_directions",
+    "latent_grid",
+    "save_manifold",
+    "plot_history",
+    "LOSS_KEY",
+    "learning_curve_panels",
+    "plot_learning_curve",
+    "plot_test_curve",
+    "embed_2d",
+    "save_embedding",
+]
+
+#: The least height (and width) in pixels of one image of a saved grid: 8x8 digits are
+#: drawn 5 times larger, 28x28 MNIST digits twice.
+MIN_IMAGE_PIXELS = 40
+_DPI = 100
 
 
 @torch.no_grad()
@@ -27,15 +53,68 @@ def mean_images(model: Callable, *, site: str = "x", condition: Optional[dict] =
 
 
 def _save_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path, nrow: int) -> None:
+    """The images at their own size, 1 pixel apart (the imputation strips, pixel for pixel)."""
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.reshape(-1, *image_shape).clamp(0, 1).cpu(), path, nrow=nrow, padding=1, pad_value=1.0)
 
 
-def save_samples(model: Callable, path: str | Path, image_shape: Sequence[int], num_classes: Optional[int] = None, per_row: int = 10) -> None:
-    """A grid of samples' means: one row per class for class-conditional models (the
-    label observed, ``z`` from the prior), else ``per_row**2`` unconditional samples."""
+def save_grid(
+    images: torch.Tensor,
+    image_shape: Sequence[int],
+    path: str | Path,
+    nrow: int,
+    *,
+    row_labels: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    xlabel: Optional[str] = None,
+    ylabel: Optional[str] = None,
+    min_pixels: int = MIN_IMAGE_PIXELS,
+) -> tuple[int, int]:
+    """A PNG of ``images`` (``[n, C*H*W]`` or ``[n, C, H, W]``, values in [0, 1]) laid out
+    ``nrow`` to a row by :func:`torchvision.utils.make_grid` and drawn by matplotlib,
+    each image magnified by a whole factor (nearest neighbour) to at least ``min_pixels``
+    pixels; ``row_labels`` are written left of the rows.  Returns the PNG's (width, height)."""
+    from matplotlib.figure import Figure
+    from torchvision.utils import make_grid
+
+    image_shape = tuple(int(s) for s in image_shape)
+    tiles = images.detach().reshape(-1, *image_shape).clamp(0, 1).float().cpu()
+    grid = make_grid(tiles, nrow=nrow, padding=1, pad_value=1.0)  # [3, H, W]: one channel is repeated
+    rows = math.ceil(tiles.shape[0] / nrow)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    zoom = max(1, math.ceil(min_pixels / min(image_shape[-2:])))
+    height, width = grid.shape[1] * zoom, grid.shape[2] * zoom
+    text = 16  # pixels of a line of 10-point text at 100 dpi, with some room
+    left = 6 + (8 * max(map(len, row_labels)) + 8 if row_labels else 0) + (text + 4 if ylabel else 0)
+    top, bottom, right = (text + 10 if title else 6), (text + 6 if xlabel else 6), 6
+    size_px = (width + left + right, height + top + bottom)
+    fig = Figure(figsize=(size_px[0] / _DPI, size_px[1] / _DPI), dpi=_DPI)
+    axis = fig.add_axes((left / size_px[0], bottom / size_px[1], width / size_px[0], height / size_px[1]))
+    axis.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
+    axis.set_axis_off()
+    for row, label in enumerate(row_labels or ()):  # the row's centre, in the grid's pixels
+        axis.text(-1.5, row * (image_shape[-2] + 1) + image_shape[-2] / 2 + 0.5, label, ha="right", va="center", fontsize=10)
+    if title:
+        fig.text(0.5, 1 - 4 / size_px[1], title, ha="center", va="top", fontsize=10)
+    if xlabel:
+        fig.text((left + width / 2) / size_px[0], 3 / size_px[1], xlabel, ha="center", va="bottom", fontsize=9)
+    if ylabel:
+        fig.text(3 / size_px[0], (bottom + height / 2) / size_px[1], ylabel, ha="left", va="center", rotation=90, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return size_px
+
+
+def save_samples(
+    model: Callable, path: str | Path, image_shape: Sequence[int], num_classes: Optional[int] = None, per_row: int = 10
+) -> torch.Tensor:
+    """A grid of samples' means (:func:`save_grid`): one row per class for class-conditional
+    models (the label observed, ``z`` from the prior; each row labelled ``y=k``), else
+    ``per_row**2`` unconditional samples.  Returns the images."""
     model_was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -49,18 +128,97 @@ def save_samples(model: Callable, path: str | Path, image_shape: Sequence[int], 
     finally:
         if model_was_training:
             model.train()
-    _save_grid(images, image_shape, Path(path), nrow=per_row)
+    row_labels = [f"y={k}" for k in range(num_classes)] if num_classes else None
+    save_grid(images, image_shape, path, nrow=per_row, row_labels=row_labels)
+    return images
 
 
-def latent_grid(steps: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``steps x steps`` points of a 2-D latent spread by the inverse Gaussian CDF over
-    (0.05, 0.95), the remaining ``dim - 2`` coordinates zero (Kingma & Welling 2014)."""
-    quantiles = torch.linspace(0.05, 0.95, steps, device=device, dtype=dtype)
-    values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
+@dataclass
+class LatentDirections:
+    """The plane a manifold sweeps: ``center + s * scales[0] * axes[0] + t * scales[1] *
+    axes[1]`` for standard-normal quantiles ``s, t``.
+
+    :ivar center: ``[d]``; :ivar axes: ``[2, d]``, orthonormal rows; :ivar scales: ``[2]``.
+    :ivar explained: the share of the posterior means' variance along each axis (``None``
+        for a 2-D latent, swept directly over its prior).
+    """
+
+    center: torch.Tensor
+    axes: torch.Tensor
+    scales: torch.Tensor
+    explained: Optional[tuple[float, float]] = None
+
+    @classmethod
+    def prior(cls, dim: int = 2) -> "LatentDirections":
+        """The first two coordinates of a standard-normal latent (exact for ``dim`` 2)."""
+        return cls(torch.zeros(dim), torch.eye(2, dim), torch.ones(2))
+
+    def axis_label(self, index: int) -> str:
+        if self.explained is None:
+            return f"z[{index}], 5% to 95% of the prior"
+        return f"PC {index + 1} ({100 * self.explained[index]:.0f}% of the variance), 5% to 95%"
+
+
+@torch.no_grad()
+def latent_directions(
+    guide: Callable, x: torch.Tensor, site: str = "z", batch_size: int = 1000, num_particles: int = 1, seed: int = 0
+) -> LatentDirections:
+    """The two directions along which the guide's posterior means of ``site`` vary most
+    over the images ``x``: scikit-learn's PCA of ``E_q[site|x]``
+    (:func:`~pyrodgm.evaluation.posterior_mean`), centred on their mean, each axis scaled by
+    the standard deviation of the means along it.  A 2-D latent gives its own coordinates
+    over the prior (:meth:`LatentDirections.prior`), exactly."""
+    from sklearn.decomposition import PCA
+
+    from .evaluation import posterior_mean
+
+    if x.shape[0] < 3:
+        raise ValueError(f"the principal directions need at least 3 images, got {x.shape[0]}")
+    was_training = getattr(guide, "training", False)
+    if hasattr(guide, "eval"):
+        guide.eval()
+    try:
+        means = torch.cat(
+            [posterior_mean(guide, x[i : i + batch_size], site, num_particles) for i in range(0, x.shape[0], batch_size)]
+        )
+    finally:
+        if was_training:
+            guide.train()
+    if means.dim() != 2 or means.shape[1] < 2:
+        raise ValueError(f"a 2-D manifold needs a latent of at least 2 units; '{site}' has shape {tuple(means.shape[1:])}")
+    if means.shape[1] == 2:
+        return LatentDirections.prior(2)
+    pca = PCA(n_components=2, random_state=seed).fit(means.double().cpu().numpy())
+    as_tensor = lambda array: torch.as_tensor(array, dtype=torch.float32)  # noqa: E731
+    return LatentDirections(
+        center=as_tensor(pca.mean_),
+        axes=as_tensor(pca.components_),
+        scales=as_tensor(pca.explained_variance_).sqrt(),
+        explained=tuple(float(v) for v in pca.explained_variance_ratio_),
+    )
+
+
+def latent_grid(
+    steps: int, dim: int, device: torch.device, dtype: torch.dtype, directions: Optional[LatentDirections] = None
+) -> torch.Tensor:
+    """``steps x steps`` latent points (row-major: the first direction down the rows, the
+    second across), the standard-normal quantiles 0.05..0.95 along each of ``directions``
+    (Kingma & Welling 2014); without ``directions`` a 2-D latent's own coordinates."""
+    if directions is None:
+        if dim != 2:
+            raise ValueError(
+                f"a {dim}-D latent needs the directions to sweep: pass directions=latent_directions(guide, x, site) "
+                "(the first two units of a larger latent may not vary at all)"
+            )
+        directions = LatentDirections.prior(2)
+    if directions.center.shape != (dim,):
+        raise ValueError(f"the directions are {directions.center.shape[0]}-D, the latent {dim}-D")
+    quantiles = torch.linspace(0.05, 0.95, steps, dtype=torch.float64)
+    values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles).to(device, dtype)
     first, second = torch.meshgrid(values, values, indexing="ij")
-    z = torch.zeros(steps * steps, dim, device=device, dtype=dtype)
-    z[:, 0], z[:, 1] = first.flatten(), second.flatten()
-    return z
+    center, axes, scales = (t.to(device, dtype) for t in (directions.center, directions.axes, directions.scales))
+    steps_along = torch.stack([first.flatten(), second.flatten()], dim=-1) * scales  # [steps^2, 2]
+    return center + steps_along @ axes
 
 
 def save_manifold(
@@ -71,35 +229,75 @@ def save_manifold(
     site: str = "z",
     label: Optional[int] = None,
     steps: int = 20,
-) -> None:
-    """The learnt manifold over the first two coordinates of latent ``site`` (exact for a
-    2-D latent); for class-conditional models the label is fixed to ``label``."""
+    directions: Optional[LatentDirections] = None,
+) -> torch.Tensor:
+    """The learnt manifold over the plane of ``directions`` (:func:`latent_directions`;
+    a 2-D latent needs none and is swept over its prior), a ``steps x steps`` grid drawn by
+    :func:`save_grid`; for class-conditional models the label is fixed to ``label`` (the
+    title).  Returns the images, ``[steps * steps, ...]``."""
     buffer = next(model.buffers())
-    z = latent_grid(steps, latent_dim, buffer.device, buffer.dtype)
+    z = latent_grid(steps, latent_dim, buffer.device, buffer.dtype, directions)
     kwargs = {"batch_size": z.shape[0]} if label is None else {"y": torch.full((z.shape[0],), label, device=z.device)}
     model.eval()
     images = mean_images(model, condition={site: z}, **kwargs)
-    _save_grid(images, image_shape, Path(path), nrow=steps)
+    directions = directions or LatentDirections.prior(2)
+    save_grid(
+        images, image_shape, path, nrow=steps, title=None if label is None else f"y={label}",
+        ylabel=directions.axis_label(0), xlabel=directions.axis_label(1),
+    )
+    return images
 
 
-def plot_history(history: Sequence[dict], path: str | Path, keys: Sequence[str] = ("valid_error",)) -> None:
-    """Curves of ``keys`` against the epoch, as a PNG (matplotlib, no display needed)."""
+def plot_history(history: Sequence[dict], path: str | Path, keys: Sequence[str | Sequence[str]] = ("valid_error",)) -> None:
+    """Curves of ``keys`` against the epoch, as a PNG (matplotlib, no display needed): a
+    panel per entry of ``keys``; an entry that is a tuple of keys draws them together, with
+    a legend (those no record holds are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    panels = []
+    for entry in keys:
+        group = (entry,) if isinstance(entry, str) else tuple(entry)
+        present = [k for k in group if any(record.get(k) is not None for record in history)]
+        panels.append(present or group[:1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     epochs = [record["epoch"] for record in history]
-    for axis, key in zip(axes[0], keys):
-        axis.plot(epochs, [record.get(key, float("nan")) for record in history])
+    for axis, group in zip(axes[0], panels):
+        for key in group:
+            values = [float("nan") if record.get(key) is None else record[key] for record in history]
+            axis.plot(epochs, values, marker="." if len(epochs) < 50 else None, label=key)
         axis.set_xlabel("epoch")
-        axis.set_ylabel(key)
+        axis.set_ylabel(group[0] if len(group) == 1 else group[0].split("_", 1)[-1])
+        if len(group) > 1:
+            axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+#: The training loss a run records every epoch (:func:`pyrodgm.training.train`).
+LOSS_KEY = "train_loss_per_example"
+
+
+def learning_curve_panels(history: Sequence[dict]) -> list[tuple[str, ...]]:
+    """What :func:`plot_learning_curve` draws: the training loss, then the validation error
+    (the validation ELBO for a run without a classifier) with its test counterpart when the
+    run tracked the test set (``--track-test``)."""
+    recorded = {key for record in history for key, value in record.items() if value is not None}
+    metric = "error" if "valid_error" in recorded else "elbo"
+    panels = [(LOSS_KEY,), tuple(k for k in (f"valid_{metric}", f"test_{metric}") if k in recorded)]
+    return [panel for panel in panels if panel]
+
+
+def plot_learning_curve(history: Sequence[dict], path: str | Path) -> None:
+    """A run's learning curve (:func:`learning_curve_panels`, drawn by :func:`plot_history`)."""
+    if not history:
+        raise ValueError("the history is empty: no epoch has been trained")
+    plot_history(history, path, keys=learning_curve_panels(history))
 
 
 def plot_test_curve(

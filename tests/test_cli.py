@@ -122,17 +122,24 @@ def test_evaluate_writes_standard_json(trained, tmp_path, capsys):
 
 
 def test_plot(trained, tmp_path, capsys):
+    from pyrodgm.plots import MIN_IMAGE_PIXELS
+
     out, code, _, _ = trained
     assert code == 0
-    assert main(["plot", str(out / "best.pt"), "--steps", "5", "--out", str(tmp_path / "plots")]) == 0
-    written = json.loads(capsys.readouterr().out)["written"]
+    assert main(["plot", str(out / "best.pt"), "--steps", "5", "--images", "200", "--out", str(tmp_path / "plots")]) == 0
+    report = json.loads(capsys.readouterr().out)
     expected = ["samples.png", *(f"manifold_class{k}.png" for k in range(10))]
-    assert written == [str(tmp_path / "plots" / name) for name in expected]
+    assert report["written"] == [str(tmp_path / "plots" / name) for name in expected]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(expected)
+    # z has 4 units in these runs: the manifold sweeps its posterior means' two principal directions
+    assert re.fullmatch(r"the two principal directions of z's posterior means over 200 training images "
+                        r"\(\d+\.\d% and \d+\.\d% of their variance\), 5%\.\.95% normal quantiles of their spread",
+                        report["manifold"]), report["manifold"]
+    # 8x8 digits were drawn at 8 pixels (a 91 x 91 sample grid): now each is at least MIN_IMAGE_PIXELS
     with Image.open(tmp_path / "plots" / "samples.png") as image:
-        assert image.size == (10 * 9 + 1, 10 * 9 + 1)
+        assert image.size[0] >= 10 * MIN_IMAGE_PIXELS and image.size[1] >= 10 * MIN_IMAGE_PIXELS
     with Image.open(tmp_path / "plots" / "manifold_class3.png") as image:
-        assert image.size == (5 * 9 + 1, 5 * 9 + 1)
+        assert image.size[0] >= 5 * MIN_IMAGE_PIXELS and image.size[1] >= 5 * MIN_IMAGE_PIXELS
 
 
 def test_models(capsys):

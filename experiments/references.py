@@ -4,8 +4,12 @@ call them as the Pyro programs do (the parts of a concatenated input passed sepa
 that the first layer multiplies a broadcast input once: :func:`pyrodgm.nets.concat_linear`),
 and draw their reparameterisation noise in the order Pyro draws it, so for the same seed they
 compute the same number as :class:`pyrodgm.losses.SemiSupervisedELBO` (CaGeM: as
-:func:`pyrodgm.losses.cagem.cagem_objective`), with the same gradients (tested in
+:func:`pyrodgm.losses.cagem.cagem_objective`; Conv-MMCVA and the GMVAE: as their recipes'
+:class:`~pyrodgm.losses.WeightedSum`), with the same gradients (tested in
 ``tests/test_experiments.py``); the benchmark then times the abstraction, not the maths.
+The ELBOs are written out here (log-densities and closed-form KLs); the max-margin and
+metric terms call pyrodgm's plain tensor functions (``multiclass_hinge``, ``hat_loss``,
+``label_balance``, ``knn_assignment``, ``lifted_structured``), which are the maths.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from pyrodgm.losses.cagem import frozen_batch_norm_stats  # batch-norm momentum 0 within a block: plain torch
+from pyrodgm.losses.margin import hat_loss, label_balance, multiclass_hinge  # plain tensor functions
+from pyrodgm.losses.metric import knn_assignment, lifted_structured  # plain tensor functions
+from pyrodgm.models.gmvae import MSE_SCALE
 
 
 def _gaussian_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -189,3 +196,105 @@ def cagem_loss_and_grads(model, guide, x: torch.Tensor, y: torch.Tensor, alpha: 
             param.grad = grad if param.grad is None else param.grad + grad
     elbo_loss.backward()
     return (elbo_loss + alpha * h_q + alpha * h_p).detach()
+
+
+def _check_conv_mmcva(model, guide) -> None:
+    from pyrodgm.guides.mmcva import ConvMMCVAGuide
+    from pyrodgm.models.mmcva import ConvMMCVA
+
+    if not isinstance(model, ConvMMCVA) or not isinstance(guide, ConvMMCVAGuide):
+        raise ValueError("conv_mmcva_loss is written for ConvMMCVA and ConvMMCVAGuide (pyrodgm.recipes.mmcva)")
+
+
+def _conv_mmcva_bound(model, guide, x: torch.Tensor, y_one_hot: torch.Tensor) -> torch.Tensor:
+    """``-L(x, y)`` (Li et al. eq. 8) per row with the closed-form KL at ``z`` (noise
+    ``[B, Z]``) and ``log p(y) = -log K``: for a labelled row the observed label's, for an
+    unlabelled one ``log p(y_hat) - log q(y_hat) = -KL(delta || p(y))`` of the point estimate."""
+    loc, scale = guide.encoder(x, y_one_hot)
+    z = loc + scale * torch.randn_like(loc)
+    logits = model.decoder(z, y_one_hot)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    return log_px - _gaussian_kl(loc, scale) - math.log(model.num_classes)
+
+
+def conv_mmcva_loss(model, guide, x: torch.Tensor, y: torch.Tensor, alpha: float, alpha_u: float, alpha_b: float,
+                    C: float, sigma: float, cost: float = 1.0) -> torch.Tensor:
+    """Li et al.'s Conv-MMCVA loss (eq. 16) in the summed form of
+    :mod:`pyrodgm.recipes.mmcva`: ``-sum L(x, y) - sum L(x_u, y_hat) + alpha (C sum hinge +
+    ||lambda||^2 / 2 sigma^2) + alpha alpha_u sum hat + alpha alpha_b balance``, for a batch
+    with labels ``y`` (``-1``: unlabelled), the value
+    :func:`~pyrodgm.losses.margin.max_margin_objective` computes, with its noise drawn in
+    the same order:
+
+    1. the bound of the labelled rows: the max-margin CNN runs on them first (the guide
+       records its scores before the observed label; only its dropout masks matter here, so
+       without a graph), then ``z`` ``[B_l, Z]``;
+    2. the bound of the unlabelled rows with ``y_hat = argmax_y F(y; x)`` from the CNN's
+       run on them (no gradient flows through an argmax: without a graph), then ``z``
+       ``[B_u, Z]``;
+    3. the margin terms from one run of the CNN on the whole batch (new dropout masks and
+       batch-norm statistics of the whole batch, as the loss's shared guide run).
+    """
+    _check_conv_mmcva(model, guide)
+    labelled = y >= 0
+    x_l, y_l, x_u = x[labelled], y[labelled], x[~labelled]
+    num_classes = model.num_classes
+    with torch.no_grad():
+        guide.classifier(x_l)  # what the labelled run of the guide computes (dropout draws, batch-norm statistics)
+    bound_l = _conv_mmcva_bound(model, guide, x_l, F.one_hot(y_l, num_classes).to(x.dtype))
+    with torch.no_grad():
+        y_hat = F.one_hot(guide.classifier(x_u).argmax(-1), num_classes).to(x.dtype)
+    bound_u = _conv_mmcva_bound(model, guide, x_u, y_hat)
+    scores = guide.classifier(x)
+    scores_l, scores_u = scores[labelled], scores[~labelled]
+    hinge = C * multiclass_hinge(scores_l, y_l, cost).sum() + guide.classifier.scores.penalty() / sigma**2
+    hat = hat_loss(scores_u, cost).sum()
+    balance = label_balance(scores_u, scores_l, y_l)
+    return -(bound_l.sum() + bound_u.sum()) + alpha * hinge + alpha * alpha_u * hat + alpha * alpha_b * balance
+
+
+def _check_gmvae(model, guide) -> None:
+    from pyrodgm.guides.gmvae import GMVAEGuide
+    from pyrodgm.models.gmvae import GMVAE
+
+    if not isinstance(model, GMVAE) or not isinstance(guide, GMVAEGuide) or guide.label_mode != "relaxed":
+        raise ValueError("gmvae_loss is written for GMVAE and GMVAEGuide(label_mode='relaxed') (pyrodgm.recipes.gmvae)")
+
+
+def gmvae_loss(model, guide, x: torch.Tensor, y: torch.Tensor, w_gaussian: float, w_categorical: float, w_assign: float,
+               w_metric: float, k: int, margin: float) -> torch.Tensor:
+    """Arias Figueroa & Rivera's semi-supervised GMVAE loss (eq. 1, 7) as
+    :func:`pyrodgm.recipes.gmvae.gmvae_loss` builds it: ``-sum [log p(x|z) - w_G KL(q(z|x,
+    y) || p(z|y)) - w_C KL(q(y|x) || p(y))]`` over every row with the label unseen (``y`` a
+    Gumbel-softmax sample at the guide's temperature, noise ``[B, K]``, then ``z``
+    ``[B, Z]``; the categorical KL of the relaxed label, :mod:`pyrodgm.labels`) ``+ w_A L_A +
+    w_M L_M``: the classifier's cross-entropy against the labels and, for the unlabelled
+    rows (``y = -1``), their distance-weighted k-NN assignments (labelled rows included, as
+    the recipe's), and the lifted structured loss of the features times the batch size, all
+    from the one feature pass of the bound."""
+    _check_gmvae(model, guide)
+    labelled = y >= 0
+    features = guide.features(x)
+    logits = guide.classifier_head(guide.classifier(features))
+    log_q = logits - logits.logsumexp(-1, keepdim=True)  # torch's normalised logits
+    temperature = torch.tensor(guide.temperature, dtype=logits.dtype, device=logits.device)
+    y_relaxed = torch.distributions.RelaxedOneHotCategorical(temperature, logits=logits).rsample()
+    loc, scale = guide.encoder(features, y_relaxed)
+    z = loc + scale * torch.randn_like(loc)
+    prior_loc, prior_scale = model.prior(y_relaxed)
+    kl_z = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc, scale), torch.distributions.Normal(prior_loc, prior_scale)
+    ).sum(-1)
+    log_p_y = model.y_logits - model.y_logits.logsumexp(-1, keepdim=True)
+    kl_y = (log_q.exp() * (log_q - log_p_y)).sum(-1)
+    out = model.decoder(z)
+    if model.likelihood_kind == "bernoulli":
+        log_px = -F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(-1)
+    else:
+        log_px = torch.distributions.Normal(torch.sigmoid(out), MSE_SCALE).log_prob(x).sum(-1)
+    elbo = (log_px - w_gaussian * kl_z - w_categorical * kl_y).sum()
+    targets = y.clone()
+    targets[~labelled] = knn_assignment(features[~labelled], features[labelled], y[labelled], k, model.num_classes)
+    assignment = -log_q.gather(-1, targets.unsqueeze(-1)).sum()
+    metric = lifted_structured(features, targets, margin) * x.shape[0]
+    return -elbo + w_assign * assignment + w_metric * metric

@@ -355,8 +355,11 @@ def _check_finite(value: float, run: Run, where: str) -> None:
         )
 
 
+#: The run's learning curve (loss and validation error against the epoch), drawn when it ends.
+LEARNING_CURVE = "learning_curve.png"
+
 #: What a run writes into its folder (what ``overwrite`` removes before a new run).
-RUN_FILES = ("checkpoint.pt", previous_checkpoint("checkpoint.pt").name, "best.pt", "metrics.json", "samples")
+RUN_FILES = ("checkpoint.pt", previous_checkpoint("checkpoint.pt").name, "best.pt", "metrics.json", "samples", LEARNING_CURVE)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
@@ -454,7 +457,9 @@ def _train_epochs(run: Run, out: Path, progress: bool) -> dict:
             tqdm.write(_format_record(record))
         _write_metrics(out, run, wall_seconds=time.perf_counter() - started)
         longest_epoch = max(longest_epoch, time.perf_counter() - epoch_start)
-    return _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True, stopped_early=stopped_early)
+    metrics = _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True, stopped_early=stopped_early)
+    _save_learning_curve(run, out / LEARNING_CURVE)
+    return metrics
 
 
 def _test_curve_point(run: Run, site: Optional[str]) -> dict:
@@ -493,6 +498,15 @@ def _save_samples(run: Run, path: Path) -> None:
 
     num_classes = run.model.num_classes if run.recipe.label_site else None
     save_samples(run.model, path, IMAGE_SHAPES[run.config.dataset], num_classes=num_classes)
+
+
+def _save_learning_curve(run: Run, path: Path) -> None:
+    """The loss, the validation error (or ELBO) and, with ``track_test``, the test error
+    against the epoch (:func:`pyrodgm.plots.plot_learning_curve`), for the whole run."""
+    from .plots import plot_learning_curve
+
+    if run.history:
+        plot_learning_curve(run.history, path)
 
 
 def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False, stopped_early: bool = False) -> dict:

@@ -59,7 +59,7 @@ def trained(tmp_path_factory):
 def test_train(trained):
     out, code, stdout, stderr = trained
     assert code == 0, stderr
-    assert {"checkpoint.pt", "best.pt", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert {"checkpoint.pt", "best.pt", "metrics.json", "learning_curve.png"} <= {p.name for p in out.iterdir()}
     assert (out / "samples" / "epoch_0001.png").is_file()
     summary = json.loads(stdout)
     assert summary["out"] == str(out)
@@ -142,6 +142,22 @@ def test_plot(trained, tmp_path, capsys):
         assert image.size[0] >= 5 * MIN_IMAGE_PIXELS and image.size[1] >= 5 * MIN_IMAGE_PIXELS
 
 
+def test_learning_curve_on_resume_with_the_tracked_test_error(trained, tmp_path):
+    """A run draws its learning curve when it ends, and a resumed run redraws it with the
+    epochs it adds (here with the test error tracked)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy)
+    curve = copy / "learning_curve.png"
+    before = curve.stat().st_mtime_ns
+    code, _, stderr = run_main(["train", "m2", "--labels", "100", "--epochs", "2", "--out", str(copy), "--resume", "--track-test", *SMALL])
+    assert code == 0, stderr
+    assert curve.stat().st_mtime_ns > before
+    with Image.open(curve) as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    history = json.loads((copy / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2] and "test_error" in history[1]
+
+
 def test_models(capsys):
     assert main(["models"]) == 0
     models = json.loads(capsys.readouterr().out)
@@ -194,7 +210,7 @@ LOST_WORK_AND_BAD_FILES = [
     (None, ["train", "m2", "--out", "{tmp}/new", "--dataset", "mnist", "--root", "{tmp}/nothing", "--no-download"],
      r"mnist is not in .*nothing/MNIST/raw, or not whole .*drop --no-download .*--root"),
     (lambda run, tmp: (tmp / "file").write_text("x"), ["train", "m2", "--out", "{tmp}/file"], r"is a file, not a folder"),
-    (None, ["train", "m2", "--out", "{run}"], r"holds a run already \(checkpoint\.pt, best\.pt, metrics\.json, samples\): --resume continues it, --overwrite replaces it"),
+    (None, ["train", "m2", "--out", "{run}"], r"holds a run already \(checkpoint\.pt, best\.pt, metrics\.json, samples, learning_curve\.png\): --resume continues it, --overwrite replaces it"),
     (None, ["train", "m2", "--out", "{tmp}/new", "--resume"], r"nothing to resume: .*new holds no checkpoint\.pt"),
     (None, ["train", "m2", "--out", "{run}", "--resume", "--overwrite"], r"give one of them"),
     (lambda run, tmp: _truncated(run / "best.pt", tmp / "t.pt"), ["evaluate", "{tmp}/t.pt"], r"t\.pt is not a pyrodgm checkpoint: it is not a complete archive"),

@@ -247,9 +247,10 @@ def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
                 graphed = "capture failed (the JSON has the error)"
             else:
                 graphed = f"{graphed['ratio']:.3f} ({graphed['pyrodgm_s']:.4f} s/step)"
+            rate = "n/a (skipped: the JSON says why)" if "skipped" in iwae else f"{iwae['images_per_second']:.2f} ({iwae['iwae_k']})"
             lines.append(
                 f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} | {graphed} "
-                f"| {iwae['images_per_second']:.2f} ({iwae['iwae_k']}) | {hardware} | {result['date']} | `{result['command']}` |"
+                f"| {rate} | {hardware} | {result['date']} | `{result['command']}` |"
             )
     return lines
 

@@ -14,7 +14,10 @@ import argparse
 import dataclasses
 import datetime
 import json
+import re
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -146,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     impute.add_argument("--device", default="cpu")
     impute.add_argument("--out", help="folder for the image strip (Fig. 5); none drawn if omitted")
     impute.add_argument("--output", help="write the results as JSON here too")
-    commands.add_parser("models", parents=[debug], help="list the models")
+    models = commands.add_parser("models", parents=[debug], help="list the models: name, paper, what it is")
+    models.add_argument("--json", action="store_true", help="as JSON, name -> description")
     return parser
 
 
@@ -273,6 +277,29 @@ def _models(args: argparse.Namespace) -> dict:
     return {name: r.description for name, r in RECIPES.items()}
 
 
+def split_description(description: str) -> tuple[str, str]:
+    """A recipe's description as (paper, what it is): its first parenthesised part, which
+    every description gives, e.g. ``(Kingma et al. 2014)``, is the paper."""
+    match = re.search(r"\s*\(([^()]*\d{4}[^()]*|[^()]*et al\.[^()]*)\)", description)
+    if match is None:
+        return "", description
+    return match.group(1), (description[: match.start()] + description[match.end() :]).strip()
+
+
+def models_table(descriptions: dict[str, str], width: Optional[int] = None) -> str:
+    """The models as a text table: name, paper, what it is (wrapped to ``width`` columns)."""
+    rows = [("model", "paper", "what it is")] + [(name, *split_description(text)) for name, text in descriptions.items()]
+    name_width, paper_width = (max(len(row[i]) for row in rows) for i in (0, 1))
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    text_width = max(30, width - name_width - paper_width - 4)
+    lines = []
+    for name, paper, text in rows:
+        wrapped = textwrap.wrap(text, text_width, break_on_hyphens=False) or [""]
+        lines.append(f"{name:<{name_width}}  {paper:<{paper_width}}  {wrapped[0]}".rstrip())
+        lines += [" " * (name_width + paper_width + 4) + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
 def _one_line(error: BaseException) -> str:
     """The first line of an error's message (Pyro appends a table of shapes to some)."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -300,9 +327,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     if args.command == "train":
         summary = {"out": result["config"]["out"], "best_validation": result["best_validation"], "test": result.get("test")}
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    elif args.command == "models" and not args.json:
+        print(models_table(result))
     else:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

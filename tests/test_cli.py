@@ -158,13 +158,38 @@ def test_learning_curve_on_resume_with_the_tracked_test_error(trained, tmp_path)
     assert [r["epoch"] for r in history] == [1, 2] and "test_error" in history[1]
 
 
-def test_models(capsys):
-    assert main(["models"]) == 0
-    models = json.loads(capsys.readouterr().out)
+def test_models_prints_a_readable_table(capsys):
     from pyrodgm.zoo import RECIPES
 
-    assert set(models) == set(RECIPES) and {"m1", "m2", "m1m2"} <= set(models)
-    assert all(isinstance(text, str) and text for text in models.values())
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "Maaløe et al. 2016" in text and "\\u00f8" not in text
+    lines = text.splitlines()
+    assert lines[0].split() == ["model", "paper", "what", "it", "is"]
+    names = [line.split()[0] for line in lines[1:] if line and not line[0].isspace()]
+    assert names == list(RECIPES)
+    m2 = next(line for line in lines if line.startswith("m2 "))
+    assert "Kingma et al. 2014" in m2 and "generative semi-supervised model M2:" in m2
+
+
+def test_models_json(capsys):
+    from pyrodgm.zoo import RECIPES
+
+    assert main(["models", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "Maaløe" in text and "\\u00f8" not in text  # UTF-8, not escaped
+    models = json.loads(text)
+    assert models == {name: r.description for name, r in RECIPES.items()} and {"m1", "m2", "m1m2"} <= set(models)
+
+
+def test_every_recipe_names_its_paper():
+    from pyrodgm.cli import split_description
+    from pyrodgm.zoo import RECIPES
+
+    for name, r in RECIPES.items():
+        paper, what = split_description(r.description)
+        assert paper and what and "(" + paper + ")" not in what, name
+    assert split_description("ladder VAE (Sønderby et al. 2016): top-down") == ("Sønderby et al. 2016", "ladder VAE: top-down")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ Examples::
     pyrodgm train m2 --dataset digits --labels 100 --epochs 20 --out runs/m2
     pyrodgm train m2 --dataset mnist --root ../shared/data --labels 100 --epochs 1000 --device cuda
     pyrodgm train m2 ... --resume          # continue exactly where the last checkpoint was
-    pyrodgm evaluate runs/m2/best.pt --iwae-k 5000
+    pyrodgm evaluate runs/m2/best.pt            # IWAE-100: seconds
+    pyrodgm evaluate runs/m2/best.pt --paper    # IWAE-5000, as the papers report (minutes)
+    pyrodgm models                              # a table; --json for JSON
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import torch
 
 from .allocator import tune_glibc_malloc
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "models_table", "split_description", "QUICK_IWAE_K", "PAPER_IWAE_K"]
+
+#: ``pyrodgm evaluate``'s importance samples: a quick default, and the papers' (``--paper``).
+QUICK_IWAE_K, PAPER_IWAE_K = 100, 5000
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -117,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", parents=[debug], help="test-set IWAE log-likelihood (with PSIS k-hat, ESS) and error")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--iwae-k", type=int, default=5000)
+    particles = evaluate.add_mutually_exclusive_group()
+    particles.add_argument("--iwae-k", type=int, help=f"importance samples per image (default {QUICK_IWAE_K}: a quick "
+                           f"estimate, seconds on the digits; the papers report k = {PAPER_IWAE_K})")
+    particles.add_argument("--paper", action="store_true", help=f"the papers' IWAE-{PAPER_IWAE_K} (--iwae-k {PAPER_IWAE_K}): "
+                           "minutes to hours; its cost is estimated before it starts")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N test images only")
     evaluate.add_argument("--batch-size", type=int, default=100)
     evaluate.add_argument("--chunk-size", type=int, default=500, help="particles traced at once")
@@ -172,7 +181,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from .evaluation import active_units, classification_error, continuous_latent_sites, iwae_evaluate
+    from .evaluation import active_units, classification_error, continuous_latent_sites, iwae_evaluate, iwae_seconds_estimate
     from .training import build_from_checkpoint, device_description, load_test_data
 
     config, recipe_, model, guide, state = build_from_checkpoint(args.checkpoint, args.device)
@@ -182,8 +191,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
     if trained_label_mode != "enumerate":
         # importance weights need log-densities: score the categorical model the relaxation trained
         guide.label_mode = "enumerate"
+    k = PAPER_IWAE_K if args.paper else args.iwae_k or QUICK_IWAE_K
+    estimate = iwae_seconds_estimate(model, guide, x, k, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    if not args.quiet:
+        print(f"IWAE-{k} on {x.shape[0]} images: about {_duration(estimate)} ({_iwae_setting(k)})", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    result = iwae_evaluate(model, guide, x, args.iwae_k, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
+    result = iwae_evaluate(model, guide, x, k, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
     report = {
         "date": datetime.date.today().isoformat(),
@@ -194,6 +207,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
         "epoch": state["epoch"],
         "device": device_description(torch.device(args.device)),
         "iwae_seconds": seconds,
+        "iwae_seconds_estimated": estimate,
+        "iwae_setting": _iwae_setting(k),
         **result.summary(),
     }
     report["active_units"] = {
@@ -298,6 +313,20 @@ def models_table(descriptions: dict[str, str], width: Optional[int] = None) -> s
         lines.append(f"{name:<{name_width}}  {paper:<{paper_width}}  {wrapped[0]}".rstrip())
         lines += [" " * (name_width + paper_width + 4) + more for more in wrapped[1:]]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _iwae_setting(k: int) -> str:
+    if k == PAPER_IWAE_K:
+        return f"k = {k}, as the papers report"
+    if k == QUICK_IWAE_K:
+        return f"k = {k}, the quick default: a looser bound than the papers' k = {PAPER_IWAE_K} (--paper)"
+    return f"k = {k}; the papers report k = {PAPER_IWAE_K} (--paper)"
 
 
 def _one_line(error: BaseException) -> str:

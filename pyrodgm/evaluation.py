@@ -59,6 +59,7 @@ __all__ = [
     "importance_log_weights",
     "iwae_log_likelihood",
     "iwae_evaluate",
+    "iwae_seconds_estimate",
     "posterior_mean",
     "predict_proba",
 ]
@@ -187,6 +188,29 @@ def iwae_evaluate(
         khats.append(khat)
         esss.append(ess)
     return IWAEResult(torch.cat(values), np.concatenate(khats), np.concatenate(esss), num_particles)
+
+
+def iwae_seconds_estimate(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_particles: int,
+    batch_size: int = 100,
+    chunk_size: int = 500,
+    probe_particles: int = 50,
+) -> float:
+    """About how many seconds :func:`iwae_evaluate` will take on ``x``: one probe chunk
+    (the first batch, at most ``probe_particles`` particles) is timed after a one-particle
+    warm-up and scaled by images x particles.  The probe's fixed costs make it err long."""
+    import time
+
+    _check_particles(num_particles, chunk_size)
+    rows, particles = min(batch_size, x.shape[0]), min(num_particles, chunk_size, probe_particles)
+    importance_log_weights(model, guide, x[:1], num_particles=1)  # lazy set-up, kept out of the timing
+    start = time.perf_counter()
+    importance_log_weights(model, guide, x[:rows], num_particles=particles, chunk_size=chunk_size)
+    seconds = time.perf_counter() - start
+    return seconds * (x.shape[0] / rows) * (num_particles / particles)
 
 
 @torch.no_grad()

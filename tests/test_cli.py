@@ -192,6 +192,32 @@ def test_every_recipe_names_its_paper():
     assert split_description("ladder VAE (Sønderby et al. 2016): top-down") == ("Sønderby et al. 2016", "ladder VAE: top-down")
 
 
+def test_evaluate_defaults_to_a_quick_k_and_estimates_its_cost_first(trained, capsys):
+    out, code, _, _ = trained
+    assert code == 0
+    assert main(["evaluate", str(out / "best.pt"), "--limit", "5"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["iwae_k"] == 100 and report["num_examples"] == 5
+    assert report["iwae_setting"] == "k = 100, the quick default: a looser bound than the papers' k = 5000 (--paper)"
+    first = captured.err.strip().splitlines()[0]  # before the progress bar
+    assert re.fullmatch(r"IWAE-100 on 5 images: about \d+(\.\d)? s \(k = 100, the quick default: .*\(--paper\)\)", first), first
+    assert report["iwae_seconds_estimated"] > 0
+
+
+def test_evaluate_paper_is_iwae_5000(trained, capsys):
+    out, code, _, _ = trained
+    assert code == 0
+    assert main(["evaluate", str(out / "best.pt"), "--paper", "--limit", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["iwae_k"] == 5000 and report["iwae_setting"] == "k = 5000, as the papers report"
+    assert captured.err == ""  # --quiet: no estimate, no progress
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(out / "best.pt"), "--paper", "--iwae-k", "20"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -211,9 +211,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
         "iwae_setting": _iwae_setting(k),
         **result.summary(),
     }
-    report["active_units"] = {
-        site: active_units(guide, x, site, num_particles=config.eval_particles)[0] for site in continuous_latent_sites(guide, x[:2])
-    }
+    if x.shape[0] >= 2:
+        report["active_units"] = {
+            site: active_units(guide, x, site, num_particles=config.eval_particles)[0] for site in continuous_latent_sites(guide, x[:2])
+        }
+    else:
+        report["active_units"] = "n/a: a variance across the data needs at least 2 images"
     if trained_label_mode != "enumerate":
         report["label_mode_trained"] = trained_label_mode
     if recipe_.classifier_site(config):

@@ -279,7 +279,9 @@ def active_units(
 ) -> tuple[int, torch.Tensor]:
     """The number of active units of latent ``site`` (Burda et al. 2016): units whose
     posterior mean has variance above ``threshold`` across ``x``.  Returns the count and
-    the per-unit variances."""
+    the per-unit variances.  A variance across the data needs at least two inputs."""
+    if x.shape[0] < 2:
+        raise ValueError(f"active units need the posterior means of at least 2 inputs (their variance across the data), got {x.shape[0]}")
     means = torch.cat(
         [posterior_mean(guide, x[start : start + batch_size], site, num_particles) for start in range(0, x.shape[0], batch_size)]
     )

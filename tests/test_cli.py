@@ -97,6 +97,15 @@ def test_evaluate(trained, tmp_path, capsys):
     assert report["iwae_seconds"] > 0 and "CPU" in report["device"]
 
 
+def test_evaluate_one_image_reports_no_active_units(trained, capsys):
+    """``--limit 1`` used to stop with an internal error (the variance of one posterior
+    mean; outside the tests a NaN counted as 0 active units)."""
+    out, code, _, _ = trained
+    assert main(["evaluate", str(out / "best.pt"), "--iwae-k", "5", "--limit", "1", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_examples"] == 1 and report["active_units"].startswith("n/a")
+
+
 def test_evaluate_pareto_k_with_enough_particles(trained, tmp_path, capsys):
     out, code, _, _ = trained
     assert code == 0

@@ -365,6 +365,9 @@ def test_active_units():
     assert torch.allclose(posterior_mean(_two_unit_guide, x, "z")[:, 0], x.sum(-1))
     # a threshold above the first unit's variance: no active unit
     assert active_units(_two_unit_guide, x, "z", threshold=float(variances[0]) + 1)[0] == 0
+    # one input has no variance across the data: a clear error, not NaN counted as 0 units
+    with pytest.raises(ValueError, match="at least 2 inputs"):
+        active_units(_two_unit_guide, x[:1], "z")
 
 
 def test_posterior_mean_m2_sums_enumerated_label():

@@ -41,6 +41,135 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 500,500, got '{text}'") from None
 
 
+#: ``pyrodgm train``'s options: TrainConfig field -> (flags, argparse keyword arguments).
+#: Every model takes :data:`COMMON_TRAIN_OPTIONS`; a recipe's own are named by
+#: :attr:`pyrodgm.zoo.Recipe.options`.
+TRAIN_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
+    # data
+    "dataset": (("--dataset",), dict(help="the data set (torchvision)")),
+    "root": (("--root",), dict(help="data folder (torchvision layout); downloads there unless --no-download")),
+    "download": (("--no-download",), dict(dest="download", action="store_false", help="do not download a missing data set")),
+    "labels": (("--labels",), dict(type=int, help="labelled examples, balanced over classes")),
+    "validation": (("--validation",), dict(type=int, help="validation examples carved from the training set (default: the data set's)")),
+    "binarize": (("--no-binarize",), dict(dest="binarize", action="store_false", help="keep grey pixels (with --likelihood gaussian: a Bernoulli model refuses them)")),
+    # optimisation
+    "epochs": (("--epochs",), dict(type=int, help="passes over the unlabelled data")),
+    "batch_size": (("--batch-size",), dict(type=int, help="rows per step, labelled ones included")),
+    "labelled_per_batch": (("--labelled-per-batch",), dict(type=int, help="labelled rows in every step's batch")),
+    "lr": (("--lr",), dict(type=float, help="Adam's learning rate")),
+    "lr_decay": (("--lr-decay",), dict(type=float, help="learning-rate factor every --lr-decay-every epochs")),
+    "lr_decay_every": (("--lr-decay-every",), dict(type=int, help="epochs between learning-rate decays (0: none)")),
+    "seed": (("--seed",), dict(type=int, help="seed of the split, the initialisation and the noise")),
+    "num_particles": (("--num-particles",), dict(type=int, help="Monte Carlo samples per step (vectorised)")),
+    "eval_particles": (("--eval-particles",), dict(type=int, help="samples the classifier is averaged over when evaluating")),
+    # model
+    "z_dim": (("--z-dim",), dict(type=int, help="units of the latent z (z1 for the hierarchical models)")),
+    "likelihood": (("--likelihood",), dict(choices=("bernoulli", "gaussian"), help="p(x|...)")),
+    # run
+    "device": (("--device",), dict(help="cpu or cuda")),
+    "out": (("--out",), dict(help="output folder (default runs/MODEL)")),
+    "samples": (("--no-samples",), dict(dest="samples", action="store_false", help="write no sample grids")),
+    "validate_inputs": (("--no-validate-inputs",), dict(dest="validate_inputs", action="store_false",
+                                                        help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")),
+    "cuda_graph": (("--cuda-graph",), dict(action="store_true", help="capture the training step in a CUDA graph and replay it (--device cuda)")),
+    "time_limit": (("--time-limit",), dict(type=float, help="seconds: start no epoch that would end after this (resume later)")),
+    "track_test": (("--track-test",), dict(action="store_true", help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")),
+    # the papers' own
+    "hidden": (("--hidden",), dict(type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")),
+    "activation": (("--activation",), dict(help="hidden activation (softplus, relu, tanh, ...)")),
+    "alpha_factor": (("--alpha-factor",), dict(type=float, help="Kingma et al.'s alpha = FACTOR * N, the classifier's weight")),
+    "label_mode": (("--label-mode",), dict(choices=("enumerate", "relaxed", "straight-through"), help="how the guide samples y: summed exactly, Gumbel-softmax, or straight-through")),
+    "temperature": (("--temperature",), dict(type=float, help="initial Gumbel-softmax temperature")),
+    "a_dim": (("--a-dim",), dict(type=int, help="units of the auxiliary variable a (default 100)")),
+    "auxiliary_prior": (("--auxiliary-prior",), dict(choices=("standard", "conditional"), help="p(a) (default: standard) or p(a|x,y,z)")),
+    "m1_checkpoint": (("--m1-checkpoint",), dict(help="a trained m1 checkpoint (frozen)")),
+    "end_to_end": (("--end-to-end",), dict(action="store_true", help="train M1 and M2 jointly")),
+    "margin_C": (("--margin-C",), dict(type=float, help="C, the weight of the hinge loss")),
+    "margin_sigma": (("--margin-sigma",), dict(type=float, help="prior std sigma of lambda (default: no prior term)")),
+    "margin_cost": (("--margin-cost",), dict(type=float, help="the cost ell of a wrong label in the hinge loss")),
+    "mmcva_alpha": (("--mmcva-alpha",), dict(type=float, help="alpha of eq. 16, the weight of the max-margin terms")),
+    "alpha_u": (("--alpha-u",), dict(type=float, help="alpha_U, the weight of the hat loss (the authors' script; the paper's text says 3)")),
+    "alpha_b": (("--alpha-b",), dict(type=float, help="alpha_B, the weight of the label-balance term")),
+    "temperature_min": (("--temperature-min",), dict(type=float, help="final Gumbel-softmax temperature")),
+    "temperature_epochs": (("--temperature-epochs",), dict(type=int, help="epochs of temperature annealing")),
+    "temperature_decay": (("--temperature-decay",), dict(choices=("exponential", "linear"), help="shape of the temperature annealing")),
+    "feature_dim": (("--feature-dim",), dict(type=int, help="feature size fsz of the conv feature extractor")),
+    "w_gaussian": (("--w-gaussian",), dict(type=float, help="w_G, the weight of the Gaussian KL")),
+    "w_categorical": (("--w-categorical",), dict(type=float, help="w_C, the weight of the categorical KL")),
+    "knn": (("--knn",), dict(type=int, help="neighbours of the k-NN label assignment")),
+    "w_assign": (("--w-assign",), dict(type=float, help="w_A, the weight of the assignment loss")),
+    "w_metric": (("--w-metric",), dict(type=float, help="w_M, the weight of the metric embedding loss")),
+    "metric_margin": (("--metric-margin",), dict(type=float, help="margin of the lifted structured loss")),
+    "gaussian_scale": (("--gaussian-scale",), dict(choices=("exp", "softplus"), help="sigma = exp(Linear) (the paper's) or softplus(Linear)")),
+    "min_scale": (("--min-scale",), dict(type=float, help="floor of the Gaussian scales (0: none)")),
+    "num_clusters": (("--num-clusters",), dict(type=int, help="K values of y (default: the number of classes; any K without labels)")),
+    "iw_samples": (("--iw-samples",), dict(type=int, help="importance samples k of the IWAE bound")),
+    "kl_warmup_epochs": (("--kl-warmup-epochs",), dict(type=int, help="the KL weight rises linearly from 0 to 1 over N epochs")),
+    "top_z_dim": (("--top-z-dim",), dict(type=int, help="units of the top latent z2 (--z-dim is z1)")),
+    "top_hidden": (("--top-hidden",), dict(type=_int_tuple, help="widths between z1 and z2, e.g. 100,100")),
+}
+
+#: The options of :data:`TRAIN_OPTIONS` that every model takes.
+COMMON_TRAIN_OPTIONS: tuple[str, ...] = (
+    "dataset", "root", "download", "labels", "validation", "binarize", "epochs", "batch_size", "labelled_per_batch", "lr",
+    "lr_decay", "lr_decay_every", "seed", "num_particles", "eval_particles", "z_dim", "likelihood", "device", "out",
+    "samples", "validate_inputs", "cuda_graph", "time_limit", "track_test",
+)
+
+
+def _format_default(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _default_text(field: str, model: str) -> str:
+    """`` (default: V; mnist: W)``: the value of ``field`` a run of ``model`` gets on the
+    digits, and on the data sets where its paper's differs; empty where the field has no
+    fixed default (the model decides)."""
+    from .data import DATASETS
+    from .training import TrainConfig
+    from .zoo import defaults
+
+    base = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if field in ("dataset", "out"):
+        return ""
+    value = defaults(model, "digits").get(field, base.get(field))
+    if value is None or field in ("download", "binarize", "samples", "validate_inputs", "cuda_graph", "track_test", "end_to_end"):
+        return ""
+    others = [
+        f"{dataset}: {_format_default(other)}"
+        for dataset in DATASETS
+        if dataset != "digits" and (other := defaults(model, dataset).get(field, base.get(field))) != value
+    ]
+    return f" (default: {_format_default(value)}" + ("; " + "; ".join(others) if others else "") + ")"
+
+
+def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentParser) -> None:
+    """``pyrodgm train NAME``: the common options, the recipe's own, and run control, each
+    with its default for NAME."""
+    from .data import DATASETS
+
+    parser = commands.add_parser(name, parents=[debug], help=recipe_.description, description=recipe_.description)
+    groups = (
+        ("training (every model)", COMMON_TRAIN_OPTIONS),
+        (f"{name}: its paper's hyper-parameters", recipe_.options),
+    )
+    for title, fields in groups:
+        if not fields:
+            continue
+        group = parser.add_argument_group(title)
+        for field in fields:
+            flags, kwargs = TRAIN_OPTIONS[field]
+            kwargs = {**kwargs, "help": kwargs.get("help", "") + _default_text(field, name)}
+            if field == "dataset":
+                group.add_argument(*flags, choices=DATASETS, default="digits", **{**kwargs, "help": kwargs["help"] + " (default: digits)"})
+            else:
+                group.add_argument(*flags, default=None, **kwargs)
+    run = parser.add_argument_group("run control")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .zoo import RECIPES
@@ -50,75 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)  # every command takes --debug
     debug.add_argument("--debug", action="store_true", help="show the whole traceback of an error instead of one line")
 
-    train = commands.add_parser("train", parents=[debug], help="train a model (writes checkpoints, metrics.json, sample grids)")
-    train.add_argument("model", choices=sorted(RECIPES))
-    train.add_argument("--dataset", choices=DATASETS, default="digits")
-    train.add_argument("--root", help="data folder (torchvision layout); downloads there unless --no-download")
-    train.add_argument("--no-download", dest="download", action="store_false", default=None)
-    train.add_argument("--labels", type=int, help="labelled examples, balanced over classes (default 100)")
-    train.add_argument("--validation", type=int, help="validation examples carved from the training set")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--labelled-per-batch", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--lr-decay", type=float)
-    train.add_argument("--lr-decay-every", type=int)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="cpu or cuda (default cpu)")
-    train.add_argument("--out", help="output folder (default runs/MODEL)")
-    train.add_argument("--num-particles", type=int, help="Monte Carlo samples per step (vectorised)")
-    train.add_argument("--eval-particles", type=int, help="samples the classifier is averaged over when evaluating")
-    train.add_argument("--alpha-factor", type=float, help="Kingma et al.'s alpha = FACTOR * N (default 0.1)")
-    train.add_argument("--z-dim", type=int)
-    train.add_argument("--a-dim", type=int, help="auxiliary dimension (adgm, sdgm)")
-    train.add_argument("--auxiliary-prior", choices=("standard", "conditional"), help="ADGM: p(a) (default) or p(a|x,y,z)")
-    train.add_argument("--hidden", type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")
-    train.add_argument("--activation")
-    train.add_argument("--likelihood", choices=("bernoulli", "gaussian"))
-    train.add_argument("--no-binarize", dest="binarize", action="store_false", default=None)
-    train.add_argument("--m1-checkpoint", help="m1m2: a trained m1 checkpoint (frozen)")
-    train.add_argument("--end-to-end", action="store_true", default=None, help="m1m2: train M1 and M2 jointly")
-    # max-margin DGMs
-    train.add_argument("--margin-C", type=float, help="mmva, conv-mmva: C, the weight of the hinge loss (15; 1e3 for conv-mmva)")
-    train.add_argument("--margin-sigma", type=float, help="mmva, conv-mmva: prior std sigma of lambda (default: no prior term)")
-    train.add_argument("--margin-cost", type=float, help="mmva, conv-mmva: the cost ell of a wrong label in the hinge loss (3; 1)")
-    train.add_argument("--mmcva-alpha", type=float, help="conv-mmcva: alpha of eq. 16, weight of the max-margin terms (0.1)")
-    train.add_argument("--alpha-u", type=float, help="conv-mmcva: alpha_U, weight of the hat loss (0.3, the authors' script; the paper's text says 3)")
-    train.add_argument("--alpha-b", type=float, help="conv-mmcva: alpha_B, weight of the label-balance term (0.001)")
-    # semi-supervised GMVAE
-    train.add_argument("--label-mode", choices=("enumerate", "relaxed", "straight-through"),
-                       help="gmvae: how the guide samples y (default relaxed: Gumbel-softmax)")
-    train.add_argument("--temperature", type=float, help="gmvae: initial Gumbel-softmax temperature (1)")
-    train.add_argument("--temperature-min", type=float, help="gmvae: final temperature (0.5)")
-    train.add_argument("--temperature-epochs", type=int, help="gmvae: epochs of temperature annealing (50)")
-    train.add_argument("--temperature-decay", choices=("exponential", "linear"))
-    train.add_argument("--feature-dim", type=int, help="gmvae: feature size fsz (100 MNIST, 200 Fashion-MNIST)")
-    train.add_argument("--w-gaussian", type=float, help="gmvae: w_G, weight of the Gaussian KL (1; 5 for clustering)")
-    train.add_argument("--w-categorical", type=float, help="gmvae: w_C, weight of the categorical KL (1)")
-    train.add_argument("--knn", type=int, help="gmvae: neighbours of the label assignment (5 MNIST, 3 SVHN/Fashion)")
-    train.add_argument("--w-assign", type=float, help="gmvae: w_A, weight of the assignment loss")
-    train.add_argument("--w-metric", type=float, help="gmvae: w_M, weight of the metric embedding loss")
-    train.add_argument("--metric-margin", type=float, help="gmvae: margin of the lifted structured loss")
-    # CaGeM and hierarchical baselines
-    train.add_argument("--gaussian-scale", choices=("exp", "softplus"), help="cagem: sigma = exp(Linear) (the paper's) or softplus(Linear)")
-    train.add_argument("--min-scale", type=float, help="cagem: floor of the Gaussian scales (default 1e-3; 0: none)")
-    train.add_argument("--num-clusters", type=int, help="cagem: K clusters of y (default: the number of classes; any K with --labels 0)")
-    train.add_argument("--iw-samples", type=int, help="iwae, lvae: importance samples k of the IWAE bound (iwae: 50)")
-    train.add_argument("--kl-warmup-epochs", type=int, help="vae2, lvae: KL weight rises linearly from 0 to 1 over N epochs (lvae: 200)")
-    train.add_argument("--top-z-dim", type=int, help="vae2, iwae, lvae: units of the top latent z2 (--z-dim is z1)")
-    train.add_argument("--top-hidden", type=_int_tuple, help="vae2, iwae, lvae: widths between z1 and z2, e.g. 100,100")
-    train.add_argument("--no-samples", dest="samples", action="store_false", default=None)
-    train.add_argument("--no-validate-inputs", dest="validate_inputs", action="store_false", default=None,
-                       help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")
-    train.add_argument("--cuda-graph", action="store_true", default=None,
-                       help="capture the training step in a CUDA graph and replay it (--device cuda; m1, m2, m1m2, the ADGMs, "
-                            "cagem and the VAE baselines)")
-    train.add_argument("--time-limit", type=float, help="seconds: start no epoch that would end after this (resume later)")
-    train.add_argument("--track-test", action="store_true", default=None,
-                       help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train = commands.add_parser(
+        "train", help="train a model (writes checkpoints, metrics.json, sample grids, a learning curve)",
+        description="Train MODEL; `pyrodgm train MODEL --help` lists its options with their defaults.",
+    )
+    models_ = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for name, recipe_ in sorted(RECIPES.items()):
+        _add_train_parser(models_, name, recipe_, debug)
 
     evaluate = commands.add_parser("evaluate", parents=[debug], help="test-set IWAE log-likelihood (with PSIS k-hat, ESS) and error")
     evaluate.add_argument("checkpoint")
@@ -338,9 +405,28 @@ def _one_line(error: BaseException) -> str:
     return lines[0] + (" [...]" if len(lines) > 1 else "")
 
 
+def _unknown_options_message(args: argparse.Namespace, unknown: list[str]) -> str:
+    """argparse's message, and for ``train`` the models an unknown option belongs to."""
+    from .zoo import RECIPES
+
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    if getattr(args, "command", None) != "train":
+        return message
+    for flag in (u.split("=")[0] for u in unknown if u.startswith("--")):
+        owners = [name for name, recipe_ in RECIPES.items() if any(flag in TRAIN_OPTIONS[f][0] for f in recipe_.options)]
+        if owners:
+            return (
+                f"{flag} is not an option of {args.model} (it is {', '.join(owners)}'s); "
+                f"'pyrodgm train {args.model} --help' lists {args.model}'s options"
+            )
+    return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unknown_options_message(args, unknown))
     args.command_line = "pyrodgm " + " ".join(sys.argv[1:] if argv is None else argv)
     tune_glibc_malloc()  # an application's choice: freed CPU tensor memory stays in the process
     handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute}[args.command]

@@ -67,6 +67,10 @@ class Recipe:
         classification error is computed, see :meth:`classifier_site`).
     :param dataset_defaults: data set name -> hyper-parameters of the paper for that data
         set, overriding :attr:`defaults` and :data:`DATASET_PRESETS` (:func:`defaults`).
+    :param options: the :class:`~pyrodgm.training.TrainConfig` fields of the recipe's own
+        (its paper's hyper-parameters, beyond the training options every model takes):
+        ``pyrodgm train NAME`` takes these options and no others
+        (:data:`pyrodgm.cli.TRAIN_OPTIONS`).
     :param graph_capturable: its training step can be captured in a CUDA graph
         (:mod:`pyrodgm.graphs`): no host synchronisation, no data-dependent shape.  The
         margin and metric losses look at which rows are labelled on the host, so the
@@ -87,6 +91,7 @@ class Recipe:
     supervised: bool = False
     labels_optional: bool = False
     dataset_defaults: dict[str, dict] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
     graph_capturable: bool = True
 
     def classifier_site(self, config) -> Optional[str]:
@@ -217,6 +222,16 @@ def initialize_m1m2(config, model: nn.Module, guide: nn.Module) -> None:
         guide.m1_guide.load_state_dict(state["guide"])
 
 
+#: Option groups several recipes share (:attr:`Recipe.options`).
+MLP_OPTIONS = ("hidden", "activation")
+ADGM_OPTIONS = MLP_OPTIONS + ("alpha_factor", "a_dim")
+MARGIN_OPTIONS = ("margin_C", "margin_sigma", "margin_cost")
+GMVAE_OPTIONS = (
+    "feature_dim", "label_mode", "temperature", "temperature_min", "temperature_epochs", "temperature_decay", "w_gaussian",
+    "w_categorical", "knn", "w_assign", "w_metric", "metric_margin", "num_clusters",
+)
+TOP_OPTIONS = ("top_z_dim", "top_hidden", "kl_warmup_epochs")
+
 RECIPES: dict[str, Recipe] = {
     recipe_.name: recipe_
     for recipe_ in (
@@ -226,12 +241,14 @@ RECIPES: dict[str, Recipe] = {
             "VAE / latent-feature model M1 (Kingma et al. 2014): z 50, 2x600 softplus MLPs",
             dict(z_dim=50, hidden=(600, 600), labels=0, labelled_per_batch=0, batch_size=100),
             label_site=None,
+            options=MLP_OPTIONS,
         ),
         Recipe(
             "m2",
             build_m2,
             "generative semi-supervised model M2 (Kingma et al. 2014): z 50, 1x500 softplus MLPs, alpha 0.1 N",
             dict(z_dim=50, hidden=(500,)),
+            options=MLP_OPTIONS + ("alpha_factor", "label_mode", "temperature"),
         ),
         Recipe(
             "m1m2",
@@ -241,24 +258,28 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z2",
             configure=configure_m1m2,
             initialize=initialize_m1m2,
+            options=MLP_OPTIONS + ("alpha_factor", "m1_checkpoint", "end_to_end"),
         ),
         Recipe(
             "adgm",
             build_adgm,
             "auxiliary deep generative model (Maaløe et al. 2016): p(a|x,y,z), a and z 100, 2x500 ReLU, alpha 0.1 N / N_l",
             dict(ADGM_DEFAULTS),
+            options=ADGM_OPTIONS + ("auxiliary_prior",),
         ),
         Recipe(
             "sdgm",
             build_sdgm,
             "skip deep generative model (Maaløe et al. 2016): p(a|z,y)p(x|a,z,y), a and z 100, 2x500 ReLU, alpha 0.1 N / N_l",
             dict(ADGM_DEFAULTS),
+            options=ADGM_OPTIONS,
         ),
         Recipe(
             "adgm-deterministic",
             build_adgm_deterministic,
             "ADGM ablation with a deterministic auxiliary unit a = f(x) (Maaløe et al. 2016, Fig. 2a)",
             dict(ADGM_DEFAULTS),
+            options=ADGM_OPTIONS,
         ),
         # max-margin DGMs (Li et al.): mmva, conv-mmva, conv-mmcva, va-pegasos
         Recipe(
@@ -271,6 +292,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=margin_metrics,
             supervised=True,
             graph_capturable=False,
+            options=MLP_OPTIONS + MARGIN_OPTIONS,
         ),
         Recipe(
             "conv-mmva",
@@ -282,6 +304,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=margin_metrics,
             supervised=True,
             graph_capturable=False,
+            options=("activation",) + MARGIN_OPTIONS,
         ),
         Recipe(
             "va-pegasos",
@@ -290,6 +313,7 @@ RECIPES: dict[str, Recipe] = {
             dict(VA_PEGASOS_DEFAULTS),
             label_site=None,
             make_loss=vae_loss,
+            options=MLP_OPTIONS,
         ),
         Recipe(
             "conv-va-pegasos",
@@ -298,6 +322,7 @@ RECIPES: dict[str, Recipe] = {
             dict(CONV_VA_PEGASOS_DEFAULTS),
             label_site=None,
             make_loss=vae_loss,
+            options=("activation",),
         ),
         Recipe(
             "conv-mmcva",
@@ -307,6 +332,7 @@ RECIPES: dict[str, Recipe] = {
             dict(CONV_MMCVA_DEFAULTS),
             make_loss=conv_mmcva_loss,
             graph_capturable=False,
+            options=("mmcva_alpha", "alpha_u", "alpha_b"),
         ),
         # semi-supervised GMVAE: gmvae
         Recipe(
@@ -321,6 +347,7 @@ RECIPES: dict[str, Recipe] = {
             labels_optional=True,
             dataset_defaults=GMVAE_DATASETS,
             graph_capturable=False,
+            options=GMVAE_OPTIONS,
         ),
         Recipe(
             "gmvae-clustering",
@@ -333,6 +360,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=gmvae_metrics,
             labels_optional=True,
             dataset_defaults=GMVAE_CLUSTERING_DATASETS,
+            options=GMVAE_OPTIONS,
         ),
         # CaGeM and the hierarchical baselines: cagem, vae2, iwae, lvae
         Recipe(
@@ -347,6 +375,7 @@ RECIPES: dict[str, Recipe] = {
             schedule=cagem_warmup,
             metrics=cagem_metrics,
             labels_optional=True,
+            options=MLP_OPTIONS + TOP_OPTIONS + ("alpha_factor", "gaussian_scale", "min_scale", "num_clusters"),
         ),
         Recipe(
             "vae2",
@@ -357,6 +386,7 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z1",
             make_loss=vae2_loss,
             schedule=kl_warmup,
+            options=MLP_OPTIONS + TOP_OPTIONS + ("iw_samples",),
         ),
         Recipe(
             "iwae",
@@ -367,6 +397,7 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z1",
             make_loss=iwae_loss,
             schedule=kl_warmup,
+            options=MLP_OPTIONS + TOP_OPTIONS + ("iw_samples",),
         ),
         Recipe(
             "lvae",
@@ -377,6 +408,7 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z1",
             make_loss=lvae_loss,
             schedule=kl_warmup,
+            options=MLP_OPTIONS + TOP_OPTIONS + ("iw_samples",),
         ),
     )
 }

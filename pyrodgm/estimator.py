@@ -1,0 +1,592 @@
+"""A scikit-learn semi-supervised classifier over the zoo's models.
+
+:class:`SemiSupervisedClassifier` follows :mod:`sklearn.semi_supervised`: ``fit(X, y)`` with
+``-1`` in ``y`` for unlabelled rows, then ``predict``, ``predict_proba``, ``score`` and
+``transform`` (the guide's posterior mean of the latent ``z``); it works in a
+:class:`~sklearn.pipeline.Pipeline`, :class:`~sklearn.model_selection.GridSearchCV` and
+:func:`~sklearn.model_selection.cross_val_score`, and pickles.  Training is pyrodgm's own:
+the recipe of :data:`pyrodgm.zoo.RECIPES` builds the pair and the loss, the batches are
+:class:`pyrodgm.data.SemiSupervisedBatches` (half labelled, half unlabelled rows), and each
+epoch is :mod:`pyrodgm.training`'s (:func:`~pyrodgm.training.training_step` with
+:class:`~pyrodgm.optim.FusedAdam`, the recipe's per-epoch schedule, the divergence check).
+
+Data are 2-D arrays of numeric features.  The likelihood is chosen in ``fit`` from the data
+(``likelihood="auto"``): Bernoulli when every value is 0 or 1, Gaussian otherwise; the
+preprocessing is fitted in ``fit``, stored, and applied again in ``predict``: Gaussian
+features are standardised (mean 0, variance 1 per column, as
+:class:`~sklearn.preprocessing.StandardScaler`), binary ones are kept as they are, and
+``likelihood="bernoulli"`` on values in ``[0, 1]`` that are not all 0/1 (grey pixels)
+trains on a fresh Bernoulli draw of them every epoch (dynamic binarisation, as pyrodgm's
+image runs) and predicts from the values themselves.
+
+Labels may be of any type scikit-learn's classifiers take (integers, not necessarily
+``0..K-1``, or strings in an object array holding ``-1`` for unlabelled rows, as for
+:class:`~sklearn.semi_supervised.SelfTrainingClassifier`); ``classes_`` are the labels seen
+among the labelled rows, sorted.  A class without a single labelled example cannot be
+learnt: the model would reserve a category for it but nothing would tie that category to
+the class's name, so ``classes=`` (the complete label set, optional) makes ``fit`` refuse
+such a class by name instead of silently never predicting it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import Iterator, Optional
+
+import numpy as np
+import pyro
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from .data import SemiSupervisedBatches
+from .evaluation import posterior_mean, predict_proba as guide_predict_proba
+from .modeling import parameter_dtype
+from .optim import FusedAdam
+from .training import Run, TrainConfig, TrainingDiverged, _run_epoch, learning_rate
+from .zoo import RECIPES, recipe
+
+__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "UNLABELLED"]
+
+#: The label of an unlabelled row (scikit-learn's semi-supervised convention).
+UNLABELLED = -1
+
+#: The zoo's models with a label site that take rows of any number of features (the others
+#: need images of a named data set's shape, or are supervised or unsupervised).
+TABULAR_MODELS: tuple[str, ...] = ("m2", "adgm", "sdgm", "adgm-deterministic", "m1m2", "cagem")
+
+#: Models whose classifier ``q(y|x)`` and latent mean are exact functions of a row (no Monte
+#: Carlo sample before the label): their predictions of a row do not depend on the other
+#: rows predicted with it or on the random state.
+EXACT_MODELS: tuple[str, ...] = ("m2", "adgm-deterministic")
+
+#: :class:`~pyrodgm.training.TrainConfig` fields the estimator sets itself, with the
+#: parameter (or the reason) that takes their place; ``model_params`` may not name them.
+_ESTIMATOR_FIELDS = {
+    "model": "model", "epochs": "max_epochs", "batch_size": "batch_size", "labelled_per_batch": "batch_size",
+    "lr": "lr", "seed": "random_state", "device": "device", "likelihood": "likelihood", "binarize": "likelihood",
+    "labels": "y", "validation": "validation_fraction", "dataset": "X", "root": "X", "download": "X",
+    "out": "the estimator itself (nothing is written)", "samples": "the estimator itself (nothing is written)",
+    "cuda_graph": "device", "time_limit": "max_epochs", "track_test": "X",
+}
+
+#: Rows predicted at once.
+_CHUNK = 2048
+
+
+class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, TransformerMixin, BaseEstimator):
+    """A deep generative semi-supervised classifier (Kingma et al.'s M2 by default) with
+    scikit-learn's interface.
+
+    :param str model: a model of the zoo with a label site that takes feature rows, one of
+        :data:`TABULAR_MODELS` (``pyrodgm models`` describes them).  Default ``"m2"``: its
+        classifier ``q(y|x)`` and latent mean are exact functions of a row (the label is
+        summed out, not sampled), so predictions need no Monte Carlo and do not depend on
+        the other rows of a batch, and it is the cheapest; ``"adgm"`` averages its
+        classifier over samples of the auxiliary ``a`` (``eval_particles`` of them).
+    :param dict model_params: the recipe's hyper-parameters (fields of
+        :class:`~pyrodgm.training.TrainConfig`: ``z_dim``, ``hidden``, ``a_dim``,
+        ``activation``, ``alpha_factor``, ``num_particles``, ``eval_particles``,
+        ``lr_decay``, ``lr_decay_every``, ``label_mode``, ...), over the paper's defaults
+        (:attr:`pyrodgm.zoo.Recipe.defaults`); ``None``: the paper's.
+    :param str likelihood: ``"auto"`` (Bernoulli when every value of ``X`` is 0 or 1, else
+        Gaussian), ``"bernoulli"`` (values in ``[0, 1]``; non-binary ones are binarised
+        afresh every epoch) or ``"gaussian"`` (features standardised).
+    :param int max_epochs: passes over the rows (each row once an epoch among the unlabelled
+        rows, the labelled ones cycled in every batch).
+    :param int batch_size: rows per step, half of them labelled (fewer for tiny data sets).
+    :param float lr: Adam's learning rate (the recipe's decay schedule, if any, applies).
+    :param bool early_stopping: hold out ``validation_fraction`` of the labelled rows
+        (at least one per class, and never a class's last), stop once
+        ``n_iter_no_change`` epochs have not improved their error (ties: their
+        log-loss) and keep the best epoch's parameters.
+    :param float validation_fraction: the share of the labelled rows held out.
+    :param int n_iter_no_change: epochs without improvement before stopping.
+    :param classes: the complete set of labels, optional: ``fit`` then refuses a declared
+        class with no labelled row and a label outside the set.
+    :param verbose: a progress bar over the epochs (tqdm) with the loss and, with early
+        stopping, the validation error.
+    :param device: where the model trains and predicts (``"cpu"``, ``"cuda"``, ...).
+    :param random_state: seeds everything (initialisation, batches, Monte Carlo samples,
+        the validation split): the same seed gives the same predictions.  Global random
+        states (torch's, the Pyro param store) are left as they were.
+
+    Attributes after ``fit``: ``classes_``, ``n_features_in_`` (``feature_names_in_``),
+    ``likelihood_`` (the one chosen), ``scaler_`` (the fitted
+    :class:`~sklearn.preprocessing.StandardScaler`, ``None`` for a Bernoulli likelihood),
+    ``model_`` and ``guide_`` (the trained Pyro pair, :class:`torch.nn.Module`), ``config_``
+    (the :class:`~pyrodgm.training.TrainConfig` it was built and trained with), ``n_iter_``
+    (epochs run), ``loss_curve_`` (training loss per example, per epoch),
+    ``validation_scores_`` (validation accuracy per epoch, with early stopping) and
+    ``best_epoch_`` (1-based: the epoch whose parameters were kept).
+    """
+
+    def __init__(
+        self,
+        model: str = "m2",
+        *,
+        model_params: Optional[dict] = None,
+        likelihood: str = "auto",
+        max_epochs: int = 100,
+        batch_size: int = 200,
+        lr: float = 1e-3,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        classes=None,
+        verbose=False,
+        device="cpu",
+        random_state=None,
+    ) -> None:
+        self.model = model
+        self.model_params = model_params
+        self.likelihood = likelihood
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.classes = classes
+        self.verbose = verbose
+        self.device = device
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X, y) -> "SemiSupervisedClassifier":
+        """Train on the rows of ``X``; ``y`` holds ``-1`` for the unlabelled ones.
+
+        :raises ValueError: on NaN or infinite features, a length mismatch, no labelled
+            row, fewer than two classes among the labels, an unknown or undeclared class,
+            or a bad parameter.
+        :raises TypeError: on non-numeric features or a parameter of the wrong type.
+
+        A fit that fails (or is interrupted) leaves the estimator as it was: unfitted, or
+        with the model of its previous fit.
+        """
+        before = dict(self.__dict__)
+        try:
+            return self._fit(X, y)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _fit(self, X, y) -> "SemiSupervisedClassifier":
+        self._check_parameters()
+        with _numeric_features():
+            X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
+        labelled = ~_unlabelled_mask(y)
+        if not labelled.any():
+            raise ValueError(
+                f"y has no labelled row: all {len(y)} rows are {UNLABELLED} (unlabelled); a semi-supervised classifier "
+                "needs at least one labelled row per class"
+            )
+        classes, codes = self._encode_labels(y, labelled)
+        device = _device(self.device)
+        likelihood = self._choose_likelihood(X)
+        scaler = StandardScaler().fit(X) if likelihood == "gaussian" else None
+        rng = check_random_state(self.random_state)
+        seed, predict_seed = (int(s) for s in rng.randint(np.iinfo(np.int32).max, size=2))
+        validation = self._validation_rows(codes, len(classes), rng) if self.early_stopping else np.zeros(0, dtype=np.int64)
+        train = np.setdiff1d(np.arange(len(codes)), validation)
+        train_labelled = train[codes[train] != UNLABELLED]
+        config = self._config(likelihood, seed, device, len(train), len(train_labelled), len(validation))
+        recipe_ = recipe(config.model)
+        with _isolated(seed, device):
+            model, guide = recipe_.create(config, X.shape[1], len(classes))
+            model.to(device), guide.to(device)
+            x = _tensor(X, scaler, model, device)
+            labels = torch.as_tensor(codes, dtype=torch.int64, device=device)
+            batches = SemiSupervisedBatches(
+                x[_index(train_labelled, device)], labels[_index(train_labelled, device)], x[_index(train, device)],
+                batch_size=config.batch_size, labelled_per_batch=config.labelled_per_batch, seed=seed,
+                binarize=likelihood == "bernoulli" and not _is_binary(X), num_classes=len(classes),
+            )
+            loss = recipe_.loss(config, num_data=len(train), num_labels=len(train_labelled))
+            optim = FusedAdam({"lr": learning_rate(config, 0), "betas": config.betas})
+            run = Run(config, recipe_, device, model, guide, loss, optim, batches, validation=None)
+            history = self._train(run, x[_index(validation, device)], codes[validation])
+        model.eval(), guide.eval()
+        # the fitted state, set only once training has succeeded
+        self.classes_, self.likelihood_, self.scaler_, self.config_ = classes, likelihood, scaler, config
+        self.model_, self.guide_, self._predict_seed = model, guide, predict_seed
+        self.n_iter_, self.best_epoch_, self.loss_curve_, self.validation_scores_ = history
+        self._n_features_out = self._latent_size()
+        return self
+
+    def _train(self, run: Run, x_validation: torch.Tensor, y_validation: np.ndarray) -> tuple[int, int, list, list]:
+        """The epochs, each :func:`pyrodgm.training._run_epoch`; with early stopping, the
+        validation error after each and the best epoch's parameters restored.  Returns the
+        epochs run, the (1-based) epoch kept, the loss per epoch and the validation
+        accuracy per epoch."""
+        losses, accuracies = [], []
+        best, best_state, waited = None, None, 0
+        particles, site = _particles(run.config), run.recipe.label_site
+        bar = tqdm(range(run.config.epochs), desc=type(self).__name__, unit="epoch", disable=not self.verbose)
+        for epoch in bar:
+            run.epoch = epoch
+            try:
+                losses.append(_run_epoch(run, progress=False))
+            except TrainingDiverged:
+                raise TrainingDiverged(
+                    f"the training loss became NaN or infinite in epoch {epoch + 1}, so fit stopped: lower lr (now "
+                    f"{self.lr}), or standardise the features (likelihood='gaussian')"
+                ) from None
+            postfix = {"loss": f"{losses[-1]:.3g}"}
+            if len(y_validation):
+                run.model.eval(), run.guide.eval()
+                probs = _probabilities(run.guide, x_validation, particles, site)
+                error = float(np.mean(probs.argmax(1) != y_validation))
+                log_loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_validation)), y_validation], 1e-12, None))))
+                accuracies.append(1.0 - error)
+                postfix["valid_error"] = f"{error:.3f}"
+                if best is None or (error, log_loss) < best:
+                    best, waited = (error, log_loss), 0
+                    best_state = (epoch + 1, copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.guide.state_dict()))
+                else:
+                    waited += 1
+            bar.set_postfix(postfix)
+            if len(y_validation) and waited >= self.n_iter_no_change:
+                break
+        bar.close()
+        kept = len(losses)
+        if best_state is not None:
+            kept = best_state[0]
+            run.model.load_state_dict(best_state[1])
+            run.guide.load_state_dict(best_state[2])
+        return len(losses), kept, losses, accuracies
+
+    # ------------------------------------------------------------------ predict
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, ``(n_samples, n_classes)``, columns in ``classes_`` order:
+        the guide's classifier ``q(y|x)`` (averaged over ``eval_particles`` samples of what
+        it draws before the label, for models that draw any)."""
+        x, _ = self._input(X)
+        with _isolated(self._predict_seed, x.device):
+            return _probabilities(self.guide_, x, _particles(self.config_), recipe(self.config_.model).label_site)
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable class of each row, a label of ``classes_``."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def transform(self, X) -> np.ndarray:
+        """The latent features: the guide's posterior mean of ``z`` (the recipe's latent,
+        ``z1``/``z2`` for the stacked models), summed exactly over the enumerated label
+        (:func:`pyrodgm.evaluation.posterior_mean`), ``(n_samples, z_dim)``, in ``X``'s
+        floating-point dtype."""
+        x, dtype = self._input(X)
+        site = recipe(self.config_.model).latent_site
+        with _isolated(self._predict_seed, x.device):
+            means = [
+                posterior_mean(self.guide_, chunk, site, num_particles=_particles(self.config_)).cpu()
+                for chunk in x.split(_CHUNK)
+            ]
+        return torch.cat(means).double().numpy().astype(dtype, copy=False)
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Accuracy on the labelled rows of ``(X, y)`` (rows labelled ``-1`` are skipped, so
+        cross-validation on partly labelled data scores the labels it has).
+
+        :raises ValueError: if no row is labelled, or ``y`` holds a label the classifier
+            never saw (not in ``classes_``)."""
+        check_is_fitted(self)
+        y = np.asarray(y)
+        if y.ndim == 1:
+            labelled = ~_unlabelled_mask(y)
+            if not labelled.any():
+                raise ValueError(f"y has no labelled row to score: all {len(y)} rows are {UNLABELLED} (unlabelled)")
+            unseen = _unseen(y[labelled], self.classes_)
+            if unseen:
+                raise ValueError(f"y holds labels the classifier never saw in fit: {unseen}; it knows {_shown(self.classes_)}")
+            if not labelled.all() and len(y) == _num_rows(X):
+                X, y = _rows(X, labelled), y[labelled]
+                sample_weight = None if sample_weight is None else np.asarray(sample_weight)[labelled]
+        return super().score(X, y, sample_weight=sample_weight)
+
+    # ------------------------------------------------------------------ scikit-learn plumbing
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self.model not in EXACT_MODELS
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def __getstate__(self) -> dict:
+        """The fitted model and guide travel as their state dicts (on the CPU), not as
+        pickled modules; :meth:`__setstate__` rebuilds them with the recipe."""
+        state = super().__getstate__()
+        if "model_" in state:
+            state = dict(state)
+            state["model_"] = _cpu(state["model_"].state_dict())
+            state["guide_"] = _cpu(state["guide_"].state_dict())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("model_"), dict):
+            state = dict(state)
+            config = state["config_"]
+            device = torch.device(config.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                device = torch.device("cpu")  # a model fitted on a GPU, unpickled on a machine without one
+            model, guide = recipe(config.model).build(config, state["n_features_in_"], len(state["classes_"]))
+            model.load_state_dict(state["model_"])
+            guide.load_state_dict(state["guide_"])
+            state["model_"], state["guide_"] = model.to(device).eval(), guide.to(device).eval()
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_parameters(self) -> None:
+        if not isinstance(self.model, str) or self.model not in TABULAR_MODELS:
+            known = isinstance(self.model, str) and self.model in RECIPES
+            other = f" ('{self.model}' needs images of a named data set, or has no label site)" if known else ""
+            raise ValueError(f"model must be one of {', '.join(TABULAR_MODELS)}, got {self.model!r}{other}")
+        if self.model_params is not None and not isinstance(self.model_params, dict):
+            raise TypeError(f"model_params must be a dict of the recipe's hyper-parameters or None, got {type(self.model_params).__name__}")
+        for key in self.model_params or {}:
+            if key in _ESTIMATOR_FIELDS:
+                raise ValueError(f"model_params may not set {key!r}: the estimator sets it from {_ESTIMATOR_FIELDS[key]}")
+            if key not in _CONFIG_FIELDS:
+                raise ValueError(
+                    f"model_params has an unknown hyper-parameter {key!r}; the recipes take "
+                    f"{', '.join(sorted(_CONFIG_FIELDS - set(_ESTIMATOR_FIELDS)))}"
+                )
+        if self.likelihood not in ("auto", "bernoulli", "gaussian"):
+            raise ValueError(f"likelihood must be 'auto', 'bernoulli' or 'gaussian', got {self.likelihood!r}")
+        _check_integer(self.max_epochs, "max_epochs", 1)
+        _check_integer(self.batch_size, "batch_size", 2)  # at least one labelled and one unlabelled row
+        _check_integer(self.n_iter_no_change, "n_iter_no_change", 1)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        fraction = self.validation_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+            raise ValueError(f"validation_fraction must be a number in (0, 1), got {fraction!r}")
+
+    def _encode_labels(self, y: np.ndarray, labelled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``classes_`` (sorted) and ``y`` as indices into it, ``-1`` for unlabelled rows."""
+        y_labelled = y[labelled]
+        check_classification_targets(y_labelled)
+        try:
+            classes = np.unique(y_labelled)
+        except TypeError:
+            raise TypeError("y mixes label types that cannot be sorted (e.g. strings and numbers): give labels of one type") from None
+        if self.classes is not None:
+            declared = np.unique(np.asarray(self.classes))
+            unknown = _unseen(classes, declared)
+            if unknown:
+                raise ValueError(f"y holds labels that are not among the declared classes {_shown(declared)}: {unknown}")
+            missing = _unseen(declared, classes)
+            if missing:
+                raise ValueError(
+                    f"the declared class(es) {missing} have no labelled row in y: a class without a labelled example "
+                    "cannot be learnt (nothing would tie it to its name); label at least one row of each class"
+                )
+            classes = declared
+        if len(classes) < 2:
+            raise ValueError(
+                f"y has only one class among its labelled rows ({_shown(classes)}): a classifier needs at least 2 classes"
+            )
+        codes = np.full(len(y), UNLABELLED, dtype=np.int64)
+        codes[labelled] = np.searchsorted(classes, y_labelled)
+        return classes, codes
+
+    def _choose_likelihood(self, X: np.ndarray) -> str:
+        if self.likelihood == "bernoulli":
+            if X.min() < 0 or X.max() > 1:
+                raise ValueError(
+                    f"likelihood='bernoulli' needs features in [0, 1] (binary, or probabilities to binarise), found "
+                    f"values from {X.min():g} to {X.max():g}: rescale them, or use likelihood='gaussian'"
+                )
+            return "bernoulli"
+        if self.likelihood == "gaussian":
+            return "gaussian"
+        return "bernoulli" if _is_binary(X) else "gaussian"
+
+    def _validation_rows(self, codes: np.ndarray, num_classes: int, rng: np.random.RandomState) -> np.ndarray:
+        """A stratified share of the labelled rows: ``round(fraction * n_c)`` of class
+        ``c``'s ``n_c``, at least one, never all (every class keeps a training label)."""
+        chosen = []
+        for c in range(num_classes):
+            rows = np.flatnonzero(codes == c)
+            take = min(max(1, round(self.validation_fraction * len(rows))), len(rows) - 1)
+            chosen.append(rng.permutation(rows)[:take])
+        validation = np.sort(np.concatenate(chosen))
+        if len(validation) == 0:
+            raise ValueError(
+                "early_stopping needs a validation split of the labelled rows, but every class has a single labelled "
+                "row (each class keeps one for training): label more rows, or set early_stopping=False"
+            )
+        return validation
+
+    def _config(
+        self, likelihood: str, seed: int, device: torch.device, num_train: int, num_labelled: int, num_validation: int
+    ) -> TrainConfig:
+        """The recipe's defaults, then ``model_params``, then the estimator's own settings.
+        Batches: half labelled, half unlabelled rows, as pyrodgm's training (Maaløe et
+        al.); smaller when there are fewer rows than half a batch."""
+        unlabelled_per_batch = min(self.batch_size - self.batch_size // 2, num_train)
+        labelled_per_batch = min(self.batch_size // 2, unlabelled_per_batch)
+        settings = {**recipe(self.model).defaults, **(self.model_params or {})}
+        settings.update(
+            model=self.model, dataset="arrays", labels=num_labelled, validation=num_validation, epochs=self.max_epochs,
+            batch_size=labelled_per_batch + unlabelled_per_batch, labelled_per_batch=labelled_per_batch, lr=float(self.lr),
+            seed=seed, device=str(device), likelihood=likelihood, binarize=likelihood == "bernoulli",
+            samples=False, out="",
+        )
+        try:
+            return TrainConfig(**settings)
+        except TypeError as error:  # a hyper-parameter of the wrong type
+            raise TypeError(f"model_params: {error}") from None
+
+    def _input(self, X) -> tuple[torch.Tensor, np.dtype]:
+        """``X`` checked against ``fit``'s features, preprocessed, on the model's device;
+        and its floating-point dtype."""
+        check_is_fitted(self)
+        with _numeric_features():
+            X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        return _tensor(X, self.scaler_, self.guide_, _module_device(self.guide_)), X.dtype
+
+    def _latent_size(self) -> int:
+        site = recipe(self.config_.model).latent_site
+        x = torch.zeros(1, self.n_features_in_, dtype=parameter_dtype(self.guide_), device=_module_device(self.guide_))
+        with _isolated(0, x.device):
+            return int(posterior_mean(self.guide_, x, site).shape[-1])
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+
+
+def _tensor(X: np.ndarray, scaler: Optional[StandardScaler], module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """The rows preprocessed as in ``fit``, in the module's dtype, on ``device``."""
+    if scaler is not None:
+        X = scaler.transform(X)
+    dtype = parameter_dtype(module) or torch.get_default_dtype()
+    return torch.tensor(np.asarray(X), dtype=dtype, device=device)  # a copy: read-only arrays are fine
+
+
+def _particles(config: TrainConfig) -> int:
+    """Samples the classifier is averaged over: none needed for the exact models."""
+    return 1 if config.model in EXACT_MODELS else config.eval_particles
+
+
+def _probabilities(guide: torch.nn.Module, x: torch.Tensor, particles: int, site: str) -> np.ndarray:
+    """``q(y|x)`` (:func:`pyrodgm.evaluation.predict_proba`), ``_CHUNK`` rows at a time, in float64."""
+    probs = torch.cat([
+        guide_predict_proba(guide, chunk, num_particles=particles, label_site=site).cpu() for chunk in x.split(_CHUNK)
+    ]).double()
+    return (probs / probs.sum(1, keepdim=True)).numpy()
+
+
+@contextmanager
+def _isolated(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's random state seeded with ``seed`` and an empty Pyro param store, both
+    restored on exit: the estimator neither reads nor disturbs the caller's.  Pyro's
+    input validation is off inside (a third faster on small networks): the estimator has
+    checked the data already (finite, numeric, of the fitted width, 0/1 where Bernoulli)."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope(), pyro.validation_enabled(False):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _numeric_features() -> Iterator[None]:
+    """scikit-learn's conversion error for text in ``X``, saying what to do about it."""
+    try:
+        yield
+    except ValueError as error:
+        if "could not convert" not in str(error) and "compatible with arrays of bytes/strings" not in str(error):
+            raise
+        raise ValueError(
+            f"X must hold numbers only, not text ({error}): encode categorical features first, e.g. with "
+            "sklearn.preprocessing.OneHotEncoder in a Pipeline"
+        ) from None
+
+
+def _unlabelled_mask(y: np.ndarray) -> np.ndarray:
+    """Rows whose label is ``-1`` (an integer or float -1; strings are never unlabelled)."""
+    if y.dtype.kind in "US":
+        return np.zeros(len(y), dtype=bool)
+    if y.dtype.kind == "O":
+        return np.array([not isinstance(v, (str, bytes)) and _is_minus_one(v) for v in y], dtype=bool)
+    if y.dtype.kind in "iuf":
+        return y == UNLABELLED
+    return np.zeros(len(y), dtype=bool)
+
+
+def _is_minus_one(value) -> bool:
+    try:
+        return bool(value == UNLABELLED)
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_binary(X: np.ndarray) -> bool:
+    return bool(np.all((X == 0) | (X == 1)))
+
+
+def _unseen(values: np.ndarray, known: np.ndarray) -> list:
+    """The distinct ``values`` not in ``known``, as Python objects."""
+    known_set = set(np.asarray(known).tolist())
+    return sorted({v for v in np.asarray(values).tolist() if v not in known_set}, key=str)
+
+
+def _shown(values, limit: int = 10) -> str:
+    values = list(np.asarray(values).tolist())
+    text = ", ".join(repr(v) for v in values[:limit])
+    return f"[{text}{', ...' if len(values) > limit else ''}]"
+
+
+def _num_rows(X) -> int:
+    return X.shape[0] if hasattr(X, "shape") else len(X)
+
+
+def _rows(X, mask: np.ndarray):
+    if hasattr(X, "iloc"):
+        return X.iloc[mask]
+    if hasattr(X, "shape"):
+        return X[mask]
+    return [row for row, keep in zip(X, mask) if keep]
+
+
+def _check_integer(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1', ...), got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for but CUDA is not available")
+    return device
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(rows, dtype=torch.int64, device=device)
+
+
+def _cpu(state: dict) -> dict:
+    return {key: value.detach().cpu().clone() for key, value in state.items()}

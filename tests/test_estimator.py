@@ -367,3 +367,25 @@ def test_accuracy_beats_the_majority_class_by_a_measured_margin():
     accuracy = est.fit(X[:600], y_semi).score(X[600:], y[600:])
     majority = np.mean(y[600:] == np.bincount(y[labelled]).argmax())
     assert accuracy > majority + ACCURACY_MARGIN, (accuracy, majority)
+
+
+@pytest.mark.slow
+def test_benchmark_script_writes_results(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "experiments" / "estimator_benchmark.py")
+    args = [sys.executable, script, "--samples", "200", "--epochs", "1", "--seeds", "0", "1", "--models", "m2", "adgm",
+            "--hidden", "8", "--z-dim", "2", "--a-dim", "2", "--eval-particles", "2", "--results", str(tmp_path), "--quiet"]
+    subprocess.run(args, check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    for task in ("synthetic", "digits"):
+        result = json.loads((tmp_path / f"estimator_benchmark_{task}.json").read_text())
+        assert result["seeds"] == [0, 1] and result["command"].startswith(f"python {script} --samples 200")
+        assert set(result["methods"]) == {"label_spreading", "self_training", "labelled_only", "pyrodgm_m2", "pyrodgm_adgm"}
+        for method in result["methods"].values():
+            assert all(0 <= error <= 1 for error in method["test_error"].values()) and method["sd"] >= 0
+            assert all(seconds >= 0 for seconds in method["fit_seconds"].values())
+        sizes = result["sizes"]["0"]
+        assert (sizes["num_fit"], sizes["num_labelled"], sizes["num_test"]) == ((150, 8, 50) if task == "synthetic" else (1200, 100, 297))

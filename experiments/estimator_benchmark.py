@@ -22,6 +22,7 @@ time is the whole ``fit`` (preprocessing included), its prediction time is recor
 Results: ``results/estimator_benchmark_TASK.json``, errors per seed with mean ± sd.
 
     python experiments/estimator_benchmark.py --tasks synthetic digits --seeds 0 1 2 --threads 1
+    python experiments/estimator_benchmark.py --tasks digits --models m2 --hidden 500 --z-dim 50 --lr 1e-3 --suffix _m2_paper_size
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-particles", type=int, default=20, help="samples the Monte Carlo classifiers average (not m2)")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
     p.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
+    p.add_argument("--suffix", default="", help="appended to the results' names (estimator_benchmark_TASKSUFFIX.json)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         with threadpool_limits(args.threads):
             per_seed = run_task(task, args)
         result = {
-            "experiment": f"estimator_benchmark_{task}",
+            "experiment": f"estimator_benchmark_{task}{args.suffix}",
             "date": datetime.date.today().isoformat(),
             "device": f"{_cpu_name()} CPU ({platform.machine()}), {args.threads} torch/BLAS threads",
             "task": describe(task, args),
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             "wall_seconds": time.perf_counter() - started,
             "command": command_line(),
         }
-        path = Path(args.results) / f"estimator_benchmark_{task}.json"
+        path = Path(args.results) / f"{result['experiment']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         for name, method in result["methods"].items():

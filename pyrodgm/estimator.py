@@ -34,7 +34,6 @@ import copy
 import math
 import numbers
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import Iterator, Optional
 
 import numpy as np
@@ -50,11 +49,12 @@ from tqdm.auto import tqdm
 from .data import SemiSupervisedBatches
 from .evaluation import posterior_mean, predict_proba as guide_predict_proba
 from .modeling import parameter_dtype
+from .nets import NormalHead
 from .optim import FusedAdam
 from .training import Run, TrainConfig, TrainingDiverged, _run_epoch, learning_rate
 from .zoo import RECIPES, recipe
 
-__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "UNLABELLED"]
+__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "UNLABELLED", "model_param_names"]
 
 #: The label of an unlabelled row (scikit-learn's semi-supervised convention).
 UNLABELLED = -1
@@ -80,6 +80,13 @@ _ESTIMATOR_FIELDS = {
 
 #: Rows predicted at once.
 _CHUNK = 2048
+
+#: The floor of the Gaussian likelihood's scale (``model_params["min_scale"]``, in units of
+#: the standardised features' standard deviation) unless the recipe or ``model_params`` set
+#: another.  Without it a feature that is constant (in a class, say: a pixel always blank
+#: for some digit) lets the decoder shrink its scale towards 0 and the likelihood grow
+#: without bound until the loss is NaN.
+GAUSSIAN_SCALE_FLOOR = 1e-2
 
 
 class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, TransformerMixin, BaseEstimator):
@@ -204,6 +211,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         recipe_ = recipe(config.model)
         with _isolated(seed, device):
             model, guide = recipe_.create(config, X.shape[1], len(classes))
+            _floor_gaussian_likelihood(model, config)
             model.to(device), guide.to(device)
             x = _tensor(X, scaler, model, device)
             labels = torch.as_tensor(codes, dtype=torch.int64, device=device)
@@ -240,7 +248,8 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             except TrainingDiverged:
                 raise TrainingDiverged(
                     f"the training loss became NaN or infinite in epoch {epoch + 1}, so fit stopped: lower lr (now "
-                    f"{self.lr}), or standardise the features (likelihood='gaussian')"
+                    f"{self.lr}), or raise the floor of the Gaussian scales (model_params={{'min_scale': ...}}, now "
+                    f"{run.config.min_scale})"
                 ) from None
             postfix = {"loss": f"{losses[-1]:.3g}"}
             if len(y_validation):
@@ -341,6 +350,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             if device.type == "cuda" and not torch.cuda.is_available():
                 device = torch.device("cpu")  # a model fitted on a GPU, unpickled on a machine without one
             model, guide = recipe(config.model).build(config, state["n_features_in_"], len(state["classes_"]))
+            _floor_gaussian_likelihood(model, config)
             model.load_state_dict(state["model_"])
             guide.load_state_dict(state["guide_"])
             state["model_"], state["guide_"] = model.to(device).eval(), guide.to(device).eval()
@@ -355,13 +365,16 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             raise ValueError(f"model must be one of {', '.join(TABULAR_MODELS)}, got {self.model!r}{other}")
         if self.model_params is not None and not isinstance(self.model_params, dict):
             raise TypeError(f"model_params must be a dict of the recipe's hyper-parameters or None, got {type(self.model_params).__name__}")
+        accepted = model_param_names(self.model)
         for key in self.model_params or {}:
             if key in _ESTIMATOR_FIELDS:
                 raise ValueError(f"model_params may not set {key!r}: the estimator sets it from {_ESTIMATOR_FIELDS[key]}")
-            if key not in _CONFIG_FIELDS:
+            if key not in accepted:
+                owners = [name for name in TABULAR_MODELS if key in model_param_names(name)]
+                where = f"it is a hyper-parameter of {', '.join(owners)}" if owners else "unknown hyper-parameter"
                 raise ValueError(
-                    f"model_params has an unknown hyper-parameter {key!r}; the recipes take "
-                    f"{', '.join(sorted(_CONFIG_FIELDS - set(_ESTIMATOR_FIELDS)))}"
+                    f"model_params: {key!r} is not a hyper-parameter of {self.model!r} ({where}); "
+                    f"{self.model!r} takes {', '.join(accepted)}"
                 )
         if self.likelihood not in ("auto", "bernoulli", "gaussian"):
             raise ValueError(f"likelihood must be 'auto', 'bernoulli' or 'gaussian', got {self.likelihood!r}")
@@ -438,7 +451,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         al.); smaller when there are fewer rows than half a batch."""
         unlabelled_per_batch = min(self.batch_size - self.batch_size // 2, num_train)
         labelled_per_batch = min(self.batch_size // 2, unlabelled_per_batch)
-        settings = {**recipe(self.model).defaults, **(self.model_params or {})}
+        settings = {"min_scale": GAUSSIAN_SCALE_FLOOR, **recipe(self.model).defaults, **(self.model_params or {})}
         settings.update(
             model=self.model, dataset="arrays", labels=num_labelled, validation=num_validation, epochs=self.max_epochs,
             batch_size=labelled_per_batch + unlabelled_per_batch, labelled_per_batch=labelled_per_batch, lr=float(self.lr),
@@ -465,7 +478,31 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             return int(posterior_mean(self.guide_, x, site).shape[-1])
 
 
-_CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+#: ``model_params`` every model takes (beyond its recipe's :attr:`~pyrodgm.zoo.Recipe.options`).
+COMMON_MODEL_PARAMS: tuple[str, ...] = (
+    "z_dim", "num_particles", "eval_particles", "lr_decay", "lr_decay_every", "betas", "min_scale",
+)
+
+#: ``model_params`` a model takes beyond the CLI's options: an end-to-end M1+M2 built without an
+#: M1 checkpoint takes M1's architecture from these.
+_EXTRA_MODEL_PARAMS: dict[str, tuple[str, ...]] = {"m1m2": ("m1_z_dim", "m1_hidden")}
+
+
+def model_param_names(model: str) -> tuple[str, ...]:
+    """The hyper-parameters ``model_params`` may set for ``model``: :data:`COMMON_MODEL_PARAMS`
+    and the recipe's own (:attr:`pyrodgm.zoo.Recipe.options`, what ``pyrodgm train MODEL``
+    takes)."""
+    own = tuple(recipe(model).options) + _EXTRA_MODEL_PARAMS.get(model, ())
+    return tuple(name for name in dict.fromkeys(COMMON_MODEL_PARAMS + own) if name not in _ESTIMATOR_FIELDS)
+
+
+def _floor_gaussian_likelihood(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Give the model's Gaussian likelihood heads (modules named ``likelihood``, a
+    :class:`~pyrodgm.nets.NormalHead`) the scale floor ``config.min_scale``; a floor is an
+    attribute, not a parameter, so it is set again when an unpickled model is rebuilt."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "likelihood" and isinstance(module, NormalHead):
+            module.min_scale = max(module.min_scale, float(config.min_scale))
 
 
 def _tensor(X: np.ndarray, scaler: Optional[StandardScaler], module: torch.nn.Module, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import pyrodgm
-from pyrodgm.estimator import TABULAR_MODELS, SemiSupervisedClassifier
+from pyrodgm.estimator import GAUSSIAN_SCALE_FLOOR, TABULAR_MODELS, SemiSupervisedClassifier, model_param_names
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -179,7 +179,7 @@ def test_every_tabular_model_fits_and_predicts(model):
     X, y, y_semi = _problem(n=90)
     params = {"hidden": (8,), "z_dim": 2, "a_dim": 2, "eval_particles": 2, "top_z_dim": 2, "top_hidden": (8,),
               "m1_z_dim": 3, "m1_hidden": (8,), "end_to_end": True, "kl_warmup_epochs": 2}
-    params = {k: v for k, v in params.items() if model != "m2" or k in ("hidden", "z_dim")}
+    params = {k: v for k, v in params.items() if k in model_param_names(model)}
     est = SemiSupervisedClassifier(model, model_params=params, max_epochs=3, lr=3e-2, random_state=0).fit(X, y_semi)
     assert est.predict_proba(X).shape == (90, 3)
     assert est.transform(X).shape[0] == 90
@@ -209,6 +209,21 @@ def test_standardisation_is_fitted_in_fit_and_applied_in_predict():
     reference = SemiSupervisedClassifier(**TINY, random_state=0).fit(X, y_semi)
     assert np.allclose(est.scaler_.mean_, shifted.mean(0))
     assert np.allclose(est.predict_proba(shifted), reference.predict_proba(X), atol=1e-4)
+
+
+def test_the_gaussian_likelihood_has_a_scale_floor_that_survives_pickling():
+    # Without a floor the ADGM's loss became NaN in epoch 66 on the digits (seed 2 of
+    # experiments/estimator_benchmark.py): blank pixels let the decoder's scale go to 0.
+    X, _, y_semi = _problem(n=60)
+    est = SemiSupervisedClassifier("adgm", **{**TINY, "model_params": {"hidden": (8,), "z_dim": 2, "a_dim": 2}}, random_state=0)
+    est.fit(X, y_semi)
+    assert est.config_.min_scale == GAUSSIAN_SCALE_FLOOR == est.model_.likelihood.min_scale
+    assert pickle.loads(pickle.dumps(est)).model_.likelihood.min_scale == GAUSSIAN_SCALE_FLOOR
+    est = SemiSupervisedClassifier(**{**TINY, "model_params": {"hidden": (8,), "z_dim": 2, "min_scale": 0.5}}, random_state=0)
+    assert est.fit(X, y_semi).model_.likelihood.min_scale == 0.5
+    cagem = {"hidden": (8,), "z_dim": 2, "top_z_dim": 2, "top_hidden": (8,)}
+    est = SemiSupervisedClassifier("cagem", model_params=cagem, max_epochs=2, lr=1e-3, random_state=0).fit(X, y_semi)
+    assert est.config_.min_scale == 1e-3 == est.model_.likelihood.min_scale  # the recipe's own floor
 
 
 def test_early_stopping_keeps_the_best_epoch():
@@ -268,6 +283,8 @@ def _bad(kind):
         est.set_params(model="gmvae")
     if kind == "unknown model_params key":
         est.set_params(model_params={"hiden": (8,)})
+    if kind == "another model's hyper-parameter":
+        est.set_params(model_params={"a_dim": 4})
     if kind == "model_params key the estimator sets":
         est.set_params(model_params={"epochs": 3})
     if kind == "batch_size 1":
@@ -299,7 +316,8 @@ BAD_INPUTS = {
     "label outside the declared classes": (ValueError, r"not among the declared classes \[0, 1\]: \[2\]"),
     "continuous labels": (ValueError, "Unknown label type: continuous"),
     "image-only model": (ValueError, "'gmvae' needs images"),
-    "unknown model_params key": (ValueError, "unknown hyper-parameter 'hiden'"),
+    "unknown model_params key": (ValueError, r"'hiden' is not a hyper-parameter of 'm2' \(unknown hyper-parameter\); 'm2' takes z_dim"),
+    "another model's hyper-parameter": (ValueError, r"'a_dim' is not a hyper-parameter of 'm2' \(it is a hyper-parameter of adgm, sdgm"),
     "model_params key the estimator sets": (ValueError, "may not set 'epochs': the estimator sets it from max_epochs"),
     "batch_size 1": (ValueError, "batch_size must be at least 2"),
     "lr 0": (ValueError, "lr must be a positive number"),

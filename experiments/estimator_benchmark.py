@@ -103,7 +103,8 @@ def estimator(model: str, args: argparse.Namespace, seed: int) -> SemiSupervised
         params.update(eval_particles=args.eval_particles)
     if model == "m1m2":
         params.update(end_to_end=True, m1_z_dim=args.z_dim, m1_hidden=tuple(args.hidden))
-    return SemiSupervisedClassifier(model, model_params=params, max_epochs=args.epochs, lr=args.lr, random_state=seed)
+    return SemiSupervisedClassifier(model, model_params=params, likelihood=args.likelihood, max_epochs=args.epochs, lr=args.lr,
+                                    random_state=seed)
 
 
 def run_estimator(model: str, args: argparse.Namespace, seed: int, x_fit, y_fit, x_test, y_test) -> dict:
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z-dim", type=int, default=16)
     p.add_argument("--a-dim", type=int, default=16, help="auxiliary units (adgm, sdgm)")
     p.add_argument("--eval-particles", type=int, default=20, help="samples the Monte Carlo classifiers average (not m2)")
+    p.add_argument("--likelihood", default="auto", choices=("auto", "bernoulli", "gaussian"),
+                   help="the estimator's likelihood (auto: Bernoulli for 0/1 features, else Gaussian)")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
     p.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
     p.add_argument("--suffix", default="", help="appended to the results' names (estimator_benchmark_TASKSUFFIX.json)")
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             "task": describe(task, args),
             "seeds": args.seeds,
             "estimator_settings": {"hidden": args.hidden, "z_dim": args.z_dim, "a_dim": args.a_dim, "epochs": args.epochs,
-                                   "lr": args.lr, "eval_particles": args.eval_particles, "batch_size": 200},
+                                   "lr": args.lr, "eval_particles": args.eval_particles, "batch_size": 200,
+                                   "likelihood": args.likelihood},
             "methods": summary(per_seed),
             "sizes": {seed: record["sizes"] for seed, record in per_seed.items()},
             "wall_seconds": time.perf_counter() - started,

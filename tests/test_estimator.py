@@ -407,3 +407,19 @@ def test_benchmark_script_writes_results(tmp_path):
             assert all(seconds >= 0 for seconds in method["fit_seconds"].values())
         sizes = result["sizes"]["0"]
         assert (sizes["num_fit"], sizes["num_labelled"], sizes["num_test"]) == ((150, 8, 50) if task == "synthetic" else (1200, 100, 297))
+
+
+@pytest.mark.slow
+def test_readme_example_prints_what_the_readme_shows():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"```pycon\n(.*?)```", readme, flags=re.S)
+    lines = block.strip().splitlines()
+    code = [line[4:] for line in lines if line.startswith(">>> ")]
+    assert len(code) == 5  # the "in five lines"
+    namespace: dict = {}
+    exec("\n".join(code[:-1]), namespace)
+    value = eval(code[-1], namespace)
+    assert abs(value - float(lines[-1])) <= 0.02, (value, lines[-1])  # float rounding may differ across machines

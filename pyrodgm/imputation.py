@@ -309,16 +309,18 @@ def save_imputation_strip(
     columns: int = 20,
 ) -> Path:
     """Fig. 5: one row per example: the true image, the perturbed image, then the
-    imputations of the first ``columns`` iterations (fewer if the chain is shorter).
+    imputations of the first ``columns`` iterations (fewer if the chain is shorter), drawn
+    at a readable size (:func:`~pyrodgm.plots.save_grid`).
 
     :param chain: ``[T + 1, N, D]`` (:attr:`Imputation.images`); ``x``: ``[N, D]``.
     """
-    from .plots import _save_grid
+    from .plots import save_grid
 
     steps = chain[1 : columns + 1]
     rows = torch.cat([x[None], chain[:1], steps]).transpose(0, 1)  # [N, 2 + steps, D]
     path = Path(path)
-    _save_grid(rows.reshape(-1, rows.shape[-1]), _image_shape(image_shape), path, nrow=rows.shape[1])
+    xlabel = f"true, perturbed, iterations 1-{steps.shape[0]}"
+    save_grid(rows.reshape(-1, rows.shape[-1]), _image_shape(image_shape), path, nrow=rows.shape[1], xlabel=xlabel)
     return path
 
 

@@ -52,14 +52,6 @@ def mean_images(model: Callable, *, site: str = "x", condition: Optional[dict] =
     return trace.nodes[site]["fn"].mean
 
 
-def _save_grid(images: torch.Tensor, image_shape: Sequence[int], path: Path, nrow: int) -> None:
-    """The images at their own size, 1 pixel apart (the imputation strips, pixel for pixel)."""
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.reshape(-1, *image_shape).clamp(0, 1).cpu(), path, nrow=nrow, padding=1, pad_value=1.0)
-
-
 def save_grid(
     images: torch.Tensor,
     image_shape: Sequence[int],

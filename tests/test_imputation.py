@@ -6,6 +6,7 @@ pixels by hand, Fig. 5's strip, bad input, and the ``pyrodgm impute`` command.""
 import contextlib
 import io
 import json
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -27,6 +28,7 @@ from pyrodgm.imputation import (
 )
 from pyrodgm.models import M2, VAE
 from pyrodgm.models.mmcva import ConvMMCVA
+from pyrodgm.plots import MIN_IMAGE_PIXELS
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -185,7 +187,9 @@ def test_strip_has_one_row_per_example_and_a_column_per_step(tmp_path):
     path = save_imputation_strip(result.images, x, (1, 4, 4), tmp_path / "strip.png", columns=3)
     with Image.open(path) as image:
         width, height = image.size
-    assert (width, height) == (5 * 5 + 1, 3 * 5 + 1)  # true, perturbed, 3 steps; 4x4 images, padding 1
+    zoom = math.ceil(MIN_IMAGE_PIXELS / 4)  # 4x4 images magnified to a readable size
+    # true, perturbed, 3 steps; padding 1; a 6-pixel margin each side, an x label below
+    assert (width, height) == ((5 * 5 + 1) * zoom + 12, (3 * 5 + 1) * zoom + 12 + 16)
 
 
 def test_impute_rejects_bad_input():
@@ -251,7 +255,8 @@ def test_cli_impute_writes_json_and_strip(checkpoint, tmp_path, float32):
     assert report["missing_fraction"] == 16 / 64 and len(report["mse_per_iteration"]) == 4
     assert 0 <= report["mse"] <= 1 and 0 <= report["error"] <= 1 and report["model"] == "m2"
     with Image.open(report["strip"]) as strip:
-        assert strip.size == (5 * 9 + 1, 10 * 9 + 1)  # 10 rows; columns: true, perturbed, 3 steps
+        zoom = math.ceil(MIN_IMAGE_PIXELS / 8)  # 10 rows of 8x8 digits; columns: true, perturbed, 3 steps
+        assert strip.size == ((5 * 9 + 1) * zoom + 12, (10 * 9 + 1) * zoom + 12 + 16)
     code, stdout, _ = _main(argv[:-4] + ["--seed", "0"])
     assert code == 0 and json.loads(stdout)["mse"] == report["mse"]  # seeded: reproducible
 
@@ -302,7 +307,8 @@ def test_imputation_script_trains_and_writes_tables_4_and_5(tmp_path):
     assert all(len(curve) == 3 for curve in test["mse_per_iteration"].values())
     for strip in test["strips"].values():
         with Image.open(strip) as image:
-            assert image.size == (4 * 9 + 1, 10 * 9 + 1)
+            zoom = math.ceil(MIN_IMAGE_PIXELS / 8)
+            assert image.size == ((4 * 9 + 1) * zoom + 12, (10 * 9 + 1) * zoom + 12 + 16)
     assert result["paper"]["table_4_mse"]["Conv-MMVA"]["Rect (12 x 12)"] == 0.1090
     assert "--model conv-mmcva" in result["command_fields"]["source"]
 

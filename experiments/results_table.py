@@ -227,6 +227,11 @@ def active_unit_rows(results: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def _iwae_rate(timing: dict) -> str:
+    """``images/s (k)`` of an IWAE timing."""
+    return f"{timing['images_per_second']:.2f} ({timing['iwae_k']})"
+
+
 def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
     lines = [
         "| model | reference s/step | pyrodgm s/step | ratio, validation off (quartiles of the per-round ratio) | ratio, validation on | ratio, step in a CUDA graph | IWAE images/s (k) | hardware | date | command |",
@@ -247,7 +252,7 @@ def speed_rows(results: list[tuple[str, dict]]) -> list[str]:
                 graphed = "capture failed (the JSON has the error)"
             else:
                 graphed = f"{graphed['ratio']:.3f} ({graphed['pyrodgm_s']:.4f} s/step)"
-            rate = "n/a (skipped: the JSON says why)" if "skipped" in iwae else f"{iwae['images_per_second']:.2f} ({iwae['iwae_k']})"
+            rate = "n/a (skipped: the JSON says why)" if "skipped" in iwae else _iwae_rate(iwae)
             lines.append(
                 f"| {name} | {off['reference_s']:.4f} | {off['pyrodgm_s']:.4f} | {ratio} | {on['ratio']:.3f} | {graphed} "
                 f"| {rate} | {hardware} | {result['date']} | `{result['command']}` |"
@@ -295,7 +300,7 @@ def gpu_kit_rows(results: list[tuple[str, dict]]) -> list[str]:
         gpu = (environment.get("gpu") or {}).get("name", result["device"])
         stages = ", ".join(f"{s['stage']} {s['status']}" + (f" {s['seconds']:.0f}" if "seconds" in s else "") for s in result["stages"])
         probe = result.get("iwae_probe")
-        rate = "n/a" if not probe else f"{probe['images_per_second']:.2f} ({probe['iwae_k']})"
+        rate = "n/a" if not probe else _iwae_rate(probe)
         lines.append(
             f"| {result['date']} | {gpu} | {environment.get('torch', 'n/a')}, {environment.get('torch_cuda', 'n/a')} "
             f"| {stages} | {rate} | `{result['command']}` |"

@@ -47,6 +47,7 @@ __all__ = [
     "base_distribution",
     "baseline_sites",
     "dice_elbo",
+    "has_score_function",
     "is_enumerated_site",
     "is_latent_site",
     "score_function_sites",

@@ -8,8 +8,8 @@ per-site log-density terms laid out as ``(enum dims..., particles, plate dims...
 absent, :func:`particle_plate`), and :class:`TraceTerms` reduces them either to an ELBO
 (enumerated sites summed exactly with their guide probabilities, or, for the structures
 where that is not exact, contracted by Pyro's own estimators: :mod:`pyrodgm.contraction`)
-or to per-datapoint importance log-weights.  Labels of a semi-supervised batch enter through :class:`ObserveLabels`, a messenger that observes the
-label site with the right encoding (integer or one-hot) for its distribution.
+or to per-datapoint importance log-weights.  Labels of a semi-supervised batch enter
+through :class:`ObserveLabels`, a messenger that observes the label site with the right encoding (integer or one-hot) for its distribution.
 
 All data-dependent sites must sit in ``pyro.plate("data", ...)``; sites outside it are
 *global* and are only allowed where no per-datapoint value is asked for.
@@ -35,7 +35,9 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _KL_REGISTRY
 
-from .contraction import base_distribution, baseline_sites, dice_elbo, is_enumerated_site, is_latent_site, score_function_sites, tracegraph_elbo
+from .contraction import (
+    base_distribution, baseline_sites, dice_elbo, is_enumerated_site, is_latent_site, score_function_sites, tracegraph_elbo,
+)
 from .modeling import one_hot_rows, registered_once
 from .validation import UNLABELLED
 
@@ -71,12 +73,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # labels
 # --------------------------------------------------------------------------------------
-_base_distribution = base_distribution
-
-
 def _is_one_hot(fn: dist.Distribution) -> bool:
     return isinstance(
-        _base_distribution(fn),
+        base_distribution(fn),
         (dist.OneHotCategorical, dist.RelaxedOneHotCategorical, dist.RelaxedOneHotCategoricalStraightThrough),
     )
 
@@ -97,7 +96,7 @@ def encode_labels(labels: torch.Tensor, fn: dist.Distribution, cache: Optional[d
 
 def _categorical_base(fn: dist.Distribution) -> dist.Distribution:
     """The categorical behind ``fn`` (a clear error if there is none)."""
-    base = _base_distribution(fn)
+    base = base_distribution(fn)
     if not hasattr(base, "logits"):
         raise TypeError(
             f"the label site must be a categorical distribution, got {type(base).__name__}"
@@ -421,7 +420,7 @@ def enumeration_problem(guide_trace: Trace) -> Optional[str]:
     sampled, and its values weigh ``1/num_samples`` each, not their probability."""
     owner: dict[int, str] = {}
     for name, site in guide_trace.nodes.items():
-        if not (_is_latent(site) and _is_enumerated(site)):
+        if not (is_latent_site(site) and is_enumerated_site(site)):
             continue
         if site["infer"].get("num_samples") is not None:
             return f"guide site '{name}' is enumerated with num_samples={site['infer']['num_samples']} (sampled, not summed)"
@@ -450,7 +449,7 @@ def check_parallel_enumeration(guide_trace: Trace) -> None:
     ``infer={"enumerate": "sequential"}`` is refused, naming it (Pyro's
     :class:`~pyro.infer.TraceEnum_ELBO` runs the guide once per value for it)."""
     for name, site in guide_trace.nodes.items():
-        if _is_latent(site) and site["infer"].get("enumerate") == "sequential":
+        if is_latent_site(site) and site["infer"].get("enumerate") == "sequential":
             raise ValueError(
                 f"guide site '{name}' is marked infer={{'enumerate': 'sequential'}}: pyrodgm's losses enumerate in "
                 "parallel only; mark it 'parallel' (the same exact sum, vectorised)"
@@ -607,10 +606,6 @@ class Term:
     plates: frozenset[str] = frozenset()
 
 
-_is_enumerated = is_enumerated_site
-_is_latent = is_latent_site
-
-
 def _plates(site) -> frozenset[str]:
     """The names of the program's vectorised plates around ``site`` (not the particles')."""
     return frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE)
@@ -636,15 +631,15 @@ def _analytic_kl_sites(model_trace: Trace, guide_trace: Trace, wanted: bool | se
     """
     if wanted is False:
         return []
-    guide_position = {name: i for i, name in enumerate(n for n, site in guide_trace.nodes.items() if _is_latent(site))}
+    guide_position = {name: i for i, name in enumerate(n for n, site in guide_trace.nodes.items() if is_latent_site(site))}
     sites, latest = [], -1.0
     for name, site in model_trace.nodes.items():
-        if not _is_latent(site):
+        if not is_latent_site(site):
             continue
         position = guide_position.get(name, math.inf)
         if (wanted is True or name in wanted) and latest < position < math.inf:
             guide_fn = guide_trace.nodes[name]["fn"]
-            if not _is_enumerated(guide_trace.nodes[name]) and guide_fn.has_rsample and _has_kl(guide_fn, site["fn"]):
+            if not is_enumerated_site(guide_trace.nodes[name]) and guide_fn.has_rsample and _has_kl(guide_fn, site["fn"]):
                 sites.append(name)
         latest = max(latest, position)
     return sites
@@ -688,7 +683,7 @@ def log_weight_terms(
     kl_sites = _analytic_kl_sites(model_trace, guide_trace, wanted)
     # log-densities only where no KL replaces them (already computed ones are kept)
     model_trace.compute_log_prob(lambda name, site: name not in kl_sites)
-    guide_trace.compute_log_prob(lambda name, site: _is_latent(site) and name not in kl_sites)
+    guide_trace.compute_log_prob(lambda name, site: is_latent_site(site) and name not in kl_sites)
     terms: list[Term] = []
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
@@ -699,14 +694,14 @@ def log_weight_terms(
         else:
             terms.append(Term(name, site["log_prob"], _data_dim(site), plates=_plates(site)))
     for name, site in guide_trace.nodes.items():
-        if _is_latent(site) and name not in kl_sites:
-            terms.append(Term(name, -site["log_prob"], _data_dim(site), _is_enumerated(site), _plates(site)))
+        if is_latent_site(site) and name not in kl_sites:
+            terms.append(Term(name, -site["log_prob"], _data_dim(site), is_enumerated_site(site), _plates(site)))
     return terms, kl_sites
 
 
 def enumerated_log_q(guide_trace: Trace) -> Optional[torch.Tensor]:
     """``log q`` of the joint value of all enumerated guide sites (unscaled), or ``None``."""
-    logs = [site["unscaled_log_prob"] for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)]
+    logs = [site["unscaled_log_prob"] for site in guide_trace.nodes.values() if is_latent_site(site) and is_enumerated_site(site)]
     return sum(logs[1:], logs[0]) if logs else None
 
 
@@ -714,11 +709,12 @@ def check_reparameterized(guide_trace: Trace, purpose: str = "this loss") -> Non
     """Every latent guide site must be reparameterised or enumerated where ``purpose``
     differentiates through samples and has no score-function estimator (the IWAE bound, a
     classifier's cross-entropy; :class:`~pyrodgm.losses.SemiSupervisedELBO` has one)."""
-    for name in score_function_sites(guide_trace):
+    sampled = score_function_sites(guide_trace)
+    if sampled:
         raise ValueError(
-            f"guide site '{name}' ({type(guide_trace.nodes[name]['fn']).__name__}) is neither (fully) reparameterizable nor "
-            f"enumerated, and {purpose} has no score-function estimator: mark it infer={{'enumerate': 'parallel'}} or "
-            "use a relaxed distribution such as RelaxedOneHotCategorical"
+            f"guide site '{sampled[0]}' ({type(guide_trace.nodes[sampled[0]]['fn']).__name__}) is neither (fully) "
+            f"reparameterizable nor enumerated, and {purpose} has no score-function estimator: mark it "
+            "infer={'enumerate': 'parallel'} or use a relaxed distribution such as RelaxedOneHotCategorical"
         )
 
 
@@ -736,12 +732,13 @@ def fast_path_problem(guide_trace: Trace, terms: Iterable[Term]) -> Optional[str
     problem = enumeration_problem(guide_trace)
     if problem:
         return problem
-    enumerated = [site for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)]
+    enumerated = [site for site in guide_trace.nodes.values() if is_latent_site(site) and is_enumerated_site(site)]
     if not enumerated:
         return None
     enum_plates = frozenset().union(*(_plates(site) for site in enumerated))
+    enum_dims = {site["infer"]["_enumerate_dim"] for site in enumerated}
     for term in terms:
-        if not enum_plates <= term.plates and _depends_on_enumeration(term.value, guide_trace):
+        if not enum_plates <= term.plates and _has_size_above_one(term.value, enum_dims):
             return (
                 f"site '{term.name}' depends on an enumerated site and lies outside plate(s) "
                 f"{sorted(enum_plates - term.plates)} of the enumerated sites"
@@ -749,9 +746,8 @@ def fast_path_problem(guide_trace: Trace, terms: Iterable[Term]) -> Optional[str
     return None
 
 
-def _depends_on_enumeration(value: torch.Tensor, guide_trace: Trace) -> bool:
-    """Whether ``value`` has a dim of size > 1 at one of the guide's enumeration dims."""
-    dims = {site["infer"]["_enumerate_dim"] for site in guide_trace.nodes.values() if _is_latent(site) and _is_enumerated(site)}
+def _has_size_above_one(value: torch.Tensor, dims: Iterable[int]) -> bool:
+    """Whether ``value`` has a dim of size > 1 at one of ``dims`` (enumeration dims)."""
     return any(-dim <= value.dim() and value.shape[dim] > 1 for dim in dims)
 
 
@@ -844,7 +840,7 @@ class TraceTerms:
         if problem:
             raise ValueError(f"importance weights sum each enumerated guide site exhaustively on a dim of its own; here {problem}")
         for name, site in self.guide_trace.nodes.items():
-            if _is_latent(site) and _is_enumerated(site) and _plates(site) != {DATA_PLATE}:
+            if is_latent_site(site) and is_enumerated_site(site) and _plates(site) != {DATA_PLATE}:
                 raise ValueError(
                     f"guide site '{name}' is enumerated in plates {sorted(_plates(site))}: importance weights sum an "
                     f"enumerated site inside each weight, so it must be local to pyro.plate('{DATA_PLATE}', ...) and no other plate"

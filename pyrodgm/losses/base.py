@@ -31,16 +31,22 @@ _STEP_MEMO: ContextVar[Optional[dict]] = ContextVar("pyrodgm_step_memo", default
 
 
 @contextlib.contextmanager
-def shared_step() -> Iterator[None]:
-    """Within the block, loss terms share what they compute of the same program on the
-    same batch (:func:`step_memo`): :class:`WeightedSum` opens one per evaluation, so that
-    its terms run a guide's feature network once, as the papers' code does, not once per
-    term."""
-    token = _STEP_MEMO.set({})
+def _memo_scope(memo: Optional[dict]) -> Iterator[None]:
+    """Within the block, :func:`step_memo`, :func:`publish` and :func:`published` use
+    ``memo`` (``None``: nothing is shared)."""
+    token = _STEP_MEMO.set(memo)
     try:
         yield
     finally:
         _STEP_MEMO.reset(token)
+
+
+def shared_step() -> contextlib.AbstractContextManager:
+    """Within the block, loss terms share what they compute of the same program on the
+    same batch (:func:`step_memo`): :class:`WeightedSum` opens one per evaluation, so that
+    its terms run a guide's feature network once, as the papers' code does, not once per
+    term."""
+    return _memo_scope({})
 
 
 def step_memo(key: tuple, compute: Callable[[], Any]) -> Any:
@@ -188,7 +194,8 @@ class WeightedSum(Loss):
     def _term_value(self, name: str, term: Weighted, model, guide, args, kwargs) -> tuple[torch.Tensor, dict]:
         """One term's value and the parameters its run used (those it restricts its
         gradient to are among them: such a term shares nothing)."""
-        with contextlib.nullcontext() if term.params is None else _private_step():
+        # a term whose parameters are captured from its own run neither reads nor offers
+        with contextlib.nullcontext() if term.params is None else _memo_scope(None):
             with poutine.trace(param_only=True) as capture:
                 value = term.loss.differentiable_loss(model, guide, *args, **kwargs)
         params = {n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()}
@@ -196,17 +203,6 @@ class WeightedSum(Loss):
         for part, part_value in term.loss.last_components.items():
             self.last_components[f"{name}.{part}"] = part_value
         return value, params
-
-
-@contextlib.contextmanager
-def _private_step() -> Iterator[None]:
-    """A block that neither reads nor offers what the surrounding :func:`shared_step`
-    holds (a term whose parameters are captured from its own run)."""
-    token = _STEP_MEMO.set(None)
-    try:
-        yield
-    finally:
-        _STEP_MEMO.reset(token)
 
 
 def batch_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:

@@ -40,8 +40,10 @@ from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 
+from ..contraction import has_score_function, is_latent_site
 from ..traces import (
     DATA_PLATE,
+    _data_dim,
     MaskLabels,
     MaskRows,
     ObserveLabels,
@@ -287,7 +289,7 @@ class SemiSupervisedELBO(_TracingLoss):
         (``label_rows="mask"``)."""
         labelled = labels != UNLABELLED
         in_guide = MaskLabels(self.label_site, labels)
-        model, guide = model, in_guide(guide)
+        guide = in_guide(guide)
         if not self.labelled_elbo:
             model, guide = MaskRows(~labelled)(model), MaskRows(~labelled)(guide)
         terms = self._terms(model, guide, args, kwargs)
@@ -346,19 +348,15 @@ def whole_batch_guide_trace_key(guide: Callable, args: tuple, kwargs: dict, num_
 
 def _global_latents(guide_trace) -> list[str]:
     """The latent sites of a guide trace outside the data plate."""
-    return [
-        name
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-        and not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
-    ]
+    return [name for name, site in guide_trace.nodes.items() if is_latent_site(site) and _data_dim(site) is None]
 
 
 def _asks_for_baseline(guide_trace) -> bool:
-    """Whether a latent site of an un-enumerated guide trace is discrete, not marked for
-    enumeration, and asks for a baseline."""
+    """Whether a latent site of an un-enumerated guide trace needs the score function
+    (:func:`~pyrodgm.contraction.has_score_function`), is not marked for enumeration, and
+    asks for a baseline."""
     return any(
-        site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample
+        is_latent_site(site) and has_score_function(site["fn"])
         and not site["infer"].get("enumerate") and site["infer"].get("baseline")
         for site in guide_trace.nodes.values()
     )

@@ -50,6 +50,9 @@ class ADGMGuide(PlatedGuide):
     :param bool batch_norm: batch-norm in the hidden layers.
     :param str init: ``"xavier"`` (Glorot, the paper) or ``"default"``.
     :param str scale: Gaussian scale parameterisation, ``"softplus"`` or ``"exp"``.
+    :param bool learn_auxiliary: ``False`` keeps ``q(a|x)`` at its initial weights (no
+        gradient reaches them; the ADGM authors' code of Dec 2015 left them out of the
+        update, making ``a`` a fixed random noisy projection of ``x``).
     """
 
     pyro_name = "adgm_guide"
@@ -67,9 +70,11 @@ class ADGMGuide(PlatedGuide):
         batch_norm: bool = False,
         init: str = "xavier",
         scale: str = "softplus",
+        learn_auxiliary: bool = True,
     ) -> None:
         super().__init__()
         self.x_dim, self.num_classes, self.z_dim, self.a_dim = x_dim, num_classes, z_dim, a_dim
+        self.learn_auxiliary = learn_auxiliary
         self.z_sees_a, self.deterministic_auxiliary = z_sees_a, deterministic_auxiliary
         if deterministic_auxiliary:
             self.auxiliary = MLP(x_dim, hidden, out_dim=a_dim, activation=activation, batch_norm=batch_norm, init=init)
@@ -93,9 +98,11 @@ class ADGMGuide(PlatedGuide):
 
     def auxiliary_sample(self, x: torch.Tensor) -> torch.Tensor:
         """``a ~ q(a|x)`` at the site ``"a"``, or ``a = f(x)`` for a deterministic unit."""
-        if self.deterministic_auxiliary:
-            return self.auxiliary(x)
-        return pyro.sample("a", self.auxiliary.distribution(x))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.learn_auxiliary):
+            if self.deterministic_auxiliary:
+                return self.auxiliary(x)
+            q_a = self.auxiliary.distribution(x)
+        return pyro.sample("a", q_a)
 
     def classify(self, a: torch.Tensor, x: torch.Tensor) -> dist.TorchDistribution:
         """The classifier ``q(y|a,x)``."""

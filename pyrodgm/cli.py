@@ -50,7 +50,7 @@ TRAIN_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "root": (("--root",), dict(help="data folder (torchvision layout); downloads there unless --no-download")),
     "download": (("--no-download",), dict(dest="download", action="store_false", help="do not download a missing data set")),
     "labels": (("--labels",), dict(type=int, help="labelled examples, balanced over classes")),
-    "validation": (("--validation",), dict(type=int, help="validation examples carved from the training set (default: the data set's)")),
+    "validation": (("--validation",), dict(type=int, help="validation examples carved from the training set (default: the data set's; 0: none, the last epoch is kept)")),
     "binarize": (("--no-binarize",), dict(dest="binarize", action="store_false", help="keep grey pixels (with --likelihood gaussian: a Bernoulli model refuses them)")),
     # optimisation
     "epochs": (("--epochs",), dict(type=int, help="passes over the unlabelled data")),
@@ -73,6 +73,10 @@ TRAIN_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
                                                         help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")),
     "cuda_graph": (("--cuda-graph",), dict(action="store_true", help="capture the training step in a CUDA graph and replay it (--device cuda)")),
     "time_limit": (("--time-limit",), dict(type=float, help="seconds: start no epoch that would end after this (resume later)")),
+    "weight_prior_std": (("--weight-prior-std",), dict(type=float, metavar="STD", help="N(0, STD^2) prior on weight matrices")),
+    "grad_clip_norm": (("--grad-clip-norm",), dict(type=float, metavar="NORM", help="clip the gradient per row to NORM")),
+    "grad_clip_value": (("--grad-clip-value",), dict(type=float, metavar="V", help="then each element to +-V")),
+    "fixed_auxiliary": (("--fixed-auxiliary",), dict(action="store_true", help="keep q(a|x) at its initial weights")),
     "track_test": (("--track-test",), dict(action="store_true", help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")),
     # the papers' own
     "hidden": (("--hidden",), dict(type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")),
@@ -113,7 +117,7 @@ TRAIN_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
 COMMON_TRAIN_OPTIONS: tuple[str, ...] = (
     "dataset", "root", "download", "labels", "validation", "binarize", "epochs", "batch_size", "labelled_per_batch", "lr",
     "lr_decay", "lr_decay_every", "seed", "num_particles", "eval_particles", "z_dim", "likelihood", "device", "out",
-    "samples", "validate_inputs", "cuda_graph", "time_limit", "track_test",
+    "samples", "validate_inputs", "cuda_graph", "time_limit", "track_test", "weight_prior_std", "grad_clip_norm", "grad_clip_value",
 )
 
 

@@ -39,14 +39,36 @@ class FusedAdam(PyroOptim):
         parameter.  ``fused`` defaults to ``True`` where this torch has the fused kernel for
         every parameter's device and dtype (floating point; CUDA, and CPU from torch 2.4)
         and neither ``foreach`` nor ``differentiable`` is asked for.
+    :param float weight_prior_precision: if given, ``precision * W`` is added to the
+        gradient of every parameter with two or more dimensions (weight matrices and
+        convolution kernels; not biases or batch-norm scales): the gradient of
+        ``-log N(W | 0, 1 / precision)``, a Gaussian prior on the weights as Kingma et al.'s
+        and Maaløe et al.'s code put one (coupled to the gradient, as their Adam saw it,
+        not decoupled as in AdamW).  The loss SVI reports does not include the prior.
+    :param float max_grad_norm: if given, the gradients of the step (after the prior's)
+        are scaled down to this total norm (:func:`torch.nn.utils.clip_grad_norm_`) ...
+    :param float max_grad_value: ... and then each element is clipped to
+        ``[-max_grad_value, max_grad_value]`` (:func:`torch.nn.utils.clip_grad_value_`),
+        the order of the ADGM authors' code (total norm 5, then each element to 1, on
+        their loss: a mean over rows, see :func:`pyrodgm.training.optimiser`).
     """
 
-    def __init__(self, optim_args: dict) -> None:
+    def __init__(
+        self,
+        optim_args: dict,
+        weight_prior_precision: Optional[float] = None,
+        max_grad_norm: Optional[float] = None,
+        max_grad_value: Optional[float] = None,
+    ) -> None:
         if not isinstance(optim_args, dict):
             raise TypeError(f"FusedAdam takes a dict of torch.optim.Adam arguments, got {type(optim_args).__name__}")
+        for name, value in (("weight_prior_precision", weight_prior_precision), ("max_grad_norm", max_grad_norm), ("max_grad_value", max_grad_value)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive (or None: off), got {value}")
         super().__init__(torch.optim.Adam, dict(optim_args))
         self.optimizer: Optional[torch.optim.Adam] = None
         self._saved_hyper_parameters: dict = {}
+        self.weight_prior_precision, self.max_grad_norm, self.max_grad_value = weight_prior_precision, max_grad_norm, max_grad_value
 
     def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
         """One Adam step of the parameters in ``params`` (and of no other)."""
@@ -61,6 +83,7 @@ class FusedAdam(PyroOptim):
         saved = [p.grad for p in absent]
         for p in absent:  # SVI zeroes, not clears, the gradients of earlier steps' parameters
             p.grad = None
+        self._prepare_gradients([p for p in params if p.grad is not None])
         try:
             self.optimizer.step(*args, **kwargs)
         finally:
@@ -68,6 +91,17 @@ class FusedAdam(PyroOptim):
                 p.grad = grad
         for p in params:  # cleared, not zeroed (torch's ``zero_grad()`` default): SVI's zeroing then skips them
             p.grad = None
+
+    def _prepare_gradients(self, params: list[torch.Tensor]) -> None:
+        """Add the weight prior's gradient, then clip (in place), as the class docstring says."""
+        if self.weight_prior_precision is not None:
+            for p in params:
+                if p.dim() >= 2:
+                    p.grad.add_(p.detach(), alpha=self.weight_prior_precision)
+        if self.max_grad_norm is not None and params:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if self.max_grad_value is not None and params:
+            torch.nn.utils.clip_grad_value_(params, self.max_grad_value)
 
     def _set_hyper_parameters(self, state: dict) -> None:
         """Take the learning rate, betas, ... of a saved state, as torch's

@@ -280,7 +280,7 @@ def learning_curve_panels(history: Sequence[dict]) -> list[tuple[str, ...]]:
     (the validation ELBO for a run without a classifier) with its test counterpart when the
     run tracked the test set (``--track-test``)."""
     recorded = {key for record in history for key, value in record.items() if value is not None}
-    metric = "error" if "valid_error" in recorded else "elbo"
+    metric = "error" if recorded & {"valid_error", "test_error"} else "elbo"
     panels = [(LOSS_KEY,), tuple(k for k in (f"valid_{metric}", f"test_{metric}") if k in recorded)]
     return [panel for panel in panels if panel]
 

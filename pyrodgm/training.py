@@ -50,7 +50,7 @@ class TrainConfig:
     root: Optional[str] = None
     download: bool = True
     labels: int = 100
-    validation: Optional[int] = None
+    validation: Optional[int] = None  # examples held out to choose the checkpoint (None: the data set's; 0: none, the last epoch is kept)
     epochs: int = 10
     batch_size: int = 200
     labelled_per_batch: int = 100
@@ -103,6 +103,11 @@ class TrainConfig:
     kl_warmup_epochs: int = 0  # vae2, lvae (200): KL weight of z1, z2 rising linearly 0 -> 1 (Sønderby et al. 2016)
     top_z_dim: int = 50  # vae2, iwae, lvae: units of the top stochastic layer z2 (z_dim is z1's)
     top_hidden: tuple[int, ...] = (100, 100)  # vae2, iwae, lvae: widths between z1 and z2 (hidden: between x and z1)
+    # the authors' code beyond the papers' text (issue 15: each measured as an option)
+    weight_prior_std: Optional[float] = None  # std of an N(0, std^2) prior on every weight matrix, per example (Kingma et al.'s and the ADGM code: 1)
+    grad_clip_norm: Optional[float] = None  # total norm of the gradient per unlabelled row of a batch (the ADGM code: 5 on its mean loss)
+    grad_clip_value: Optional[float] = None  # then each element of that gradient to +-value (the ADGM code: 1)
+    fixed_auxiliary: bool = False  # adgm, sdgm: q(a|x) keeps its initial weights (the ADGM authors' code of Dec 2015)
     samples: bool = True
     validate_inputs: bool = True
     # how the run is driven (none of these changes the maths: a run may resume with others)
@@ -172,6 +177,27 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
+def optimiser(config: TrainConfig, num_data: int, labelled_per_batch: int) -> FusedAdam:
+    """The run's Adam, with the weight prior and the gradient clipping of the config.
+
+    The ADGM authors' loss is the mean of the bound over a batch's labelled rows plus its
+    mean over the unlabelled ones, plus ``-log p(theta) / N``; pyrodgm's is the sum over
+    the batch's rows, ``U`` times theirs when a batch holds ``U`` unlabelled and as many
+    labelled rows (the recipe's 100 + 100).  So the thresholds of ``grad_clip_norm`` and
+    ``grad_clip_value`` are taken per unlabelled row of a batch (multiplied by ``U``), and
+    the prior weighs ``U / N`` of ``-log N(W | 0, weight_prior_std^2)``: with the authors'
+    values (1, 5, 1) a run takes exactly their steps.  ``U`` is the batch size for batches
+    without unlabelled rows (supervised or unsupervised runs)."""
+    rows = config.batch_size - labelled_per_batch if labelled_per_batch < config.batch_size else config.batch_size
+    precision = None if config.weight_prior_std is None else rows / (num_data * config.weight_prior_std ** 2)
+    return FusedAdam(
+        {"lr": learning_rate(config, 0), "betas": config.betas, **({"capturable": True} if config.cuda_graph else {})},
+        weight_prior_precision=precision,
+        max_grad_norm=None if config.grad_clip_norm is None else config.grad_clip_norm * rows,
+        max_grad_value=None if config.grad_clip_value is None else config.grad_clip_value * rows,
+    )
+
+
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """``lr * lr_decay ** (epoch // lr_decay_every)`` (ADGM: x0.75 every 200 epochs)."""
     if config.lr_decay_every <= 0:
@@ -191,7 +217,7 @@ class Run:
     loss: Loss
     optim: FusedAdam
     batches: SemiSupervisedBatches
-    validation: ImageData
+    validation: Optional[ImageData]  # None for a run without a validation set (config.validation == 0)
     test: Optional[ImageData] = None  # only with config.track_test
     captured: Optional[CapturedStep] = None  # only with config.cuda_graph
     epoch: int = 0
@@ -236,8 +262,8 @@ def _prepare(config: TrainConfig) -> Run:
     model, guide = recipe_.create(config, train_data.num_features, train_data.num_classes)
     model.to(device), guide.to(device)
     loss = recipe_.loss(config, num_data=len(unlabelled_index), num_labels=labels)
-    optim = FusedAdam({"lr": learning_rate(config, 0), "betas": config.betas, **({"capturable": True} if config.cuda_graph else {})})
-    validation = evaluation_data(train_data.subset(validation_index), config).to(device)
+    optim = optimiser(config, num_data=len(unlabelled_index), labelled_per_batch=labelled_per_batch)
+    validation = evaluation_data(train_data.subset(validation_index), config).to(device) if len(validation_index) else None
     test = load_test_data(config, device) if config.track_test else None
     captured = None
     if config.cuda_graph:
@@ -314,7 +340,9 @@ def validation_metrics(
 
 
 def _is_better(metrics: dict, best: Optional[dict]) -> bool:
-    if best is None:
+    """Whether this epoch's validation ``metrics`` beat ``best``; without a validation set
+    (no metrics) every epoch does, so ``best.pt`` is the last epoch's checkpoint."""
+    if best is None or not metrics:
         return True
     key = "error" if "error" in metrics else "elbo"
     return metrics[key] < best[key] if key == "error" else metrics[key] > best[key]
@@ -436,7 +464,9 @@ def _train_epochs(run: Run, out: Path, progress: bool) -> dict:
             break
         train_loss = _run_epoch(run, progress)
         site = run.recipe.classifier_site(config)
-        metrics = validation_metrics(run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics)
+        metrics = {} if run.validation is None else validation_metrics(
+            run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics
+        )
         run.epoch += 1
         record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
         record["epoch_seconds"] = time.perf_counter() - epoch_start

@@ -163,14 +163,16 @@ def build_adgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Modu
     ``p(a|x,y,z)``), ``q(a|x)q(y|a,x)q(z|y,x)``."""
     kwargs = _adgm_kwargs(config, num_classes)
     prior = config.auxiliary_prior or "standard"
-    return ADGM(x_dim, likelihood=config.likelihood, auxiliary_prior=prior, **kwargs), ADGMGuide(x_dim, **kwargs)
+    guide = ADGMGuide(x_dim, learn_auxiliary=not config.fixed_auxiliary, **kwargs)
+    return ADGM(x_dim, likelihood=config.likelihood, auxiliary_prior=prior, **kwargs), guide
 
 
 def build_sdgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """SDGM (Maaløe et al. 2016): ``p(y)p(z)p(a|z,y)p(x|a,z,y)``, ``q(a|x)q(y|a,x)q(z|a,y,x)``
     (the encoder sees ``a``, as in the authors' code)."""
     kwargs = _adgm_kwargs(config, num_classes)
-    return SDGM(x_dim, likelihood=config.likelihood, **kwargs), ADGMGuide(x_dim, z_sees_a=True, **kwargs)
+    guide = ADGMGuide(x_dim, z_sees_a=True, learn_auxiliary=not config.fixed_auxiliary, **kwargs)
+    return SDGM(x_dim, likelihood=config.likelihood, **kwargs), guide
 
 
 def build_adgm_deterministic(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -178,7 +180,7 @@ def build_adgm_deterministic(config, x_dim: int, num_classes: int) -> tuple[nn.M
     ``a`` in the model or the guide (see :mod:`pyrodgm.guides.adgm`)."""
     kwargs = _adgm_kwargs(config, num_classes)
     model = ADGM(x_dim, likelihood=config.likelihood, auxiliary_prior="none", **kwargs)
-    return model, ADGMGuide(x_dim, deterministic_auxiliary=True, **kwargs)
+    return model, ADGMGuide(x_dim, deterministic_auxiliary=True, learn_auxiliary=not config.fixed_auxiliary, **kwargs)
 
 
 #: Maaløe et al. (2016), "Implementation details": MNIST with 100 labels.
@@ -224,7 +226,7 @@ def initialize_m1m2(config, model: nn.Module, guide: nn.Module) -> None:
 
 #: Option groups several recipes share (:attr:`Recipe.options`).
 MLP_OPTIONS = ("hidden", "activation")
-ADGM_OPTIONS = MLP_OPTIONS + ("alpha_factor", "a_dim")
+ADGM_OPTIONS = MLP_OPTIONS + ("alpha_factor", "a_dim", "fixed_auxiliary")
 MARGIN_OPTIONS = ("margin_C", "margin_sigma", "margin_cost")
 GMVAE_OPTIONS = (
     "feature_dim", "label_mode", "temperature", "temperature_min", "temperature_epochs", "temperature_decay", "w_gaussian",

@@ -4,6 +4,7 @@ averaged over the auxiliary ``a`` in predictions, SDGM's latent ``a``, the deter
 ablation, where the closed-form KL applies, SVI, the zoo recipes and the CLI."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -492,3 +493,31 @@ def test_adgm_recipe_uses_the_standard_auxiliary_prior_unless_asked():
         model, _ = recipe("adgm").build(config, 64, 10)
         trace = poutine.trace(model).get_trace(x, y=torch.tensor([0, 1, 2]))
         assert [n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "data"] == order
+
+
+@pytest.mark.parametrize("name", ["adgm", "sdgm", "adgm-deterministic"])
+def test_fixed_auxiliary_keeps_q_a_at_its_initial_weights(name):
+    """``fixed_auxiliary``: q(a|x) (or f(x)) is not trained, everything else is, and the
+    loss is the same number as with a learnt q(a|x) at the same weights."""
+    config = TrainConfig(model=name, z_dim=Z_DIM, a_dim=A_DIM, hidden=HIDDEN, fixed_auxiliary=True)
+    torch.manual_seed(0)
+    model, guide = recipe(name).build(config, X_DIM, K)
+    torch.manual_seed(0)
+    _, learnt = recipe(name).build(dataclasses.replace(config, fixed_auxiliary=False), X_DIM, K)
+    assert not guide.learn_auxiliary and learnt.learn_auxiliary
+    loss = recipe(name).loss(config, num_data=100, num_labels=10)
+    x, y = binary_x(6), torch.tensor([0, 1, 2, -1, -1, -1])
+    pyro.set_rng_seed(3)
+    fixed_value = loss.loss(model, guide, x, y=y)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    assert loss.loss(model, learnt, x, y=y) == pytest.approx(fixed_value, rel=1e-12)
+
+    pyro.clear_param_store()
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    svi = SVI(model, guide, Adam({"lr": 0.05}), loss)
+    for _ in range(3):
+        svi.step(x, y=y)
+    changed = {k: not torch.equal(before[k], v) for k, v in guide.state_dict().items()}
+    assert not any(v for k, v in changed.items() if k.startswith("auxiliary.")), changed
+    assert all(v for k, v in changed.items() if k.startswith("classifier")), changed

@@ -1,6 +1,8 @@
 """FusedAdam: one torch Adam behind Pyro's optimiser interface, step for step the same as
 pyro.optim.Adam, with interchangeable state."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -177,3 +179,77 @@ def test_gradients_are_cleared_after_a_step():
     and the next backward pass writes rather than adds."""
     model, guide, _ = run(FusedAdam(ARGS), 1)
     assert all(p.grad is None for p in [*model.parameters(), *guide.parameters()])
+
+
+def _quadratic_grads(weight: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
+    """Gradients of a loss whose rows all pull the parameters the same way (large, so
+    the clipping acts)."""
+    target = torch.arange(12.0).reshape(3, 4)
+    loss = scale * ((weight - target).pow(2).sum() + (bias + 7).pow(2).sum())
+    weight.grad, bias.grad = torch.autograd.grad(loss, (weight, bias))
+
+
+def test_weight_prior_then_clipping_is_the_adgm_authors_update():
+    """Prior gradient on matrices only, then total-norm clipping, then element clipping;
+    each step written out by hand (the order matters: a bias with a prior, or the element
+    clip first, gives different numbers)."""
+    weight = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
+    bias = torch.nn.Parameter(torch.tensor([0.5, -0.5, 1.0, 2.0]))
+    _quadratic_grads(weight, bias, 1.0)
+    optim = FusedAdam(dict(ARGS), weight_prior_precision=0.3, max_grad_norm=20.0, max_grad_value=4.0)
+    optim._prepare_gradients([weight, bias])
+
+    g_weight = 2 * (weight.detach() - torch.arange(12.0).reshape(3, 4)) + 0.3 * weight.detach()
+    g_bias = 2 * (bias.detach() + 7)
+    total = math.sqrt(g_weight.pow(2).sum() + g_bias.pow(2).sum())
+    assert total > 20.0
+    factor = 20.0 / (total + 1e-6)
+    expected_weight, expected_bias = (g_weight * factor).clamp(-4, 4), (g_bias * factor).clamp(-4, 4)
+    assert (expected_bias.abs() == 4).any()  # the element clip acts too
+    torch.testing.assert_close(weight.grad, expected_weight)
+    torch.testing.assert_close(bias.grad, expected_bias)
+
+
+def test_weight_prior_and_clipping_reach_the_parameters_through_svi():
+    """Through SVI, the prior and clipping change the step exactly as applying them to
+    the gradients before a plain Adam step does."""
+    pair = tiny_pair()
+    options = dict(weight_prior_precision=0.5, max_grad_norm=0.1, max_grad_value=0.01)
+    model, guide, _ = run(FusedAdam(dict(ARGS), **options), 1, pair=pair)
+    pyro.clear_param_store()
+    reference_pair = tiny_pair()
+    svi = SVI(*reference_pair, _Prepared(dict(ARGS), **options), SemiSupervisedELBO(alpha=1.0, num_particles=2))
+    x, y = data()
+    pyro.set_rng_seed(0)
+    svi.step(x, y=y)
+    for (name, p), q in zip(model.named_parameters(), reference_pair[0].parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    pyro.clear_param_store()
+    unclipped, _, _ = run(FusedAdam(dict(ARGS)), 1, pair=tiny_pair())
+    assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), unclipped.parameters()))
+
+
+class _Prepared(pyro.optim.PyroOptim):
+    """pyro.optim.Adam over gradients prepared by hand: prior on matrices, clip the norm
+    over every parameter of the step, then each element."""
+
+    def __init__(self, args, weight_prior_precision, max_grad_norm, max_grad_value):
+        super().__init__(torch.optim.Adam, args)
+        self.prior, self.norm, self.value = weight_prior_precision, max_grad_norm, max_grad_value
+
+    def __call__(self, params, *args, **kwargs):
+        params = [p for p in params if p.grad is not None]
+        for p in params:
+            if p.dim() >= 2:
+                p.grad = p.grad + self.prior * p.detach()
+        total = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+        for p in params:
+            p.grad = (p.grad * torch.clamp(self.norm / (total + 1e-6), max=1.0)).clamp(-self.value, self.value)
+        super().__call__(params, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["weight_prior_precision", "max_grad_norm", "max_grad_value"])
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_prior_and_clipping_must_be_positive(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be positive"):
+        FusedAdam(dict(ARGS), **{name: value})

@@ -474,3 +474,73 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(t
     with pytest.raises(training.TrainingDiverged, match="loss became nan at epoch 2, step 3.*last checkpoint \\(epoch 1\\) is intact"):
         train(config(tmp_path, epochs=2), resume=True, progress=False)
     assert_same(saved, torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("rows", [(100, 100), (3, 3)])
+def test_prior_and_clipping_take_the_adgm_authors_step(rows):
+    """pyrodgm's loss sums the batch's rows; the ADGM authors' is the mean over the
+    labelled rows plus the mean over the unlabelled ones minus ``log p(W) / N``, clipped
+    (norm 5, then each element to 1).  With as many labelled as unlabelled rows and the
+    authors' values, the gradient that reaches Adam is theirs times U."""
+    from pyrodgm.training import optimiser
+
+    num_labelled, num_unlabelled = rows
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 5))
+    bias = torch.nn.Parameter(torch.randn(4))
+    x = torch.randn(num_labelled + num_unlabelled, 5)
+
+    def row_losses():
+        return (x @ weight.T + bias).tanh().pow(2).sum(-1) * 40  # large enough for the clips to act
+
+    config = TrainConfig(batch_size=num_labelled + num_unlabelled, labelled_per_batch=num_labelled,
+                         weight_prior_std=1.0, grad_clip_norm=5.0, grad_clip_value=1.0)
+    optim = optimiser(config, num_data=60_000, labelled_per_batch=num_labelled)
+    weight.grad, bias.grad = torch.autograd.grad(row_losses().sum(), (weight, bias))
+    optim._prepare_gradients([weight, bias])
+    ours = [weight.grad.clone(), bias.grad.clone()]
+
+    losses = row_losses()
+    theirs = losses[:num_labelled].mean() + losses[num_labelled:].mean()
+    theirs = theirs - pyro.distributions.Normal(0.0, 1.0).log_prob(weight).sum() / 60_000
+    weight.grad, bias.grad = torch.autograd.grad(theirs, (weight, bias))
+    assert torch.sqrt(weight.grad.pow(2).sum() + bias.grad.pow(2).sum()) > 5  # the norm clip acts
+    torch.nn.utils.clip_grad_norm_([weight, bias], 5.0)
+    torch.nn.utils.clip_grad_value_([weight, bias], 1.0)
+    torch.testing.assert_close(ours[0] / num_unlabelled, weight.grad)
+    torch.testing.assert_close(ours[1] / num_unlabelled, bias.grad)
+
+
+def test_authors_variants_are_off_by_default_and_reach_the_run(tmp_path):
+    """Defaults leave Adam plain; the options reach a run's optimiser, scaled by the
+    run's unlabelled rows per batch and unlabelled set."""
+    from pyrodgm.training import _prepare, optimiser
+
+    plain = optimiser(TrainConfig(), num_data=1000, labelled_per_batch=100)
+    assert (plain.weight_prior_precision, plain.max_grad_norm, plain.max_grad_value) == (None, None, None)
+    config = TrainConfig(model="m2", dataset="digits", batch_size=60, labelled_per_batch=20, hidden=(8,), z_dim=2,
+                         out=str(tmp_path / "run"), weight_prior_std=0.5, grad_clip_norm=5.0, grad_clip_value=1.0)
+    run = _prepare(config)
+    num_data = len(run.batches.x_unlabelled)
+    assert run.optim.weight_prior_precision == pytest.approx(40 / (num_data * 0.25))
+    assert (run.optim.max_grad_norm, run.optim.max_grad_value) == (200.0, 40.0)
+    supervised = optimiser(TrainConfig(batch_size=50, labelled_per_batch=50, weight_prior_std=2.0, grad_clip_value=0.5),
+                           num_data=1000, labelled_per_batch=50)
+    assert supervised.weight_prior_precision == pytest.approx(50 / (1000 * 4.0)) and supervised.max_grad_value == 25.0
+
+
+def test_without_a_validation_set_the_last_epoch_is_kept_and_evaluated(tmp_path):
+    """``validation=0`` (the papers' protocol: every training image used): no validation
+    metrics, ``best.pt`` is the last epoch's checkpoint, the test set is evaluated on it,
+    and the learning curve shows the tracked test error."""
+    metrics = train(config(tmp_path / "run", validation=0, epochs=2, track_test=True), progress=False)
+    assert metrics["best_validation"] == {"epoch": 2}
+    assert not any(key.startswith("valid_") for record in metrics["history"] for key in record)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert best["epoch"] == 2
+    assert_same(best["guide"], last["guide"], "guide")
+    assert metrics["test"]["error"] == metrics["history"][-1]["test_error"]
+    from pyrodgm.plots import learning_curve_panels
+
+    assert learning_curve_panels(metrics["history"]) == [("train_loss_per_example",), ("test_error",)]

@@ -61,32 +61,68 @@ def config_for(args) -> TrainConfig:
         values.pop("a_dim")
     values.update(
         model=args.model, dataset=args.dataset, root=args.root, download=args.download, labels=100,
-        validation=args.validation, epochs=args.epochs, seed=args.seed, device=args.device,
+        epochs=args.epochs, seed=args.seed, device=args.device,
         out=args.out or f"runs/experiments/{name(args)}_{args.dataset}_seed{args.seed}",
         num_particles=args.mc, eval_particles=args.eval_particles, alpha_factor=args.alpha_factor,
-        validate_inputs=not args.no_validate_inputs, **run_options(args),
+        validate_inputs=not args.no_validate_inputs, **run_options(args), **authors_code_options(args),
     )
     return TrainConfig(**values)
 
 
+#: What the ADGM authors' code of Dec 2015 did beyond the paper's text (``--authors-code``):
+#: an N(0, 1) prior on the weight matrices, gradients clipped to total norm 5 and then to
+#: +-1 per element, q(a|x) left at its initial weights, and every one of the 60,000 training
+#: images used (no validation set: the last epoch is evaluated).
+AUTHORS_CODE = dict(weight_prior_std=1.0, grad_clip_norm=5.0, grad_clip_value=1.0, fixed_auxiliary=True, validation=0)
+
+
+def authors_code_options(args) -> dict:
+    """The :class:`TrainConfig` fields of the authors'-code differences asked for: all of
+    them with ``--authors-code``, or each on its own flag (to measure them one by one)."""
+    chosen = dict(AUTHORS_CODE) if args.authors_code else {}
+    for key in ("weight_prior_std", "grad_clip_norm", "grad_clip_value"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    if args.fixed_auxiliary:
+        chosen["fixed_auxiliary"] = True
+    if args.model not in ("adgm", "sdgm", "adgm-deterministic"):
+        chosen.pop("fixed_auxiliary", None)
+    if args.validation is not None:
+        chosen["validation"] = args.validation
+    return chosen
+
+
 def name(args) -> str:
-    return f"{args.model}_{args.mc}mc_100_labels"
+    suffix = "_authors_code" if args.authors_code else "".join(
+        f"_{flag}" for flag, on in (("prior", args.weight_prior_std), ("clip", args.grad_clip_norm or args.grad_clip_value),
+                                    ("fixed_a", args.fixed_auxiliary)) if on
+    )
+    return f"{args.model}_{args.mc}mc_100_labels{suffix}"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
     p = parser(__doc__.splitlines()[0], epochs=1000)
     p.add_argument("--model", choices=MODELS, default="adgm")
     p.add_argument("--mc", type=int, default=1, help="Monte Carlo samples of a and z per step (1 or 10 in the paper)")
     p.add_argument("--eval-particles", type=int, default=100, help="samples of a the classifier is averaged over")
     p.add_argument("--alpha-factor", type=float, default=0.1, help="alpha = FACTOR * N / N_l per labelled example (the paper's text: 0.01)")
     p.add_argument("--no-validate-inputs", action="store_true", help="skip per-step input checks, for speed")
-    args = p.parse_args(argv)
+    p.add_argument("--authors-code", action="store_true", help="all of the authors' code's differences (AUTHORS_CODE)")
+    p.add_argument("--weight-prior-std", type=float, default=None, help="N(0, STD^2) prior on the weight matrices (authors: 1)")
+    p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient to this total norm (authors: 5)")
+    p.add_argument("--grad-clip-value", type=float, default=None, help="then each element to +-V (authors: 1)")
+    p.add_argument("--fixed-auxiliary", action="store_true", help="keep q(a|x) at its initial weights (authors' Dec 2015 code)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     started = setup(args)
     config = config_for(args)
     metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     extra = {
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
-        "alpha_factor": args.alpha_factor, "out": config.out,
+        "alpha_factor": args.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),
     }
     path = write_result(args, name(args), metrics, target(args.model, args.mc), started, extra)
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))

@@ -345,3 +345,19 @@ def test_bench_speed_runs_and_writes_json(tmp_path):
         assert 0 < low <= middle <= high
     assert "batch-norm" in report["models"]["cagem"]["note"]
     assert list(report["models"]) == models
+
+
+def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_together():
+    adgm = _import_experiment("adgm_mnist_100")
+    plain = adgm.config_for(adgm.parse_args([]))
+    assert (plain.weight_prior_std, plain.grad_clip_norm, plain.fixed_auxiliary, plain.validation) == (None, None, False, None)
+    together = adgm.parse_args(["--authors-code"])
+    config = adgm.config_for(together)
+    assert (config.weight_prior_std, config.grad_clip_norm, config.grad_clip_value, config.fixed_auxiliary, config.validation) == (1.0, 5.0, 1.0, True, 0)
+    assert adgm.name(together) == "adgm_1mc_100_labels_authors_code"
+    one = adgm.parse_args(["--grad-clip-norm", "5", "--validation", "100"])
+    config = adgm.config_for(one)
+    assert (config.grad_clip_norm, config.weight_prior_std, config.fixed_auxiliary, config.validation) == (5.0, None, False, 100)
+    assert adgm.name(one) == "adgm_1mc_100_labels_clip"
+    m2 = adgm.config_for(adgm.parse_args(["--model", "m2", "--authors-code"]))
+    assert not m2.fixed_auxiliary and m2.weight_prior_std == 1.0  # M2 has no q(a|x)

@@ -12,6 +12,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCRIPTS = {
     "m2_mnist_100.py": ["--epochs", "1"],
     "m1m2_mnist_100.py": ["--epochs", "1", "--m1-epochs", "1"],
+    "m1_svm_mnist.py": ["--epochs", "1", "--threads", "1"],
     "adgm_mnist_100.py": ["--epochs", "1", "--eval-particles", "10", "--threads", "1"],
     "adgm_active_units.py": ["--epochs", "1", "--limit", "100", "--particles", "2", "--threads", "1"],
     # max-margin DGMs

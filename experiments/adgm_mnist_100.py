@@ -63,17 +63,23 @@ def config_for(args) -> TrainConfig:
         model=args.model, dataset=args.dataset, root=args.root, download=args.download, labels=100,
         epochs=args.epochs, seed=args.seed, device=args.device,
         out=args.out or f"runs/experiments/{name(args)}_{args.dataset}_seed{args.seed}",
-        num_particles=args.mc, eval_particles=args.eval_particles, alpha_factor=args.alpha_factor,
+        num_particles=args.mc, eval_particles=args.eval_particles,
         validate_inputs=not args.no_validate_inputs, **run_options(args), **authors_code_options(args),
     )
     return TrainConfig(**values)
 
 
-#: What the ADGM authors' code of Dec 2015 did beyond the paper's text (``--authors-code``):
-#: an N(0, 1) prior on the weight matrices, gradients clipped to total norm 5 and then to
-#: +-1 per element, q(a|x) left at its initial weights, and every one of the 60,000 training
-#: images used (no validation set: the last epoch is evaluated).
-AUTHORS_CODE = dict(weight_prior_std=1.0, grad_clip_norm=5.0, grad_clip_value=1.0, fixed_auxiliary=True, validation=0)
+#: What the ADGM authors' code of Dec 2015 (``run_adgmssl_mnist.py``, whose log and curve
+#: are :data:`AUTHORS_CURVES`) did beyond the paper's text (``--authors-code``): an N(0, 1)
+#: prior on the weight matrices, gradients clipped to total norm 5 and then to +-1 per
+#: element (:func:`pyrodgm.training.optimiser` for the units), q(a|x) left at its initial
+#: weights (only q(y|a,x)'s and the generative side's weights are updated), every one of
+#: the 60,000 training images used (no validation set: the last epoch is evaluated), and the
+#: classifier weighed by ``beta = 0.01 n`` = 1,200 per labelled example (``n`` its 120,000
+#: rows, the labelled ones replicated into every batch): ``alpha_factor`` 2 here, as
+#: ``alpha = 2 * 60,000 / 100``, against the default 0.1 (50 per labelled example with a
+#: 10,000-image validation set; the later SDGM code's ``0.1 N / N_l``).
+AUTHORS_CODE = dict(weight_prior_std=1.0, grad_clip_norm=5.0, grad_clip_value=1.0, fixed_auxiliary=True, validation=0, alpha_factor=2.0)
 
 
 def authors_code_options(args) -> dict:
@@ -87,8 +93,9 @@ def authors_code_options(args) -> dict:
         chosen["fixed_auxiliary"] = True
     if args.model not in ("adgm", "sdgm", "adgm-deterministic"):
         chosen.pop("fixed_auxiliary", None)
-    if args.validation is not None:
-        chosen["validation"] = args.validation
+    for key in ("validation", "alpha_factor"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
     return chosen
 
 
@@ -105,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=MODELS, default="adgm")
     p.add_argument("--mc", type=int, default=1, help="Monte Carlo samples of a and z per step (1 or 10 in the paper)")
     p.add_argument("--eval-particles", type=int, default=100, help="samples of a the classifier is averaged over")
-    p.add_argument("--alpha-factor", type=float, default=0.1, help="alpha = FACTOR * N / N_l per labelled example (the paper's text: 0.01)")
+    p.add_argument("--alpha-factor", type=float, default=None,
+                   help="alpha = FACTOR * N / N_l per labelled example (default 0.1; --authors-code: 2; the paper's text: 0.01)")
     p.add_argument("--no-validate-inputs", action="store_true", help="skip per-step input checks, for speed")
     p.add_argument("--authors-code", action="store_true", help="all of the authors' code's differences (AUTHORS_CODE)")
     p.add_argument("--weight-prior-std", type=float, default=None, help="N(0, STD^2) prior on the weight matrices (authors: 1)")
@@ -122,7 +130,7 @@ def main(argv=None) -> dict:
     metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     extra = {
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
-        "alpha_factor": args.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),
+        "alpha_factor": config.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),
     }
     path = write_result(args, name(args), metrics, target(args.model, args.mc), started, extra)
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))

@@ -74,7 +74,7 @@ TRAIN_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "cuda_graph": (("--cuda-graph",), dict(action="store_true", help="capture the training step in a CUDA graph and replay it (--device cuda)")),
     "time_limit": (("--time-limit",), dict(type=float, help="seconds: start no epoch that would end after this (resume later)")),
     "weight_prior_std": (("--weight-prior-std",), dict(type=float, metavar="STD", help="N(0, STD^2) prior on weight matrices")),
-    "grad_clip_norm": (("--grad-clip-norm",), dict(type=float, metavar="NORM", help="clip the gradient per row to NORM")),
+    "grad_clip_norm": (("--grad-clip-norm",), dict(type=float, metavar="NORM", help="clip the gradient per batch row to NORM")),
     "grad_clip_value": (("--grad-clip-value",), dict(type=float, metavar="V", help="then each element to +-V")),
     "fixed_auxiliary": (("--fixed-auxiliary",), dict(action="store_true", help="keep q(a|x) at its initial weights")),
     "track_test": (("--track-test",), dict(action="store_true", help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")),

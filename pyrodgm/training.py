@@ -180,16 +180,21 @@ def _cpu_name() -> str:
 def optimiser(config: TrainConfig, num_data: int, labelled_per_batch: int) -> FusedAdam:
     """The run's Adam, with the weight prior and the gradient clipping of the config.
 
-    The ADGM authors' loss is the mean of the bound over a batch's labelled rows plus its
-    mean over the unlabelled ones, plus ``-log p(theta) / N``; pyrodgm's is the sum over
-    the batch's rows, ``U`` times theirs when a batch holds ``U`` unlabelled and as many
-    labelled rows (the recipe's 100 + 100).  So the thresholds of ``grad_clip_norm`` and
-    ``grad_clip_value`` are taken per unlabelled row of a batch (multiplied by ``U``), and
-    the prior weighs ``U / N`` of ``-log N(W | 0, weight_prior_std^2)``: with the authors'
-    values (1, 5, 1) a run takes exactly their steps.  ``U`` is the batch size for batches
-    without unlabelled rows (supervised or unsupervised runs)."""
-    rows = config.batch_size - labelled_per_batch if labelled_per_batch < config.batch_size else config.batch_size
-    precision = None if config.weight_prior_std is None else rows / (num_data * config.weight_prior_std ** 2)
+    The ADGM authors' code of Dec 2015 (whose 1-MC curve :mod:`experiments.adgm_mnist_100`
+    tracks) steps on the gradient of a batch's summed bound divided by its ``B`` rows (100
+    labelled and 100 unlabelled), plus that of ``-log p(W) / n``, ``n`` its 120,000 rows (the
+    60,000 images and each batch's 100 replicated labelled ones), clipped to total norm 5 and
+    then each element to 1.  pyrodgm's loss is the batch's sum, ``B`` times theirs; so the
+    thresholds of ``grad_clip_norm`` and ``grad_clip_value`` are taken per row of a batch
+    (multiplied by ``B``), and the prior weighs ``U / N`` of ``-log N(W | 0,
+    weight_prior_std^2)``, with ``U`` the unlabelled rows of a batch (``B`` if it has none)
+    and ``N`` the unlabelled images (their ``B / n`` = 200 / 120,000 = 100 / 60,000).  With
+    their values (1, 5, 1) a run takes their steps.  Their later SDGM code clips the mean over
+    the labelled rows plus the mean over the unlabelled ones, twice the mean per row in
+    that layout: its (5, 1) are (2.5, 0.5) here."""
+    rows = config.batch_size
+    unlabelled = rows - labelled_per_batch if labelled_per_batch < rows else rows
+    precision = None if config.weight_prior_std is None else unlabelled / (num_data * config.weight_prior_std ** 2)
     return FusedAdam(
         {"lr": learning_rate(config, 0), "betas": config.betas, **({"capturable": True} if config.cuda_graph else {})},
         weight_prior_precision=precision,

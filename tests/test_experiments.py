@@ -355,6 +355,8 @@ def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_togeth
     together = adgm.parse_args(["--authors-code"])
     config = adgm.config_for(together)
     assert (config.weight_prior_std, config.grad_clip_norm, config.grad_clip_value, config.fixed_auxiliary, config.validation) == (1.0, 5.0, 1.0, True, 0)
+    assert config.alpha_factor == 2.0 and plain.alpha_factor == 0.1
+    assert adgm.config_for(adgm.parse_args(["--authors-code", "--alpha-factor", "0.5"])).alpha_factor == 0.5
     assert adgm.name(together) == "adgm_1mc_100_labels_authors_code"
     one = adgm.parse_args(["--grad-clip-norm", "5", "--validation", "100"])
     config = adgm.config_for(one)

@@ -476,44 +476,43 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(t
     assert_same(saved, torch.load(tmp_path / "checkpoint.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("rows", [(100, 100), (3, 3)])
+@pytest.mark.parametrize("rows", [(100, 100), (3, 5)])
 def test_prior_and_clipping_take_the_adgm_authors_step(rows):
-    """pyrodgm's loss sums the batch's rows; the ADGM authors' is the mean over the
-    labelled rows plus the mean over the unlabelled ones minus ``log p(W) / N``, clipped
-    (norm 5, then each element to 1).  With as many labelled as unlabelled rows and the
-    authors' values, the gradient that reaches Adam is theirs times U."""
+    """pyrodgm's loss sums the batch's rows; the ADGM authors' code (Dec 2015) steps on the
+    batch's sum over its B rows minus ``log p(W) / n``, n = N B / U their rows with the
+    replicated labelled ones, clipped (norm 5, then each element to 1).  With their values
+    the gradient that reaches Adam is theirs times B."""
     from pyrodgm.training import optimiser
 
     num_labelled, num_unlabelled = rows
+    batch, num_data = num_labelled + num_unlabelled, 60_000
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4, 5))
     bias = torch.nn.Parameter(torch.randn(4))
-    x = torch.randn(num_labelled + num_unlabelled, 5)
+    x = torch.randn(batch, 5)
 
     def row_losses():
         return (x @ weight.T + bias).tanh().pow(2).sum(-1) * 40  # large enough for the clips to act
 
-    config = TrainConfig(batch_size=num_labelled + num_unlabelled, labelled_per_batch=num_labelled,
-                         weight_prior_std=1.0, grad_clip_norm=5.0, grad_clip_value=1.0)
-    optim = optimiser(config, num_data=60_000, labelled_per_batch=num_labelled)
+    config = TrainConfig(batch_size=batch, labelled_per_batch=num_labelled, weight_prior_std=1.0, grad_clip_norm=5.0, grad_clip_value=1.0)
+    optim = optimiser(config, num_data=num_data, labelled_per_batch=num_labelled)
     weight.grad, bias.grad = torch.autograd.grad(row_losses().sum(), (weight, bias))
     optim._prepare_gradients([weight, bias])
     ours = [weight.grad.clone(), bias.grad.clone()]
 
-    losses = row_losses()
-    theirs = losses[:num_labelled].mean() + losses[num_labelled:].mean()
-    theirs = theirs - pyro.distributions.Normal(0.0, 1.0).log_prob(weight).sum() / 60_000
+    their_rows = num_data * batch / num_unlabelled
+    theirs = row_losses().sum() / batch - pyro.distributions.Normal(0.0, 1.0).log_prob(weight).sum() / their_rows
     weight.grad, bias.grad = torch.autograd.grad(theirs, (weight, bias))
     assert torch.sqrt(weight.grad.pow(2).sum() + bias.grad.pow(2).sum()) > 5  # the norm clip acts
     torch.nn.utils.clip_grad_norm_([weight, bias], 5.0)
     torch.nn.utils.clip_grad_value_([weight, bias], 1.0)
-    torch.testing.assert_close(ours[0] / num_unlabelled, weight.grad)
-    torch.testing.assert_close(ours[1] / num_unlabelled, bias.grad)
+    torch.testing.assert_close(ours[0] / batch, weight.grad)
+    torch.testing.assert_close(ours[1] / batch, bias.grad)
 
 
 def test_authors_variants_are_off_by_default_and_reach_the_run(tmp_path):
     """Defaults leave Adam plain; the options reach a run's optimiser, scaled by the
-    run's unlabelled rows per batch and unlabelled set."""
+    run's rows (clipping) and unlabelled rows (prior) per batch and its unlabelled set."""
     from pyrodgm.training import _prepare, optimiser
 
     plain = optimiser(TrainConfig(), num_data=1000, labelled_per_batch=100)
@@ -523,7 +522,7 @@ def test_authors_variants_are_off_by_default_and_reach_the_run(tmp_path):
     run = _prepare(config)
     num_data = len(run.batches.x_unlabelled)
     assert run.optim.weight_prior_precision == pytest.approx(40 / (num_data * 0.25))
-    assert (run.optim.max_grad_norm, run.optim.max_grad_value) == (200.0, 40.0)
+    assert (run.optim.max_grad_norm, run.optim.max_grad_value) == (300.0, 60.0)
     supervised = optimiser(TrainConfig(batch_size=50, labelled_per_batch=50, weight_prior_std=2.0, grad_clip_value=0.5),
                            num_data=1000, labelled_per_batch=50)
     assert supervised.weight_prior_precision == pytest.approx(50 / (1000 * 4.0)) and supervised.max_grad_value == 25.0

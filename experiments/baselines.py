@@ -30,7 +30,6 @@ import json
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 from threadpoolctl import threadpool_limits
 
+from pyrodgm.baselines import NEIGHBOURS, PCA_COMPONENTS, predict_with_label_mass
 from pyrodgm.data import DATASETS, ImageData, SemiSupervisedSplit, load_dataset, semi_supervised_split
 from pyrodgm.training import TrainConfig, _cpu_name, evaluation_data
 from pyrodgm.validation import UNLABELLED
 
-#: Components of the PCA every method sees.
-PCA_COMPONENTS = 50
-#: Neighbours of LabelSpreading's k-NN kernel.
-NEIGHBOURS = 10
 #: What each method is, for the results JSON; keys are the JSON's method names.
 METHODS = {
     "label_spreading": f"LabelSpreading(kernel='knn', n_neighbors={NEIGHBOURS}) on the labelled and unlabelled training images",
@@ -140,19 +136,11 @@ FITS: dict[str, Callable[[Problem], object]] = {
 
 
 def predict(classifier, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """Predicted classes, and how many rows had no class probability at all.
-
-    LabelSpreading's k-NN kernel gives an image whose 10 neighbours received no label mass
-    all-zero weights, which scikit-learn divides by zero (a RuntimeWarning) into NaN
-    probabilities; its ``predict`` then answers the first class.  The same answer is kept
-    here (the baseline as scikit-learn gives it), and such rows are counted."""
+    """Predicted classes, and how many rows had no class probability at all (LabelSpreading
+    only: :func:`pyrodgm.baselines.predict_with_label_mass`)."""
     if not isinstance(classifier, LabelSpreading):
         return classifier.predict(x), 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
-        probabilities = classifier.predict_proba(x)
-    unreached = np.isnan(probabilities).any(axis=1)
-    return classifier.classes_[np.argmax(probabilities, axis=1)], int(unreached.sum())
+    return predict_with_label_mass(classifier, x)
 
 
 def run_seed(train: ImageData, test: ImageData, config: TrainConfig) -> dict:

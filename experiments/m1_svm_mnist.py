@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from baselines import NEIGHBOURS, problem, train_config
+from baselines import problem, train_config
 from common import parser, setup, write_result
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 from sklearn.svm import SVC
 
+from pyrodgm.baselines import NEIGHBOURS
 from pyrodgm.data import load_dataset
 from pyrodgm.evaluation import posterior_mean
 from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description, train

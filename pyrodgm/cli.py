@@ -172,6 +172,8 @@ def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentPars
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-baseline", dest="baseline", action="store_false",
+                     help="skip scikit-learn's LabelSpreading on the run's split, printed beside its test error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +250,7 @@ def _train_config(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> dict:
     from .training import train
 
-    return train(_train_config(args), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    return train(_train_config(args), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=args.baseline)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
@@ -449,6 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     if args.command == "train":
         summary = {"out": result["config"]["out"], "best_validation": result["best_validation"], "test": result.get("test")}
+        if "baseline" in result:
+            summary["baseline"] = result["baseline"]
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     elif args.command == "models" and not args.json:
         print(models_table(result))

@@ -395,9 +395,11 @@ LEARNING_CURVE = "learning_curve.png"
 RUN_FILES = ("checkpoint.pt", previous_checkpoint("checkpoint.pt").name, "best.pt", "metrics.json", "samples", LEARNING_CURVE)
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False, baseline: bool = False) -> dict:
     """Run (or, with ``resume``, continue) the schedule of ``config``; returns the metrics
-    written to ``out/metrics.json``.
+    written to ``out/metrics.json``.  With ``baseline``, a semi-supervised run's metrics
+    also hold ``"baseline"``: scikit-learn's LabelSpreading on the run's split and pixels
+    (:func:`pyrodgm.baselines.run_baseline`), the classical method the model should beat.
 
     A folder that holds a run already is refused unless the run is resumed (``resume``) or
     replaced (``overwrite``: its checkpoints, metrics and sample grids are removed first,
@@ -413,11 +415,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, over
         elif overwrite:
             _remove_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
-        return _train_epochs(run, out, progress)
+        metrics = _train_epochs(run, out, progress)
     except BaseException:
         if created and out.is_dir() and not (out / "checkpoint.pt").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if baseline and run.config.labels and run.recipe.label_site is not None and not run.recipe.supervised:
+        from .baselines import run_baseline
+
+        metrics["baseline"] = run_baseline(run.config)
+        with open(out / "metrics.json", "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    return metrics
 
 
 def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:

@@ -67,6 +67,13 @@ def test_train(trained):
     assert 0 <= summary["test"]["error"] <= 1 and summary["test"]["elbo"] < 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["test"] == metrics["test"]
+    # scikit-learn's LabelSpreading on the same split, printed beside the test error
+    from pyrodgm.baselines import run_baseline
+    from pyrodgm.training import TrainConfig
+
+    assert summary["baseline"] == metrics["baseline"]
+    expected = run_baseline(TrainConfig(**{**metrics["config"], "betas": tuple(metrics["config"]["betas"])}))
+    assert summary["baseline"]["test_error"] == expected["test_error"] and summary["baseline"]["pixels"] == "binarised"
     # the command line reached the config; the recipe filled in the rest
     config = metrics["config"]
     assert (config["model"], config["labels"], config["epochs"], config["hidden"], config["z_dim"]) == ("m2", 100, 1, [32], 4)
@@ -444,3 +451,12 @@ def test_every_field_a_recipe_reads_is_an_option_of_its_command(dataset):
             recipe_.schedule(config, 0, model, guide, loss)
         unlisted = config.read - set(COMMON_TRAIN_OPTIONS) - set(recipe_.options) - internal
         assert not unlisted, f"{name} reads {sorted(unlisted)} but `pyrodgm train {name}` has no such option"
+
+
+def test_train_without_baseline_and_without_labels_prints_none(tmp_path):
+    code, stdout, stderr = run_main(["train", "m2", "--epochs", "1", "--out", str(tmp_path / "m2"), "--no-baseline", *SMALL])
+    assert code == 0, stderr
+    assert "baseline" not in json.loads(stdout)
+    code, stdout, stderr = run_main(["train", "m1", "--epochs", "1", "--out", str(tmp_path / "m1"), *SMALL])
+    assert code == 0, stderr
+    assert "baseline" not in json.loads(stdout)  # an unsupervised model: nothing to spread

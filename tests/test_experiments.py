@@ -364,3 +364,21 @@ def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_togeth
     assert adgm.name(one) == "adgm_1mc_100_labels_clip"
     m2 = adgm.config_for(adgm.parse_args(["--model", "m2", "--authors-code"]))
     assert not m2.fixed_auxiliary and m2.weight_prior_std == 1.0  # M2 has no q(a|x)
+
+
+def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, tmp_path):
+    """``pyrodgm.baselines.run_baseline`` (what ``pyrodgm train`` prints) computes the
+    LabelSpreading row of ``experiments/baselines.py`` on the same split and pixels."""
+    from pyrodgm.baselines import run_baseline
+    from pyrodgm.data import load_dataset
+    from pyrodgm.training import TrainConfig
+
+    baselines = _import_experiment("baselines")
+    for binarized in (True, False):
+        config = baselines.train_config("digits", 100, None, 1, binarized=binarized)
+        record = baselines.run_seed(load_dataset("digits"), load_dataset("digits", train=False), config)
+        ours = run_baseline(config)
+        assert ours["test_error"] == record["label_spreading"]["test_error"]
+        assert ours["pixels"] == ("binarised" if binarized else "grey")
+    with pytest.raises(ValueError, match="needs labelled images"):
+        run_baseline(TrainConfig(model="m1", labels=0, out=str(tmp_path)))

@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
     extra = {
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
         "alpha_factor": config.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),

@@ -76,6 +76,7 @@ def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dic
         "test": metrics.get("test"),
         "history": metrics.get("history"),  # per epoch: validation (and with --track-test, test) metrics, training seconds
         "stopped_by_time_limit": metrics.get("stopped_by_time_limit"),
+        "baseline": metrics.get("baseline"),  # LabelSpreading on the run's split (train(baseline=True))
         "paper": target,
         "command": command_line(),
         **(extra or {}),

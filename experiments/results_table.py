@@ -135,11 +135,55 @@ def _baseline_cell(result: dict, baselines: list[dict]) -> str:
     return "n/a"
 
 
+def _run_baseline_cell(result: dict, baselines: list[dict]) -> str:
+    """The baseline computed with the run itself (``train(baseline=True)``: LabelSpreading
+    on its split and pixels), else the recorded baselines of its split."""
+    own = result.get("baseline")
+    if own:
+        return f"LabelSpreading {_percent(own['test_error'])} ({own['pixels']} pixels, with the run)"
+    return _baseline_cell(result, baselines)
+
+
+def authors_curves() -> dict[str, dict]:
+    """Experiment name prefix -> the authors' published curve of test error by epoch."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from adgm_mnist_100 import AUTHORS_CURVES
+    finally:
+        sys.path.pop(0)
+    return {f"{model}_{mc}mc_100_labels": curve for (model, mc), curve in AUTHORS_CURVES.items()} | {
+        "m2_100_labels": AUTHORS_CURVES[("m2", 1)],
+    }
+
+
+def curve_at(curve: dict, epoch: int) -> str:
+    """The authors' curve at ``epoch``, linearly between its points; ``n/a`` outside them."""
+    points = sorted(curve["points"])
+    for (e0, v0), (e1, v1) in zip(points, points[1:]):
+        if e0 <= epoch <= e1:
+            return f"{_percent(v0 + (v1 - v0) * (epoch - e0) / (e1 - e0))} (epoch {epoch})"
+    if epoch == points[-1][0]:
+        return f"{_percent(points[-1][1])} (epoch {epoch})"
+    return f"n/a (read from epoch {points[0][0]} to {points[-1][0]})"
+
+
+def _curve_cell(result: dict, curves: dict[str, dict]) -> str:
+    name = result["experiment"]
+    curve = curves.get(name) or next((c for prefix, c in curves.items() if name.startswith(prefix + "_")), None)
+    epoch = (result.get("test") or {}).get("epoch")
+    return "n/a" if curve is None or epoch is None else curve_at(curve, epoch)
+
+
 def training_rows(results: list[tuple[str, dict]]) -> list[str]:
     baselines = baseline_results(results)
+    curves = authors_curves()
     lines = [
-        "| experiment | measured (checkpoint chosen on validation) | baselines on the same split: LabelSpreading / self-training / labelled only | paper | epochs run | train time | hardware | date | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| experiment | measured (checkpoint chosen on validation; without a validation set, the last epoch) "
+        "| baselines on the same split: LabelSpreading / self-training / labelled only | authors' code, test error at that epoch "
+        "| paper | epochs run | train time | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:
         if "epochs_completed" not in result or "experiment" not in result or "active_units" in result:
@@ -159,7 +203,7 @@ def training_rows(results: list[tuple[str, dict]]) -> list[str]:
         measured, target = _metric_cells(test, result["paper"])
         lines.append(
             f"| {name} ({result['dataset']}, seed {result['seed']}) | {measured} (epoch {test.get('epoch')}) "
-            f"| {_baseline_cell(result, baselines)} | {target} "
+            f"| {_run_baseline_cell(result, baselines)} | {_curve_cell(result, curves)} | {target} "
             f"| {epochs} | {seconds / 60:.0f} min | {result['device']} | {result['date']} | `{command}` |"
         )
     return lines

@@ -382,3 +382,15 @@ def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, 
         assert ours["pixels"] == ("binarised" if binarized else "grey")
     with pytest.raises(ValueError, match="needs labelled images"):
         run_baseline(TrainConfig(model="m1", labels=0, out=str(tmp_path)))
+
+
+def test_results_table_reads_the_authors_curve_at_the_runs_epoch():
+    table = _import_experiment("results_table")
+    curve = {"points": [(50, 0.11), (20, 0.17)]}
+    assert table.curve_at(curve, 35) == "14.00% (epoch 35)"
+    assert table.curve_at(curve, 50) == "11.00% (epoch 50)"
+    assert table.curve_at(curve, 10).startswith("n/a")
+    row = {"experiment": "adgm_1mc_100_labels_authors_code", "test": {"epoch": 20}}
+    assert table._curve_cell(row, table.authors_curves()) == "17.00% (epoch 20)"
+    own = {"baseline": {"test_error": 0.1191, "pixels": "binarised"}}
+    assert table._run_baseline_cell(own, []) == "LabelSpreading 11.91% (binarised pixels, with the run)"

@@ -209,6 +209,32 @@ def training_rows(results: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def seed_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """One row per ``seeds.py`` result: the test error by seed and its mean ± sd, beside
+    LabelSpreading's on each seed's split."""
+    lines = [
+        "| command | dataset | test error by seed | mean ± sd | LabelSpreading by seed (same split and pixels) | mean ± sd | train time by seed | hardware | date |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, result in results:
+        if not str(result.get("experiment", "")).startswith("seeds_"):
+            continue
+        seeds = result["seeds"]
+
+        def by_seed(key: str) -> str:
+            return ", ".join(f"{seed}: {_percent(record[key])}" for seed, record in seeds.items())
+
+        def mean_sd(summary: dict) -> str:
+            return _percent(summary["mean"]) + ("" if summary["sd"] is None else f" ± {_percent(summary['sd'])}")
+
+        times = ", ".join(f"{record['train_seconds']:.0f} s" for record in seeds.values())
+        lines.append(
+            f"| `{result['train_command']}` | {result['dataset']} | {by_seed('test_error')} | {mean_sd(result['test_error'])} "
+            f"| {by_seed('baseline_test_error')} | {mean_sd(result['baseline_test_error'])} | {times} | {result['device']} | {result['date']} |"
+        )
+    return lines
+
+
 def baseline_rows(results: list[tuple[str, dict]]) -> list[str]:
     """One row per method of every ``baselines.py`` result: test error per seed, mean ± sd,
     seconds per seed (fit and test prediction, the PCA apart)."""
@@ -358,6 +384,7 @@ def tables(results_dir: Path) -> list[str]:
     lines: list[str] = []
     for heading, table in (
         ("Training runs (MNIST)", training_rows(results)),
+        ("One command over seeds (experiments/seeds.py)", seed_rows(results)),
         ("Classical baselines on the runs' splits (scikit-learn, experiments/baselines.py)", baseline_rows(results)),
         ("Importance-weighted log-likelihood", iwae_rows(results)),
         ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),

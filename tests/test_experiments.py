@@ -26,7 +26,7 @@ SCRIPTS = {
 
 
 # helpers imported by the scripts and the tests below, and scripts with a test of their own
-NOT_TRAINING_SCRIPTS = {"common.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py",
+NOT_TRAINING_SCRIPTS = {"common.py", "seeds.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py",
                         "estimator_benchmark.py"}  # tested in tests/test_estimator.py
 
 
@@ -394,3 +394,20 @@ def test_results_table_reads_the_authors_curve_at_the_runs_epoch():
     assert table._curve_cell(row, table.authors_curves()) == "17.00% (epoch 20)"
     own = {"baseline": {"test_error": 0.1191, "pixels": "binarised"}}
     assert table._run_baseline_cell(own, []) == "LabelSpreading 11.91% (binarised pixels, with the run)"
+
+
+def test_seeds_script_repeats_a_train_command_with_the_baseline_of_each_seed(tmp_path, single_thread, clean_param_store):
+    seeds = _import_experiment("seeds")
+    result = seeds.main(["--seeds", "0", "1", "--out", str(tmp_path / "runs"), "--results", str(tmp_path),
+                         "--", "m2", "--dataset", "digits", "--labels", "100", "--epochs", "1", "--hidden", "16", "--z-dim", "4"])
+    assert set(result["seeds"]) == {0, 1}
+    for seed, record in result["seeds"].items():
+        metrics = json.loads((tmp_path / "runs" / f"seed{seed}" / "metrics.json").read_text())
+        assert metrics["config"]["seed"] == seed and metrics["config"]["hidden"] == [16]
+        assert record["test_error"] == metrics["test"]["error"] and record["baseline_test_error"] == metrics["baseline"]["test_error"]
+    errors = [r["test_error"] for r in result["seeds"].values()]
+    assert result["test_error"]["mean"] == pytest.approx(sum(errors) / 2)
+    assert result["train_command"] == "pyrodgm train m2 --dataset digits --labels 100 --epochs 1 --hidden 16 --z-dim 4"
+    table = _import_experiment("results_table")
+    (row,) = table.seed_rows(table._load(tmp_path))[2:]
+    assert row.startswith("| `pyrodgm train m2 --dataset digits") and f"0: {table._percent(errors[0])}" in row

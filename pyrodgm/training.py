@@ -194,6 +194,7 @@ class Run:
     validation: ImageData
     test: Optional[ImageData] = None  # only with config.track_test
     captured: Optional[CapturedStep] = None  # only with config.cuda_graph
+    engine: Optional[dict] = None  # what drives the steps when not the native loop (pyrodgm.lightning)
     epoch: int = 0
     history: list = field(default_factory=list)
     best: Optional[dict] = None
@@ -278,6 +279,7 @@ def _restore(run: Run, state: dict) -> None:
 
 def _checkpoint_state(run: Run) -> dict:
     return {
+        **({"engine": run.engine} if run.engine is not None else {}),
         "config": run.config.to_dict(),
         "epoch": run.epoch,
         "model": run.model.state_dict(),
@@ -523,6 +525,8 @@ def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False
         metrics["stopped_by_time_limit"] = run.config.time_limit
     if run.captured is not None:
         metrics["cuda_graph_captures"] = run.captured.captures
+    if run.engine is not None:
+        metrics["engine"] = run.engine
     if final:
         metrics["test"] = evaluate_test_set(out / "best.pt", run.device)
     with open(out / "metrics.json", "w") as handle:

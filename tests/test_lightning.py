@@ -218,3 +218,42 @@ def test_a_two_process_run_resumes_exactly(tmp_path):
         assert torch.equal(a["rng_ranks"][rank]["torch"], b["rng_ranks"][rank]["torch"])
     history = [json.loads((tmp_path / name / "metrics.json").read_text())["history"] for name in "ab"]
     assert without_timing(history[0]) == without_timing(history[1])
+
+
+# --------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------
+TINY_ADGM = ["--dataset", "digits", "--labels", "100", "--epochs", "1", "--hidden", "32", "--z-dim", "4", "--a-dim", "4",
+             "--no-samples", "--quiet"]
+
+
+def test_lightning_options_need_the_lightning_engine(tmp_path, capsys):
+    from pyrodgm.cli import main
+
+    assert main(["train", "adgm", *TINY_ADGM, "--devices", "2", "--out", str(tmp_path / "run")]) == 2
+    assert "--devices: Lightning's options, for --engine lightning" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_lightning_engine_without_the_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    from pyrodgm.cli import main
+
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # as if not installed
+    assert main(["train", "adgm", *TINY_ADGM, "--engine", "lightning", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        'pyrodgm train: error: --engine lightning needs the lightning extra: pip install "pyrodgm[lightning]"'
+    )
+
+
+@pytest.mark.slow
+def test_the_readme_command_trains_adgm_on_two_processes(tmp_path):
+    out = tmp_path / "adgm"
+    command = [sys.executable, "-m", "pyrodgm.cli", "train", "adgm", *TINY_ADGM, "--engine", "lightning", "--devices", "2",
+               "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["out"] == str(out)  # process 0 reports, once
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["engine"]["processes"] == 2 and metrics["config"]["labelled_per_batch"] == 100
+    assert (out / "best.pt").is_file() and (out / "logs" / "version_0" / "metrics.csv").is_file()

@@ -26,7 +26,8 @@ SCRIPTS = {
 
 # helpers imported by the scripts and the tests below, and scripts with a test of their own
 NOT_TRAINING_SCRIPTS = {"common.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py",
-                        "estimator_benchmark.py"}  # tested in tests/test_estimator.py
+                        "estimator_benchmark.py",  # tested in tests/test_estimator.py
+                        "lightning_throughput.py"}
 
 
 def _import_experiment(name: str):
@@ -345,3 +346,16 @@ def test_bench_speed_runs_and_writes_json(tmp_path):
         assert 0 < low <= middle <= high
     assert "batch-norm" in report["models"]["cagem"]["note"]
     assert list(report["models"]) == models
+
+
+@pytest.mark.slow
+def test_lightning_throughput_runs_and_writes_json(tmp_path):
+    pytest.importorskip("lightning", reason='the lightning extra is not installed (pip install -e ".[lightning]")')
+    output = tmp_path / "throughput.json"
+    args = [sys.executable, str(EXPERIMENTS / "lightning_throughput.py"), "--model", "m2", "--hidden", "16", "--batch-size", "100",
+            "--labelled-per-batch", "50", "--warmup", "1", "--timeout", "240", "--output", str(output)]
+    subprocess.run(args, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(output.read_text())
+    assert [(r["engine"], r["processes"]) for r in report["rows"]] == [("native", 1), ("lightning", 1), ("lightning", 2)]
+    assert all(r["images_per_second"] > 0 and r["steps_timed"] >= 2 for r in report["rows"])
+    assert [r["images_per_step"] for r in report["rows"]] == [100, 100, 200]

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -46,7 +48,8 @@ from .training import (
     _save_samples, _write_metrics, learning_rate, train, training_step, validation_metrics,
 )
 
-__all__ = ["LightningOptions", "DGMModule", "train_lightning", "PRECISIONS", "STRATEGIES", "lightning_available"]
+__all__ = ["LightningOptions", "DGMModule", "train_lightning", "PRECISIONS", "STRATEGIES", "lightning_available",
+           "Float32Products", "native_batch_epoch", "global_rank_from_environment"]
 
 #: Lightning's precisions pyrodgm runs: float32, and bf16 autocast of the networks' products.
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -344,7 +347,8 @@ def train_lightning(
     out = Path(config.out)
     rank = global_rank_from_environment(options.devices)
     if rank > 0:  # started by process 0's launcher, which checked the folder
-        return _fit(pl, config, options, resume, progress) or {"rank": rank}
+        _fit(pl, config, options, resume, progress)
+        return {"rank": rank}
     _check_run_folder(out, resume, overwrite)
     if resume and load_checkpoint(out / "checkpoint.pt")["epoch"] >= config.epochs:
         return train(config, resume=True, progress=progress)  # nothing left to train: the final metrics
@@ -356,16 +360,13 @@ def train_lightning(
         _fit(pl, config, options, resume, progress)
     except BaseException:
         if created and out.is_dir() and not (out / "checkpoint.pt").exists():
-            import shutil
-
             shutil.rmtree(out, ignore_errors=True)
         raise
-    import json
-
     return json.loads((out / "metrics.json").read_text())
 
 
 def _fit(pl, config: TrainConfig, options: LightningOptions, resume: bool, progress: bool) -> None:
+    """Lightning's ``Trainer.fit`` of the epochs left (this process's part of the run)."""
     remaining = config.epochs - (load_checkpoint(Path(config.out) / "checkpoint.pt")["epoch"] if resume else 0)
     module = DGMModule(config, options, resume=resume, progress=progress)
     trainer = pl.Trainer(
@@ -388,4 +389,3 @@ def _fit(pl, config: TrainConfig, options: LightningOptions, resume: bool, progr
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module)
-    return None

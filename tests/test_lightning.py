@@ -27,7 +27,7 @@ pytest.importorskip("lightning", reason='the lightning extra is not installed (p
 from pyrodgm.lightning import Float32Products, LightningOptions, native_batch_epoch, train_lightning  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lightning_worker import SMALL, config as worker_config, noise_free  # noqa: E402
+from lightning_worker import config as worker_config, noise_free  # noqa: E402
 
 WORKER = Path(__file__).parent / "lightning_worker.py"
 TIMING = ("epoch_seconds", "train_seconds", "test_seconds")

@@ -13,7 +13,10 @@ slow one cannot eat the rest, each leaving its results in ``--out`` as it finish
 4. ``adgm``: ADGM (1 MC) on MNIST with 100 labels, stopped by a time limit, the test error
    recorded after every epoch against training seconds (``--track-test``);
 5. ``iwae``: IWAE-5000 of that ADGM on 200 test images, then on the whole 10k test set if
-   the measured rate says it fits the time left.
+   the measured rate says it fits the time left;
+6. ``lightning`` (only when ``--stages`` names it): ``lightning_throughput.py``, the native
+   loop's step against one Lightning process in float32 and in bf16 autocast (the kit
+   carries the lightning extra when it is installed where it was packed).
 
 ``kit.json`` (written after every stage) holds the manifest of the kit, the environment,
 each stage's command, status, time and the end of its output.  ``collect`` copies a run's
@@ -60,6 +63,8 @@ DEFAULT_KIT = ROOT / ".gpu-kit"
 #: opt-einsum and pytest, as read on 2026-11-17): carried as wheels, at the versions
 #: installed here, where they are tested.
 CARRIED = ("pyro-ppl", "pyro-api", "arviz", "xarray-einstats", "h5netcdf")
+#: The lightning extra (for the ``lightning`` stage), carried when it is installed here.
+CARRIED_LIGHTNING = ("lightning", "pytorch-lightning", "lightning-utilities", "torchmetrics", "fsspec", "PyYAML")
 #: What the pyrodgm wheel is built from (its digest tells a stale kit).
 SOURCES = ("pyproject.toml", "pyrodgm", "models", "guides")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -101,6 +106,10 @@ def _download_wheels(wheels: Path) -> None:
             requirements.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             raise SystemExit(f"pack: {name} is not installed here; install pyrodgm first (pip install -e .)") from None
+    try:
+        requirements += [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED_LIGHTNING]
+    except importlib.metadata.PackageNotFoundError:
+        print('pack: the lightning extra is not installed here (pip install -e ".[lightning]"): the kit cannot run its lightning stage')
     for old in wheels.glob("*.whl"):
         if not old.name.startswith("pyrodgm-"):
             old.unlink()
@@ -273,8 +282,10 @@ def _unpack_mnist(kit: Path, data: Path, manifest: dict) -> bool:
 
 
 STAGES = ("env", "cuda_tests", "bench", "adgm", "iwae")
+#: Stages run only when ``--stages`` names them.
+OPTIONAL_STAGES = ("lightning",)
 #: Seconds each stage may take at most in a full run (the ADGM gets what is left, minus the IWAE's share).
-STAGE_LIMITS = {"env": 60, "cuda_tests": 150, "bench": 150}
+STAGE_LIMITS = {"env": 60, "cuda_tests": 150, "bench": 150, "lightning": 300}
 IWAE_RESERVE, IWAE_PROBE_IMAGES = 120, 200
 MNIST_TEST_IMAGES, DIGITS_TEST_IMAGES = 10_000, 297  # pyrodgm tests on the digits' last 297 images
 
@@ -315,6 +326,8 @@ def run(args: argparse.Namespace) -> dict:
     if "bench" in stages:
         runner.stage("bench", _python(*_bench_command(args, out)), STAGE_LIMITS["bench"])
     use_mnist = has_mnist and not args.smoke  # the rehearsal trains on the 8x8 digits: seconds, not minutes
+    if "lightning" in stages:
+        runner.stage("lightning", _python(*_lightning_command(args, data if use_mnist else None, out)), STAGE_LIMITS["lightning"])
     if "adgm" in stages:
         checkpoint = _adgm_stage(runner, args, data if use_mnist else None, out, reserve=IWAE_RESERVE if "iwae" in stages else 0)
         if "iwae" in stages and checkpoint.is_file():
@@ -336,6 +349,18 @@ def _bench_command(args: argparse.Namespace, out: Path) -> list[str]:
                           "--iwae-k", "20", "--iwae-images", "2", "--iwae-chunk", "10"]
     command += ["--steps", "50", "--warmup", "10", "--iwae-k", "5000", "--iwae-images", "100", "--iwae-chunk", "1000"]
     return command + (["--cuda-graph"] if args.device.startswith("cuda") else [])
+
+
+def _lightning_command(args: argparse.Namespace, data: Optional[Path], out: Path) -> list[str]:
+    """``lightning_throughput.py``: the native loop, and one Lightning process in float32 and
+    in bf16 autocast (on CUDA), ADGM at the paper's size on MNIST (the digits without ``data``)."""
+    command = [str(EXPERIMENTS / "lightning_throughput.py"), "--device", args.device, "--processes", "1",
+               "--output", str(out / f"lightning_throughput_{args.device}.json")]
+    if args.smoke:
+        return command + ["--model", "m2", "--hidden", "16", "--warmup", "1", "--timeout", "120"]
+    command += ["--model", "adgm", "--warmup", "20", "--timeout", "140"]
+    command += ["--dataset", "mnist", "--root", str(data), "--no-download"] if data is not None else ["--dataset", "digits"]
+    return command + (["--precisions", "32-true", "bf16-mixed"] if args.device.startswith("cuda") else [])
 
 
 def _adgm_stage(runner: Runner, args: argparse.Namespace, data: Optional[Path], out: Path, reserve: float) -> Path:
@@ -463,8 +488,9 @@ def main(argv=None) -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--smoke", action="store_true", help="tiny settings: the rehearsal")
     r.add_argument("--budget", type=float, default=540, help="seconds for the whole run (a device call may take 600)")
-    r.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                   help="the stages to run, in their fixed order (iwae needs adgm); default all")
+    r.add_argument("--stages", nargs="+", choices=STAGES + OPTIONAL_STAGES, default=list(STAGES),
+                   help="the stages to run, in their fixed order (iwae needs adgm); default all but lightning "
+                        "(the throughput of lightning_throughput.py, with the lightning extra in the kit)")
     r.add_argument("--adgm-mc", type=int, default=1, help="Monte Carlo samples per step of the ADGM stage (the paper: 1 or 10)")
     e = commands.add_parser("env", help="print the environment as JSON (a stage of run)")
     e.add_argument("--output")

@@ -1,7 +1,7 @@
 """Print the results tables of README.md from experiments/results/*.json, so that every
 number in the README comes from a recorded run: training runs (written by the experiment
 scripts), IWAE evaluations (``pyrodgm evaluate ... --output``), speed benchmarks
-(``bench_speed.py``), GPU kit runs (``gpu_kit.py collect``) and the classical baselines on the
+(``bench_speed.py``, ``lightning_throughput.py``), GPU kit runs (``gpu_kit.py collect``) and the classical baselines on the
 runs' own splits (``baselines.py``), whose errors also stand beside each semi-supervised run.
 
     python experiments/results_table.py            # print the markdown tables
@@ -356,6 +356,25 @@ def imputation_rows(results: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def lightning_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """One row per engine of a ``lightning_throughput.py`` run: images per second of the
+    training step (median step time; all processes' rows of a step together)."""
+    lines = [
+        "| model, data | engine | processes | precision | images per step | median s/step | images/s | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, result in results:
+        if result.get("experiment") != "lightning_throughput":
+            continue
+        for row in result["rows"]:
+            lines.append(
+                f"| {result['model']}, {result['dataset']} | {row['engine']} | {row['processes']} | {row['precision']} "
+                f"| {row['images_per_step']} | {row['median_step_seconds']:.4f} | {row['images_per_second']:.0f} "
+                f"| {result['device']} | {result['date']} | `{result['command']}` |"
+            )
+    return lines
+
+
 def gpu_kit_rows(results: list[tuple[str, dict]]) -> list[str]:
     """One row per GPU kit run (``gpu_kit.py collect`` saves its ``kit.json``): the machine,
     each stage's outcome and time, the IWAE rate measured."""
@@ -390,6 +409,7 @@ def tables(results_dir: Path) -> list[str]:
         ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),
         ("Missing-data imputation (Li et al., Tables 4-5)", imputation_rows(results)),
         ("Speed: pyrodgm's SVI step against hand-written PyTorch of the same loss", speed_rows(results)),
+        ("Data-parallel step throughput (experiments/lightning_throughput.py)", lightning_rows(results)),
         ("GPU kit runs (experiments/gpu_kit.py)", gpu_kit_rows(results)),
     ):
         if len(table) > 2:

@@ -5,6 +5,7 @@ Examples::
     pyrodgm train m2 --dataset digits --labels 100 --epochs 20 --out runs/m2
     pyrodgm train m2 --dataset mnist --root ../shared/data --labels 100 --epochs 1000 --device cuda
     pyrodgm train m2 ... --resume          # continue exactly where the last checkpoint was
+    pyrodgm train adgm ... --engine lightning --devices 2   # data-parallel, two processes (pyrodgm[lightning])
     pyrodgm evaluate runs/m2/best.pt            # IWAE-100: seconds
     pyrodgm evaluate runs/m2/best.pt --paper    # IWAE-5000, as the papers report (minutes)
     pyrodgm models                              # a table; --json for JSON
@@ -168,6 +169,12 @@ def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentPars
                 group.add_argument(*flags, choices=DATASETS, default="digits", **{**kwargs, "help": kwargs["help"] + " (default: digits)"})
             else:
                 group.add_argument(*flags, default=None, **kwargs)
+    engine = parser.add_argument_group('data-parallel (pip install "pyrodgm[lightning]")')
+    engine.add_argument("--engine", choices=("native", "lightning"), default="native", help="the training loop (default native)")
+    engine.add_argument("--devices", type=int, metavar="N", help="lightning: processes per machine (default 1)")
+    engine.add_argument("--num-nodes", type=int, metavar="M", help="lightning: machines (default 1)")
+    engine.add_argument("--strategy", choices=("ddp", "ddp_spawn"), help="lightning: how processes start (default ddp)")
+    engine.add_argument("--precision", choices=("32-true", "bf16-mixed"), help="lightning: float32, or bf16 autocast (default 32-true)")
     run = parser.add_argument_group("run control")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")
@@ -247,10 +254,25 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(**values)
 
 
+#: ``pyrodgm train``'s options for ``--engine lightning`` (:class:`pyrodgm.lightning.LightningOptions`' fields).
+LIGHTNING_OPTIONS = ("devices", "num_nodes", "strategy", "precision")
+
+
 def _train(args: argparse.Namespace) -> dict:
     from .training import train
 
-    return train(_train_config(args), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=args.baseline)
+    lightning = {name: getattr(args, name) for name in LIGHTNING_OPTIONS if getattr(args, name) is not None}
+    if args.engine == "native":
+        if lightning:
+            flags = ", ".join("--" + name.replace("_", "-") for name in lightning)
+            raise ValueError(f"{flags}: Lightning's options, for --engine lightning (the native loop runs one process)")
+        return train(_train_config(args), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=args.baseline)
+    from .lightning import LightningOptions, train_lightning
+    from .training import add_baseline
+
+    options = LightningOptions(**lightning)
+    result = train_lightning(_train_config(args), options, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    return result if "rank" in result or not args.baseline else add_baseline(result)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
@@ -449,7 +471,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pyrodgm {args.command}: internal error: {type(error).__name__}: {_one_line(error)} "
               "(run again with --debug for the traceback)", file=sys.stderr)
         return 1
-    if args.command == "train":
+    if args.command == "train" and "rank" in result:
+        pass  # a data-parallel run's other processes: process 0 reports
+    elif args.command == "train":
         summary = {"out": result["config"]["out"], "best_validation": result["best_validation"], "test": result.get("test")}
         if "baseline" in result:
             summary["baseline"] = result["baseline"]

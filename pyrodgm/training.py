@@ -225,6 +225,7 @@ class Run:
     validation: Optional[ImageData]  # None for a run without a validation set (config.validation == 0)
     test: Optional[ImageData] = None  # only with config.track_test
     captured: Optional[CapturedStep] = None  # only with config.cuda_graph
+    engine: Optional[dict] = None  # what drives the steps when not the native loop (pyrodgm.lightning)
     epoch: int = 0
     history: list = field(default_factory=list)
     best: Optional[dict] = None
@@ -309,6 +310,7 @@ def _restore(run: Run, state: dict) -> None:
 
 def _checkpoint_state(run: Run) -> dict:
     return {
+        **({"engine": run.engine} if run.engine is not None else {}),
         "config": run.config.to_dict(),
         "epoch": run.epoch,
         "model": run.model.state_dict(),
@@ -420,12 +422,22 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, over
         if created and out.is_dir() and not (out / "checkpoint.pt").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if baseline and run.config.labels and run.recipe.label_site is not None and not run.recipe.supervised:
-        from .baselines import run_baseline
+    return add_baseline(metrics) if baseline else metrics
 
-        metrics["baseline"] = run_baseline(run.config)
-        with open(out / "metrics.json", "w") as handle:
-            json.dump(metrics, handle, indent=2)
+
+def add_baseline(metrics: dict) -> dict:
+    """A finished semi-supervised run's ``metrics`` with ``"baseline"`` added (and written
+    to its ``metrics.json``): scikit-learn's LabelSpreading on the run's split and pixels
+    (:func:`pyrodgm.baselines.run_baseline`); unchanged for a run without a label site."""
+    config = TrainConfig(**metrics["config"])
+    recipe_ = recipe(config.model)
+    if not config.labels or recipe_.label_site is None or recipe_.supervised:
+        return metrics
+    from .baselines import run_baseline
+
+    metrics = {**metrics, "baseline": run_baseline(config)}
+    with open(Path(config.out) / "metrics.json", "w") as handle:
+        json.dump(metrics, handle, indent=2)
     return metrics
 
 
@@ -567,6 +579,8 @@ def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False
         metrics["stopped_by_time_limit"] = run.config.time_limit
     if run.captured is not None:
         metrics["cuda_graph_captures"] = run.captured.captures
+    if run.engine is not None:
+        metrics["engine"] = run.engine
     if final:
         metrics["test"] = evaluate_test_set(out / "best.pt", run.device)
     with open(out / "metrics.json", "w") as handle:

@@ -27,7 +27,8 @@ SCRIPTS = {
 
 # helpers imported by the scripts and the tests below, and scripts with a test of their own
 NOT_TRAINING_SCRIPTS = {"common.py", "seeds.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py",
-                        "estimator_benchmark.py"}  # tested in tests/test_estimator.py
+                        "estimator_benchmark.py",  # tested in tests/test_estimator.py
+                        "lightning_throughput.py"}
 
 
 def _import_experiment(name: str):
@@ -411,3 +412,16 @@ def test_seeds_script_repeats_a_train_command_with_the_baseline_of_each_seed(tmp
     table = _import_experiment("results_table")
     (row,) = table.seed_rows(table._load(tmp_path))[2:]
     assert row.startswith("| `pyrodgm train m2 --dataset digits") and f"0: {table._percent(errors[0])}" in row
+
+
+@pytest.mark.slow
+def test_lightning_throughput_runs_and_writes_json(tmp_path):
+    pytest.importorskip("lightning", reason='the lightning extra is not installed (pip install -e ".[lightning]")')
+    output = tmp_path / "throughput.json"
+    args = [sys.executable, str(EXPERIMENTS / "lightning_throughput.py"), "--model", "m2", "--hidden", "16", "--batch-size", "100",
+            "--labelled-per-batch", "50", "--warmup", "1", "--timeout", "240", "--output", str(output)]
+    subprocess.run(args, check=True, cwd=tmp_path, timeout=600)
+    report = json.loads(output.read_text())
+    assert [(r["engine"], r["processes"]) for r in report["rows"]] == [("native", 1), ("lightning", 1), ("lightning", 2)]
+    assert all(r["images_per_second"] > 0 and r["steps_timed"] >= 2 for r in report["rows"])
+    assert [r["images_per_step"] for r in report["rows"]] == [100, 100, 200]

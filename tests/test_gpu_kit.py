@@ -146,3 +146,16 @@ def test_collect_copies_a_runs_files_for_the_results_table(tmp_path):
     _kit("collect", str(run), "--results", str(tmp_path / "results"), cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
         "bench_speed_cuda.json", "cuda_tests.xml", "gpu_kit_2026-11-30_cuda.json"]
+
+
+@pytest.mark.slow
+def test_the_lightning_stage_runs_when_named(tmp_path):
+    """The optional ``lightning`` stage: lightning_throughput.py's native and one-process rows."""
+    pytest.importorskip("lightning", reason='the lightning extra is not installed (pip install -e ".[lightning]")')
+    kit, out = tmp_path / "kit", tmp_path / "out"
+    _kit("pack", "--kit", str(kit), "--no-download", cwd=tmp_path)
+    _kit("run", "--kit", str(kit), "--out", str(out), "--device", "cpu", "--smoke", "--stages", "lightning", cwd=tmp_path)
+    (stage,) = json.loads((out / "kit.json").read_text())["stages"]
+    assert stage["stage"] == "lightning" and stage["status"] == "ok", stage["output_tail"][-2000:]
+    rows = json.loads((out / "lightning_throughput_cpu.json").read_text())["rows"]
+    assert [(r["engine"], r["processes"]) for r in rows] == [("native", 1), ("lightning", 1)]

@@ -66,7 +66,7 @@ def config_for(args) -> TrainConfig:
         num_particles=args.mc, eval_particles=args.eval_particles, alpha_factor=args.alpha_factor,
         validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
-    return TrainConfig(**values)
+    return TrainConfig.for_model(**values)
 
 
 def name(args) -> str:

@@ -439,17 +439,17 @@ def test_recipes_have_the_papers_defaults():
         assert defaults["lr"] == 3e-4 and defaults["betas"] == (0.9, 0.999)
         assert (defaults["lr_decay"], defaults["lr_decay_every"]) == (0.75, 200)
         assert defaults["num_particles"] == 1 and defaults["eval_particles"] == 100
-        config = TrainConfig(model=name, **defaults)
+        config = TrainConfig.for_model(model=name, **defaults)
         # the authors' code: 0.1 N / N_l per labelled example (the text says 0.01 N)
         assert recipe(name).loss(config, num_data=50000, num_labels=100).alpha == pytest.approx(kingma_alpha(0.1, 50000, 100))
         assert recipe(name).loss(config, num_data=50000, num_labels=100).alpha == pytest.approx(50.0)
-        model, guide = recipe(name).build(TrainConfig(model=name, **{**defaults, "hidden": (8,), "z_dim": 2, "a_dim": 3}), 64, 10)
+        model, guide = recipe(name).build(TrainConfig.for_model(model=name, **{**defaults, "hidden": (8,), "z_dim": 2, "a_dim": 3}), 64, 10)
         assert guide.a_dim == 3 and model.z_dim == 2
         linear = guide.classifier.hidden_layers[0][0]
         assert not linear.bias.any()  # Glorot weights, zero biases
-    _, sdgm_guide = recipe("sdgm").build(TrainConfig(model="sdgm", hidden=(8,)), 64, 10)
+    _, sdgm_guide = recipe("sdgm").build(TrainConfig.for_model(model="sdgm", hidden=(8,)), 64, 10)
     assert sdgm_guide.z_sees_a
-    _, det_guide = recipe("adgm-deterministic").build(TrainConfig(model="adgm-deterministic", hidden=(8,)), 64, 10)
+    _, det_guide = recipe("adgm-deterministic").build(TrainConfig.for_model(model="adgm-deterministic", hidden=(8,)), 64, 10)
     assert det_guide.deterministic_auxiliary and det_guide.a_dim == 100  # a_dim None: the paper's 100
 
 
@@ -476,8 +476,8 @@ def test_cli_trains(name, tmp_path):
     assert code == 0, stderr.getvalue()
     metrics = json.loads((out / "metrics.json").read_text())
     config = metrics["config"]
-    assert config["model"] == name and config["hidden"] == [500, 500] and config["a_dim"] == 100
-    assert config["eval_particles"] == 100 and config["alpha_factor"] == 0.1
+    assert config["model"] == name and config["params"]["hidden"] == [500, 500] and config["params"]["a_dim"] == 100
+    assert config["eval_particles"] == 100 and config["params"]["alpha_factor"] == 0.1
     assert metrics["epochs_completed"] == 1
     assert 0.0 <= metrics["test"]["error"] <= 1.0
     assert math.isfinite(metrics["test"]["elbo"])
@@ -488,7 +488,7 @@ def test_adgm_recipe_uses_the_standard_auxiliary_prior_unless_asked():
     """Eq. 5's p(a) = N(0, I) by default; p(a|x,y,z) only with auxiliary_prior="conditional"."""
     x = torch.rand(3, 64).bernoulli()
     for prior, order in ((None, ["a", "y", "z", "x"]), ("conditional", ["y", "z", "x", "a"])):
-        config = TrainConfig(model="adgm", hidden=(8,), z_dim=2, a_dim=3, auxiliary_prior=prior)
+        config = TrainConfig.for_model(model="adgm", hidden=(8,), z_dim=2, a_dim=3, auxiliary_prior=prior)
         model, _ = recipe("adgm").build(config, 64, 10)
         trace = poutine.trace(model).get_trace(x, y=torch.tensor([0, 1, 2]))
         assert [n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "data"] == order

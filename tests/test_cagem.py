@@ -196,7 +196,7 @@ def test_warmup_schedule_values_and_hook():
     assert kl_warmup_weight(0, 0) == 1.0
     with pytest.raises(ValueError, match="non-negative"):
         kl_warmup_weight(3, -1)
-    config = TrainConfig(model="cagem", kl_warmup_epochs=4, labels=100)
+    config = TrainConfig.for_model(model="cagem", kl_warmup_epochs=4, labels=100)
     for num_labels in (100, 0):
         loss = cagem_loss(config, num_data=1000, num_labels=num_labels)
         cagem_warmup(config, 2, None, None, loss)
@@ -216,7 +216,7 @@ def test_cluster_error_maps_clusters_to_majority_classes():
 
 def test_cagem_zero_trains_without_labels(tmp_path):
     torch.set_default_dtype(torch.float32)  # the data's dtype; the fixture restores the previous default
-    config = TrainConfig(
+    config = TrainConfig.for_model(
         model="cagem", dataset="digits", labels=0, num_clusters=4, epochs=1, validation=300, batch_size=300,
         hidden=(16,), top_hidden=(8,), z_dim=4, top_z_dim=2, eval_particles=1, out=str(tmp_path), samples=False,
     )
@@ -234,7 +234,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="z1_dim"):
         CaGeM(X_DIM, z1_dim=0)
     with pytest.raises(ValueError, match="number of classes"):
-        build_cagem(TrainConfig(model="cagem", labels=100, num_clusters=5), X_DIM, 10)
+        build_cagem(TrainConfig.for_model(model="cagem", labels=100, num_clusters=5), X_DIM, 10)
     model, guide = make_pair()
     x = binary_x(4)
     ce = ModelClassifierCrossEntropy(max_plate_nesting=1)

@@ -73,7 +73,7 @@ def test_baselines_use_the_split_and_test_images_of_a_training_run(seed, monkeyp
 
     split_function = training.semi_supervised_split
     monkeypatch.setattr(training, "semi_supervised_split", spy)
-    run = training._prepare(training.TrainConfig(model="m2", dataset="digits", labels=100, seed=seed, out=str(tmp_path)))
+    run = training._prepare(training.TrainConfig.for_model(model="m2", dataset="digits", labels=100, seed=seed, out=str(tmp_path)))
     (trained,) = splits
 
     train, test = load_dataset("digits"), load_dataset("digits", train=False)

@@ -67,7 +67,7 @@ def test_gumbel_temperature_linear_and_edge_cases():
 
 
 def test_schedule_sets_the_guide_temperature():
-    config = TrainConfig(**{**defaults("gmvae", "digits"), "model": "gmvae", "epochs": 3})
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "epochs": 3})
     model, guide = build_gmvae(config, 64, 10)
     assert guide.temperature == pytest.approx(gumbel_temperature(2))
     gmvae_schedule(config, 0, model, guide, None)
@@ -289,19 +289,19 @@ def test_recipe_presets_per_dataset():
 
 
 def test_recipe_loss_terms():
-    config = TrainConfig(**{**defaults("gmvae", "digits"), "model": "gmvae", "w_metric": 0.3})
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "w_metric": 0.3})
     loss = gmvae_loss(config, num_data=1000, num_labels=100)
     assert isinstance(loss, WeightedSum) and set(loss.terms) == {"elbo", "assignment", "metric"}
-    assert loss.terms["metric"].weight == 0.3 and loss.terms["metric"].loss.k == config.knn
+    assert loss.terms["metric"].weight == 0.3 and loss.terms["metric"].loss.k == config.params.knn
     assert loss.terms["assignment"].loss.include_labelled
     elbo = loss.terms["elbo"].loss.inner
-    assert elbo.latent_weights == {"z": config.w_gaussian, "y": config.w_categorical}
+    assert elbo.latent_weights == {"z": config.params.w_gaussian, "y": config.params.w_categorical}
     unsupervised = gmvae_loss(config, num_data=1000, num_labels=0)
     assert set(unsupervised.terms) == {"elbo"}
 
 
 def test_recipe_loss_trains_on_a_semi_supervised_batch():
-    config = TrainConfig(**{**defaults("gmvae", "digits"), "model": "gmvae", "knn": 2, "z_dim": 3, "feature_dim": 5})
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "knn": 2, "z_dim": 3, "feature_dim": 5})
     model, guide = build_gmvae(config, 64, 10)
     x, y = images(12), torch.tensor([0, 1, 2, 3, 4, 5] + [-1] * 6)
     loss = gmvae_loss(config, num_data=100, num_labels=6)
@@ -319,8 +319,8 @@ def test_cli_flags_reach_the_config():
          "--w-metric", "0.2", "--temperature-min", "0.3", "--feature-dim", "16"]
     )
     config = _train_config(args)
-    assert (config.label_mode, config.knn, config.w_metric, config.temperature_min, config.feature_dim) == ("straight-through", 4, 0.2, 0.3, 16)
-    assert config.z_dim == 50  # the Fashion-MNIST preset
+    assert (config.params.label_mode, config.params.knn, config.params.w_metric, config.params.temperature_min, config.params.feature_dim) == ("straight-through", 4, 0.2, 0.3, 16)
+    assert config.params.z_dim == 50  # the Fashion-MNIST preset
 
 
 @pytest.mark.slow

@@ -324,7 +324,7 @@ def tiny_config(model, **kwargs):
     from pyrodgm.zoo import defaults
 
     values = {**defaults(model, "digits"), "z_dim": 4, "top_z_dim": 2, "hidden": (8,), "top_hidden": (6,), **kwargs}
-    return TrainConfig(model=model, dataset="digits", out="unused", **values)
+    return TrainConfig.for_model(model=model, dataset="digits", out="unused", **values)
 
 
 @pytest.mark.parametrize("name", ["vae2", "iwae", "lvae"])

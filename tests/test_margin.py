@@ -26,7 +26,7 @@ from pyrodgm.models.mmva import MMVA, ConvMMVA
 from pyrodgm.nets import CONV_MMVA_LAYERS, PoolingConvEncoder, Unpool, UnpoolingConvDecoder, conv_layers_fit
 from pyrodgm.svm import fit_linear_svm, guide_features, svm_error, svm_predict
 from pyrodgm.training import TrainConfig, train, training_step
-from pyrodgm.zoo import defaults, recipe
+from pyrodgm.zoo import recipe
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -353,7 +353,8 @@ def test_recipe_trains_one_step_on_digits(name):
     from pyrodgm.data import load_dataset
 
     train_data = load_dataset("digits")
-    config = TrainConfig(**{**defaults(name, "digits"), "model": name, "hidden": (20, 20), "z_dim": 4})
+    small = {"hidden": (20, 20)} if name in ("mmva", "va-pegasos") else {}  # the conv models' layers are the paper's
+    config = TrainConfig.paper(name, z_dim=4, **small)
     recipe_ = recipe(name)
     model, guide = recipe_.create(config, train_data.num_features, train_data.num_classes)
     loss = recipe_.loss(config, num_data=1200, num_labels=1200 if recipe_.supervised else 0)
@@ -362,7 +363,7 @@ def test_recipe_trains_one_step_on_digits(name):
     value = training_step(model, guide, loss, pyro.optim.Adam({"lr": 1e-3}), (x, y))
     assert torch.isfinite(torch.tensor(value))
     if recipe_.supervised:
-        assert set(loss.terms) == {"generative", "hinge"} and loss.terms["hinge"].loss.C == config.margin_C
+        assert set(loss.terms) == {"generative", "hinge"} and loss.terms["hinge"].loss.C == config.params.margin_C
         subset = train_data.subset(torch.arange(50))
         subset.x = subset.x.to(torch.get_default_dtype())
         assert 0.0 <= recipe_.metrics(model, guide, subset)["error"] <= 1.0
@@ -378,7 +379,7 @@ def test_mmva_trains_an_epoch_with_every_label(tmp_path):
 
 
 def _train_mmva_epoch(tmp_path):
-    config = TrainConfig(
+    config = TrainConfig.for_model(
         model="mmva", dataset="digits", epochs=1, hidden=(20, 20), z_dim=4, batch_size=100, labels=100,
         labelled_per_batch=10, out=str(tmp_path), samples=False, lr=3e-3,
     )

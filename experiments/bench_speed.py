@@ -50,6 +50,7 @@ from pyrodgm.graphs import CapturedStep
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
+from pyrodgm.nets import AuxiliarySpec, MLPSpec
 from pyrodgm.optim import FusedAdam, adam_arguments
 from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup
 from pyrodgm.recipes.gmvae import build_gmvae, gmvae_loss
@@ -95,7 +96,8 @@ def _setup(model, guide, reference, device: torch.device, batch: int, num_partic
 
 def m2_setup(device: torch.device, batch: int) -> dict:
     """M2 at Kingma et al.'s MNIST sizes (784-500-50)."""
-    return _setup(M2(784, 10, 50, (500,)), M2Guide(784, 10, 50, (500,)), m2_loss, device, batch)
+    spec = MLPSpec(784, 10, 50, (500,))
+    return _setup(M2(spec), M2Guide(spec), m2_loss, device, batch)
 
 
 def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict:
@@ -103,7 +105,8 @@ def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict
     def reference(model, guide, x, y, alpha):
         return adgm_loss(model, guide, x, y, alpha, num_particles)
 
-    model, guide = ADGM(784, 10, 100, 100, (500, 500)), ADGMGuide(784, 10, 100, 100, (500, 500))
+    spec = AuxiliarySpec(784, 10, 100, (500, 500), a_dim=100)
+    model, guide = ADGM(spec), ADGMGuide(spec)
     return _setup(model, guide, reference, device, batch, num_particles)
 
 

@@ -32,7 +32,7 @@ import torch
 
 from pyrodgm.distributions import IndependentBernoulli, StandardNormal
 from pyrodgm.modeling import PlatedModel
-from pyrodgm.nets import CONV_MMVA_LAYERS, UnpoolingConvDecoder
+from pyrodgm.nets import CONV_MMVA_LAYERS, MLPSpec, UnpoolingConvDecoder
 
 from .vae import VAE
 
@@ -42,19 +42,12 @@ __all__ = ["MMVA", "ConvMMVA"]
 class MMVA(VAE):
     """MMVA's generative model ``p(z) p(x|z)`` (Li et al. 2016, Sec. 4.1.2): a two-layer
     MLP of 500 units from ``z`` (50-d) to ``x``, as in Kingma et al. (2014).  The same
-    parameters as :class:`~pyrodgm.models.VAE` (``hidden=(500, 500)`` by default)."""
+    parameters as :class:`~pyrodgm.models.VAE` (the paper's ``hidden=(500, 500)``)."""
 
     pyro_name = "mmva"
 
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "softplus",
-        likelihood: str = "bernoulli",
-    ) -> None:
-        super().__init__(x_dim, z_dim=z_dim, hidden=hidden, activation=activation, likelihood=likelihood)
+    def __init__(self, spec: MLPSpec, likelihood: str = "bernoulli") -> None:
+        super().__init__(spec, likelihood)
 
 
 class ConvMMVA(PlatedModel):

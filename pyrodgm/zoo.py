@@ -15,6 +15,7 @@ from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.models import M1M2, M2, VAE
 from pyrodgm.models.adgm import ADGM, SDGM
+from pyrodgm.nets import AuxiliarySpec, MLPSpec
 from .configs import ActivationConfig, ClassifierConfig, GumbelConfig, MLPConfig, ModelConfig, config_fields, option
 from .recipes.mmva import (  # MMVA, Conv-MMVA and VA+Pegasos
     CONV_MMVA_DEFAULTS, CONV_VA_PEGASOS_DEFAULTS, MMVA_DEFAULTS, VA_PEGASOS_DEFAULTS, ConvMMVAConfig, MMVAConfig,
@@ -156,17 +157,20 @@ class ADGMConfig(AuxiliaryConfig):
     )  # None: "standard" (older checkpoints)
 
 
-def build_m1(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def _mlp_spec(config, x_dim: int, num_classes: int) -> MLPSpec:
     p = config.params
-    kwargs = dict(z_dim=p.z_dim, hidden=p.hidden, activation=p.activation)
-    return VAE(x_dim, likelihood=p.likelihood, **kwargs), VAEGuide(x_dim, **kwargs)
+    return MLPSpec(x_dim, num_classes, p.z_dim, p.hidden, p.activation)
+
+
+def build_m1(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    spec = _mlp_spec(config, x_dim, num_classes)
+    return VAE(spec, likelihood=config.params.likelihood), VAEGuide(spec)
 
 
 def build_m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    p = config.params
-    kwargs = dict(num_classes=num_classes, z_dim=p.z_dim, hidden=p.hidden, activation=p.activation)
-    guide = M2Guide(x_dim, label_mode=p.label_mode, temperature=p.temperature, **kwargs)
-    return M2(x_dim, likelihood=p.likelihood, **kwargs), guide
+    p, spec = config.params, _mlp_spec(config, x_dim, num_classes)
+    guide = M2Guide(spec, label_mode=p.label_mode, temperature=p.temperature)  # first: the initialisation's order
+    return M2(spec, likelihood=p.likelihood), guide
 
 
 def build_m1m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -176,42 +180,42 @@ def build_m1m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Modu
     frozen = not p.end_to_end
     if frozen and not p.m1_checkpoint:
         raise ValueError("m1m2 with a pre-trained M1 needs --m1-checkpoint (or --end-to-end)")
-    m1_kwargs = dict(z_dim=p.m1_z_dim, hidden=p.m1_hidden, activation=p.activation)
-    m1, m1_guide = VAE(x_dim, likelihood=p.likelihood, **m1_kwargs), VAEGuide(x_dim, **m1_kwargs)
-    kwargs = dict(num_classes=num_classes, z_dim=p.z_dim, hidden=p.hidden, activation=p.activation)
-    m2, m2_guide = M2(p.m1_z_dim, likelihood="gaussian", **kwargs), M2Guide(p.m1_z_dim, **kwargs)
+    m1_spec = MLPSpec(x_dim, num_classes, p.m1_z_dim, p.m1_hidden, p.activation)
+    m1, m1_guide = VAE(m1_spec, likelihood=p.likelihood), VAEGuide(m1_spec)
+    m2_spec = MLPSpec(p.m1_z_dim, num_classes, p.z_dim, p.hidden, p.activation)
+    m2, m2_guide = M2(m2_spec, likelihood="gaussian"), M2Guide(m2_spec)
     return M1M2(m1, m2, freeze_m1=frozen), M1M2Guide(m1_guide, m2_guide, freeze_m1=frozen)
 
 
-def _adgm_kwargs(config, num_classes: int) -> dict:
-    """The paper's architecture knobs: Glorot-initialised MLPs of ``hidden`` (``a_dim``
-    of ``None`` means the paper's 100 auxiliary units)."""
+def _adgm_spec(config, x_dim: int, num_classes: int) -> AuxiliarySpec:
+    """The paper's architecture: Glorot-initialised MLPs of ``hidden`` (``a_dim`` of
+    ``None`` means the paper's 100 auxiliary units)."""
     p = config.params
     a_dim = 100 if p.a_dim is None else p.a_dim
-    return dict(num_classes=num_classes, z_dim=p.z_dim, a_dim=a_dim, hidden=p.hidden, activation=p.activation, init="xavier")
+    return AuxiliarySpec(x_dim, num_classes, p.z_dim, p.hidden, p.activation, init="xavier", a_dim=a_dim)
 
 
 def build_adgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """ADGM (Maaløe et al. 2016): ``p(a)p(y)p(z)p(x|y,z)`` (``--auxiliary-prior conditional``:
     ``p(a|x,y,z)``), ``q(a|x)q(y|a,x)q(z|y,x)``."""
-    kwargs = _adgm_kwargs(config, num_classes)
+    spec = _adgm_spec(config, x_dim, num_classes)
     prior = config.params.auxiliary_prior or "standard"
-    return ADGM(x_dim, likelihood=config.params.likelihood, auxiliary_prior=prior, **kwargs), ADGMGuide(x_dim, **kwargs)
+    return ADGM(spec, likelihood=config.params.likelihood, auxiliary_prior=prior), ADGMGuide(spec)
 
 
 def build_sdgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """SDGM (Maaløe et al. 2016): ``p(y)p(z)p(a|z,y)p(x|a,z,y)``, ``q(a|x)q(y|a,x)q(z|a,y,x)``
     (the encoder sees ``a``, as in the authors' code)."""
-    kwargs = _adgm_kwargs(config, num_classes)
-    return SDGM(x_dim, likelihood=config.params.likelihood, **kwargs), ADGMGuide(x_dim, z_sees_a=True, **kwargs)
+    spec = _adgm_spec(config, x_dim, num_classes)
+    return SDGM(spec, likelihood=config.params.likelihood), ADGMGuide(spec, z_sees_a=True)
 
 
 def build_adgm_deterministic(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Fig. 2a's ablation: the ADGM with a deterministic auxiliary unit ``a = f(x)``, so no
     ``a`` in the model or the guide (see :mod:`pyrodgm.guides.adgm`)."""
-    kwargs = _adgm_kwargs(config, num_classes)
-    model = ADGM(x_dim, likelihood=config.params.likelihood, auxiliary_prior="none", **kwargs)
-    return model, ADGMGuide(x_dim, deterministic_auxiliary=True, **kwargs)
+    spec = _adgm_spec(config, x_dim, num_classes)
+    model = ADGM(spec, likelihood=config.params.likelihood, auxiliary_prior="none")
+    return model, ADGMGuide(spec, deterministic_auxiliary=True)
 
 
 #: Maaløe et al. (2016), "Implementation details": MNIST with 100 labels.

@@ -24,6 +24,7 @@ from pyrodgm.models.adgm import ADGM, SDGM
 from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import RECIPES, kingma_alpha, recipe
+from pyrodgm.nets import AuxiliarySpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -39,10 +40,10 @@ VARIANTS = [("conditional", False), ("conditional", True), ("standard", False), 
 # --------------------------------------------------------------------------------------
 def make_pair(kind="conditional", z_sees_a=False, x_dim=X_DIM, num_classes=K, z_dim=Z_DIM, a_dim=A_DIM, hidden=HIDDEN):
     if kind == "sdgm":
-        model = SDGM(x_dim, num_classes, z_dim, a_dim, hidden)
+        model = SDGM(AuxiliarySpec(x_dim, num_classes, z_dim, hidden, a_dim=a_dim))
     else:
-        model = ADGM(x_dim, num_classes, z_dim, a_dim, hidden, auxiliary_prior=kind)
-    guide = ADGMGuide(x_dim, num_classes, z_dim, a_dim, hidden, z_sees_a=z_sees_a, deterministic_auxiliary=kind == "none")
+        model = ADGM(AuxiliarySpec(x_dim, num_classes, z_dim, hidden, a_dim=a_dim), auxiliary_prior=kind)
+    guide = ADGMGuide(AuxiliarySpec(x_dim, num_classes, z_dim, hidden, a_dim=a_dim), z_sees_a=z_sees_a, deterministic_auxiliary=kind == "none")
     return model, guide
 
 
@@ -344,12 +345,12 @@ def test_adgm_model_traces():
     assert sample_sites(poutine.trace(guide).get_trace(x, y=torch.tensor([0, 1, 2, 0]))) == ["a", "z"]
     # generation without data, class-conditional
     assert conditional(y=torch.arange(K)).shape == (K, X_DIM)
-    assert SDGM(X_DIM, K, Z_DIM, A_DIM, HIDDEN)(batch_size=2).shape == (2, X_DIM)
+    assert SDGM(AuxiliarySpec(X_DIM, K, Z_DIM, HIDDEN, a_dim=A_DIM))(batch_size=2).shape == (2, X_DIM)
 
 
 def test_bad_auxiliary_prior():
     with pytest.raises(ValueError, match="auxiliary_prior"):
-        ADGM(X_DIM, K, Z_DIM, A_DIM, HIDDEN, auxiliary_prior="uniform")
+        ADGM(AuxiliarySpec(X_DIM, K, Z_DIM, HIDDEN, a_dim=A_DIM), auxiliary_prior="uniform")
 
 
 def test_wrong_number_of_features():

@@ -26,6 +26,7 @@ from pyrodgm.training import TrainConfig, train
 from pyrodgm.zoo import recipe
 from pyrodgm.recipes.cagem import build_cagem, cagem_loss, cagem_warmup, cluster_error
 from pyrodgm.recipes.warmup import kl_warmup_weight
+from pyrodgm.models.cagem import CaGeMSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -34,8 +35,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def make_pair(batch_norm=False, skip=True, scale="exp"):
-    kwargs = dict(num_clusters=K, z1_dim=Z1, z2_dim=Z2, hidden=(6,), latent_hidden=(4,), batch_norm=batch_norm, scale=scale)
-    return CaGeM(X_DIM, **kwargs), CaGeMGuide(X_DIM, skip=skip, **kwargs)
+    spec = CaGeMSpec(X_DIM, K, Z1, (6,), z2_dim=Z2, hidden2=(4,), batch_norm=batch_norm, scale=scale)
+    return CaGeM(spec), CaGeMGuide(spec, skip=skip)
 
 
 def binary_x(batch):
@@ -229,10 +230,10 @@ def test_cagem_zero_trains_without_labels(tmp_path):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="num_clusters"):
-        CaGeM(X_DIM, num_clusters=1)
-    with pytest.raises(ValueError, match="z1_dim"):
-        CaGeM(X_DIM, z1_dim=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        CaGeM(CaGeMSpec(X_DIM, 1))
+    with pytest.raises(ValueError, match="z_dim"):
+        CaGeM(CaGeMSpec(X_DIM, z_dim=0))
     with pytest.raises(ValueError, match="number of classes"):
         build_cagem(TrainConfig.for_model(model="cagem", labels=100, num_clusters=5), X_DIM, 10)
     model, guide = make_pair()

@@ -171,9 +171,11 @@ def test_speed_reference_computes_the_same_loss_as_pyrodgm(pyro_test_env):
     from pyrodgm.guides import M2Guide
     from pyrodgm.losses import SemiSupervisedELBO
     from pyrodgm.models import M2
+    from pyrodgm.nets import MLPSpec
 
     references = _import_experiment("references")
-    model, guide = M2(20, 4, 3, (16,)), M2Guide(20, 4, 3, (16,))
+    spec = MLPSpec(20, 4, 3, (16,))
+    model, guide = M2(spec), M2Guide(spec)
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, 1, 2, 3, 1, -1, -1, -1, -1, -1])
     pyro.set_rng_seed(5)
@@ -193,9 +195,11 @@ def test_speed_reference_computes_the_same_adgm_loss_as_pyrodgm(pyro_test_env, n
     from pyrodgm.guides import ADGMGuide
     from pyrodgm.losses import SemiSupervisedELBO
     from pyrodgm.models import ADGM
+    from pyrodgm.nets import AuxiliarySpec
 
     references = _import_experiment("references")
-    model, guide = ADGM(20, 4, 3, 5, (16, 8)), ADGMGuide(20, 4, 3, 5, (16, 8))  # p(a) = N(0, I), the default
+    spec = AuxiliarySpec(20, 4, 3, (16, 8), a_dim=5)
+    model, guide = ADGM(spec), ADGMGuide(spec)  # p(a) = N(0, I), the default
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1])  # labelled and unlabelled rows interleaved
     loss_fn = SemiSupervisedELBO(alpha=3.0, num_particles=num_particles, max_plate_nesting=1)
@@ -219,11 +223,11 @@ def test_speed_reference_computes_the_same_cagem_loss_and_gradients_as_pyrodgm(p
 
     from pyrodgm.guides.cagem import CaGeMGuide
     from pyrodgm.losses.cagem import cagem_objective
-    from pyrodgm.models.cagem import CaGeM
+    from pyrodgm.models.cagem import CaGeM, CaGeMSpec
 
     references = _import_experiment("references")
-    sizes = dict(num_clusters=4, z1_dim=3, z2_dim=2, hidden=(16, 8), latent_hidden=(8, 6))  # batch-norm on, the paper's
-    model, guide = CaGeM(20, **sizes), CaGeMGuide(20, **sizes)
+    spec = CaGeMSpec(20, 4, 3, (16, 8), z2_dim=2, hidden2=(8, 6))  # batch-norm on, the paper's
+    model, guide = CaGeM(spec), CaGeMGuide(spec)
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1])  # labelled and unlabelled rows interleaved
     weight = 0.5  # mid KL warm-up
@@ -311,11 +315,12 @@ def test_speed_reference_computes_the_same_gmvae_loss_and_gradients_as_pyrodgm(p
 
     from pyrodgm.guides.gmvae import GMVAEGuide
     from pyrodgm.losses import AssignmentLoss, LiftedStructuredLoss, SemiSupervisedELBO, WeightedSum, WithoutLabels
-    from pyrodgm.models.gmvae import GMVAE
+    from pyrodgm.models.gmvae import GMVAE, GMVAESpec
 
     references = _import_experiment("references")
     sizes = dict(num_classes=4, z_dim=3, feature_dim=5, geometry=((2, 3, 3, 4), (3, 3, 2, 2, 2), (1, 1, 1, 1, 1)))
-    model, guide = GMVAE((1, 8, 8), **sizes), GMVAEGuide((1, 8, 8), label_mode="relaxed", temperature=0.7, **sizes)
+    spec = GMVAESpec((1, 8, 8), **sizes)
+    model, guide = GMVAE(spec), GMVAEGuide(spec, label_mode="relaxed", temperature=0.7)
     x = torch.rand(12, 64)
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1, -1, 0])
     weights = dict(w_gaussian=2.0, w_categorical=0.5, w_assign=1.5, w_metric=0.3, k=2, margin=2.0)

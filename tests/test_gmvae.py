@@ -25,6 +25,8 @@ from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import defaults, recipe
 from pyrodgm.recipes.gmvae import build_gmvae, gmvae_loss, gmvae_schedule, gumbel_temperature
+from pyrodgm.models.gmvae import GMVAESpec
+from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -33,8 +35,8 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def make_pair(label_mode="enumerate", likelihood="gaussian"):
-    model = GMVAE(SHAPE, K, Z, FEAT, likelihood=likelihood)
-    guide = GMVAEGuide(SHAPE, K, Z, FEAT, label_mode=label_mode, temperature=0.7)
+    model = GMVAE(GMVAESpec(SHAPE, K, Z, FEAT), likelihood=likelihood)
+    guide = GMVAEGuide(GMVAESpec(SHAPE, K, Z, FEAT), label_mode=label_mode, temperature=0.7)
     return model, guide
 
 
@@ -188,7 +190,8 @@ def test_relaxed_log_prob_is_finite_at_an_observed_one_hot_label():
 
 @pytest.mark.parametrize("mode", ["relaxed", "straight-through"])
 def test_m2_relaxed_trains_a_step(mode):
-    model, guide = M2(20, 3, 2, (8,)), M2Guide(20, 3, 2, (8,), label_mode=mode, temperature=0.6)
+    spec = MLPSpec(20, 3, 2, (8,))
+    model, guide = M2(spec), M2Guide(spec, label_mode=mode, temperature=0.6)
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1, -1, -1])
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), SemiSupervisedELBO(alpha=2.0, max_plate_nesting=1))
@@ -202,20 +205,20 @@ def test_m2_relaxed_trains_a_step(mode):
 
 
 def test_m2_default_is_unchanged_enumeration():
-    guide = M2Guide(20, 3, 2, (8,))
+    guide = M2Guide(MLPSpec(20, 3, 2, (8,)))
     assert guide.label_mode == "enumerate" and guide.temperature == 1.0
     site = poutine.trace(guide).get_trace(torch.rand(4, 20)).nodes["y"]
     assert type(site["fn"]) is dist.OneHotCategorical and site["infer"]["enumerate"] == "parallel"
-    assert set(guide.state_dict()) == set(M2Guide(20, 3, 2, (8,), label_mode="relaxed").state_dict())
+    assert set(guide.state_dict()) == set(M2Guide(MLPSpec(20, 3, 2, (8,)), label_mode="relaxed").state_dict())
 
 
 @pytest.mark.parametrize("bad", ["gumbel", "", None])
 def test_bad_label_mode_errors(bad):
     with pytest.raises(ValueError, match="label_mode"):
-        M2Guide(20, 3, 2, (8,), label_mode=bad)
+        M2Guide(MLPSpec(20, 3, 2, (8,)), label_mode=bad)
     with pytest.raises(ValueError, match="label_mode"):
-        GMVAEGuide(SHAPE, K, Z, FEAT, label_mode=bad)
-    guide = M2Guide(20, 3, 2, (8,))
+        GMVAEGuide(GMVAESpec(SHAPE, K, Z, FEAT), label_mode=bad)
+    guide = M2Guide(MLPSpec(20, 3, 2, (8,)))
     with pytest.raises(ValueError, match="label_mode"):
         guide.label_mode = bad
     with pytest.raises(ValueError, match="label_mode"):
@@ -225,8 +228,8 @@ def test_bad_label_mode_errors(bad):
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
 def test_bad_temperature_errors(bad):
     with pytest.raises(ValueError, match="temperature"):
-        GMVAEGuide(SHAPE, K, Z, FEAT, temperature=bad)
-    guide = M2Guide(20, 3, 2, (8,))
+        GMVAEGuide(GMVAESpec(SHAPE, K, Z, FEAT), temperature=bad)
+    guide = M2Guide(MLPSpec(20, 3, 2, (8,)))
     with pytest.raises(ValueError, match="temperature"):
         guide.temperature = bad
 
@@ -254,7 +257,7 @@ def test_model_trace_and_class_conditional_generation():
     generated = poutine.trace(model).get_trace(batch_size=6).nodes["x"]["value"]
     assert generated.shape == (6, 64) and set(generated.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="likelihood"):
-        GMVAE(SHAPE, K, Z, FEAT, likelihood="poisson")
+        GMVAE(GMVAESpec(SHAPE, K, Z, FEAT), likelihood="poisson")
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 8, 8)])

@@ -29,6 +29,7 @@ from pyrodgm.imputation import (
 from pyrodgm.models import M2, VAE
 from pyrodgm.models.mmcva import ConvMMCVA
 from pyrodgm.plots import MIN_IMAGE_PIXELS
+from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -129,10 +130,10 @@ def test_impute_follows_the_hand_computed_chain():
 
 
 def _pairs():
-    image = (1, 4, 4)
+    image, vae, m2 = (1, 4, 4), MLPSpec(D, z_dim=2, hidden=(8,)), MLPSpec(D, 3, 2, (8,))
     return {
-        "vae": (VAE(D, z_dim=2, hidden=(8,)), VAEGuide(D, z_dim=2, hidden=(8,))),
-        "m2": (M2(D, 3, 2, (8,)), M2Guide(D, 3, 2, (8,))),
+        "vae": (VAE(vae), VAEGuide(vae)),
+        "m2": (M2(m2), M2Guide(m2)),
         "conv-mmcva": (ConvMMCVA(image, 3, 2, (4, 4)), ConvMMCVAGuide(image, 3, 2, (4, 4, 4), (4, 4, 4))),
     }
 
@@ -329,7 +330,7 @@ def test_imputation_errors_of_a_margin_classifier():
     from pyrodgm.models import MMVA
 
     torch.manual_seed(0)
-    model, guide = MMVA(6, z_dim=2, hidden=(5, 4)), MMVAGuide(6, num_classes=3, z_dim=2, hidden=(5, 4))
+    model, guide = MMVA(MLPSpec(6, z_dim=2, hidden=(5, 4))), MMVAGuide(MLPSpec(6, 3, 2, (5, 4)))
     x = torch.bernoulli(torch.full((8, 6), 0.5))
     y = torch.arange(8) % 3
     mask = torch.zeros(8, 6, dtype=torch.bool)

@@ -27,6 +27,7 @@ from pyrodgm.nets import CONV_MMVA_LAYERS, PoolingConvEncoder, Unpool, Unpooling
 from pyrodgm.svm import fit_linear_svm, guide_features, svm_error, svm_predict
 from pyrodgm.training import TrainConfig, train, training_step
 from pyrodgm.zoo import recipe
+from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -42,7 +43,7 @@ def brute_force_hinge(scores, labels, cost):
 
 
 def small_mmva(hidden=(4, 5)):
-    return MMVA(X_DIM, z_dim=2, hidden=hidden), MMVAGuide(X_DIM, K, z_dim=2, hidden=hidden)
+    return MMVA(MLPSpec(X_DIM, z_dim=2, hidden=hidden)), MMVAGuide(MLPSpec(X_DIM, K, 2, hidden))
 
 
 def data(n=8):

@@ -19,6 +19,7 @@ from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2, VAE
 from pyrodgm.training import TrainConfig, build_from_checkpoint, train, training_step
 from pyrodgm.zoo import recipe
+from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("clean_param_store", "pyro_validation", "single_thread")
 
@@ -220,7 +221,8 @@ def test_no_sample_grids_when_disabled(tmp_path):
 # --------------------------------------------------------------------------------------
 def test_training_step_semi_supervised():
     pyro.set_rng_seed(0)
-    model, guide = M2(16, 3, 2, (8,)), M2Guide(16, 3, 2, (8,))
+    spec = MLPSpec(16, 3, 2, (8,))
+    model, guide = M2(spec), M2Guide(spec)
     x = torch.rand(10, 16).bernoulli()
     y = torch.tensor([0, 1, 2, 0, -1, -1, -1, -1, -1, -1])
     before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *guide.named_parameters()]}
@@ -237,7 +239,8 @@ def test_training_step_semi_supervised():
 
 def test_training_step_unsupervised():
     pyro.set_rng_seed(0)
-    model, guide = VAE(16, 2, (8,)), VAEGuide(16, 2, (8,))
+    spec = MLPSpec(16, z_dim=2, hidden=(8,))
+    model, guide = VAE(spec), VAEGuide(spec)
     x = torch.rand(10, 16).bernoulli()
     before = [p.detach().clone() for p in guide.parameters()]
     loss = training_step(model, guide, SemiSupervisedELBO(), Adam({"lr": 0.01}), (x, None))

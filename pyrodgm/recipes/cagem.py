@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pyrodgm.guides.cagem import CaGeMGuide
-from pyrodgm.models.cagem import CaGeM
+from pyrodgm.models.cagem import CaGeM, CaGeMSpec
 
 from ..configs import ClassifierConfig, ClustersConfig, TopLayerConfig, option
 from ..losses import Loss, SemiSupervisedELBO, WeightedSum
@@ -73,11 +73,11 @@ def _num_clusters(config, num_classes: int) -> int:
 def build_cagem(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """``p(z2)p(y|z2)p(z1|y,z2)p(x|y,z1)`` and ``q(z1|x)q(y|z1,x)q(z2|x,y,z1)``."""
     p = config.params
-    kwargs = dict(
-        num_clusters=_num_clusters(config, num_classes), z1_dim=p.z_dim, z2_dim=p.top_z_dim, hidden=p.hidden,
-        latent_hidden=p.top_hidden, activation=p.activation, min_scale=p.min_scale, scale=p.gaussian_scale or "exp",
+    spec = CaGeMSpec(
+        x_dim, _num_clusters(config, num_classes), p.z_dim, p.hidden, p.activation, scale=p.gaussian_scale or "exp",
+        min_scale=p.min_scale, z2_dim=p.top_z_dim, hidden2=p.top_hidden,
     )
-    return CaGeM(x_dim, likelihood=p.likelihood, **kwargs), CaGeMGuide(x_dim, **kwargs)
+    return CaGeM(spec, likelihood=p.likelihood), CaGeMGuide(spec)
 
 
 def cagem_loss(config, num_data: int, num_labels: int) -> Loss:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from pyrodgm.guides.gmvae import GMVAEGuide
-from pyrodgm.models.gmvae import GMVAE
+from pyrodgm.models.gmvae import GMVAE, GMVAESpec
 
 from ..configs import ClustersConfig, GumbelConfig, ModelConfig, option
 from ..data import IMAGE_SHAPES
@@ -155,10 +155,9 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     if math.prod(image_shape) != x_dim:
         raise ValueError(f"gmvae on {config.dataset} expects {math.prod(image_shape)} features per example, got {x_dim}")
     p = config.params
-    kwargs = dict(num_classes=_num_components(config, num_classes), z_dim=p.z_dim, feature_dim=p.feature_dim)
-    model = GMVAE(image_shape, likelihood=p.likelihood, **kwargs)
+    spec = GMVAESpec(image_shape, _num_components(config, num_classes), p.z_dim, p.feature_dim)
     temperature = _config_temperature(config, max(config.epochs - 1, 0))
-    return model, GMVAEGuide(image_shape, label_mode=p.label_mode, temperature=temperature, **kwargs)
+    return GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
 
 
 def gmvae_loss(config, num_data: int, num_labels: int) -> Loss:

@@ -44,6 +44,7 @@ from torch import nn
 
 from pyrodgm.guides.hierarchical import HierarchicalGuide, LadderGuide
 from pyrodgm.models.hierarchical import HierarchicalVAE
+from pyrodgm.nets import TwoLayerSpec
 
 from ..configs import MLPConfig, TopLayerConfig, option
 from ..losses import ImportanceWeightedELBO, Loss, SemiSupervisedELBO
@@ -83,29 +84,26 @@ IWAE_DEFAULTS = dict(VAE2_DEFAULTS, iw_samples=50)
 LVAE_DEFAULTS = dict(VAE2_DEFAULTS, activation="leaky_relu", batch_size=256, lr=2e-3, kl_warmup_epochs=200)
 
 
-def _architecture(config) -> dict:
+def _spec(config, x_dim: int, scale: str, batch_norm: bool) -> TwoLayerSpec:
     p = config.params
-    return dict(z1_dim=p.z_dim, z2_dim=p.top_z_dim, hidden1=p.hidden, hidden2=p.top_hidden, activation=p.activation)
+    return TwoLayerSpec(
+        x_dim, z_dim=p.z_dim, hidden=p.hidden, activation=p.activation, batch_norm=batch_norm, scale=scale,
+        z2_dim=p.top_z_dim, hidden2=p.top_hidden,
+    )
 
 
 def build_vae2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """``p(z2) p(z1|z2) p(x|z1)`` with the bottom-up guide ``q(z1|x) q(z2|z1)`` (the
     ``vae2`` and ``iwae`` recipes; ``exp`` scales and no batch norm, as Burda et al.)."""
-    kwargs = _architecture(config)
-    model = HierarchicalVAE(x_dim, likelihood=config.params.likelihood, scale="exp", **kwargs)
-    return model, HierarchicalGuide(x_dim, scale="exp", **kwargs)
+    spec = _spec(config, x_dim, scale="exp", batch_norm=False)
+    return HierarchicalVAE(spec, likelihood=config.params.likelihood), HierarchicalGuide(spec)
 
 
 def build_lvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """The same generative model with the Ladder guide, which shares its top-down network;
     softplus scales and batch norm, as Sønderby et al."""
-    kwargs = _architecture(config)
-    model = HierarchicalVAE(x_dim, likelihood=config.params.likelihood, scale="softplus", batch_norm=True, **kwargs)
-    guide = LadderGuide(
-        model, hidden1=kwargs["hidden1"], hidden2=kwargs["hidden2"], activation=config.params.activation,
-        scale="softplus", batch_norm=True,
-    )
-    return model, guide
+    model = HierarchicalVAE(_spec(config, x_dim, scale="softplus", batch_norm=True), likelihood=config.params.likelihood)
+    return model, LadderGuide(model)
 
 
 def _check_warmup(config) -> int:

@@ -77,10 +77,11 @@ def build_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Modu
     with ``config.z_dim`` and ``config.hidden`` (both networks)."""
     from pyrodgm.guides.mmva import MMVAGuide
     from pyrodgm.models.mmva import MMVA
+    from pyrodgm.nets import MLPSpec
 
     p = config.params
-    model = MMVA(x_dim, z_dim=p.z_dim, hidden=p.hidden, activation=p.activation, likelihood=p.likelihood)
-    return model, MMVAGuide(x_dim, num_classes, z_dim=p.z_dim, hidden=p.hidden, activation=p.activation)
+    spec = MLPSpec(x_dim, num_classes, p.z_dim, p.hidden, p.activation)
+    return MMVA(spec, likelihood=p.likelihood), MMVAGuide(spec)
 
 
 def build_conv_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:

@@ -117,7 +117,7 @@ class TrainConfig:
         """``model``'s config from keyword arguments, each routed to the training options or
         to ``params`` (the model's own); a hyper-parameter of other models only is a
         TypeError that names them."""
-        common, own = _route(model, values)
+        common, own = _split(model, values, lambda name, value: _refuse(model, name))
         if isinstance(params, ModelConfig):
             params = dataclasses.replace(params, **own)
         else:
@@ -165,18 +165,23 @@ def _not_a_field(model: str, name: str) -> str:
     return f"{name} is not a hyper-parameter of {model} ({where})"
 
 
-def _route(model: str, values: dict) -> tuple[dict, dict]:
-    """``values`` split into training options and ``model``'s own hyper-parameters."""
+def _split(model: str, values: dict, other: Callable[[str, object], None]) -> tuple[dict, dict]:
+    """``values`` split into training options and ``model``'s own hyper-parameters;
+    ``other(name, value)`` for a field of neither."""
     common_names, own_names = config_fields(TrainConfig), config_fields(recipe(model).config)
     common, own = {}, {}
     for name, value in values.items():
-        if name in common_names and name not in ("model", "params"):
-            common[name] = value
-        elif name in own_names:
+        if name in own_names:
             own[name] = value
+        elif name in common_names and name != "params":
+            common[name] = value
         else:
-            raise TypeError(_not_a_field(model, name))
+            other(name, value)
     return common, own
+
+
+def _refuse(model: str, name: str) -> None:
+    raise TypeError(_not_a_field(model, name))
 
 
 def migrate_config(saved: dict) -> dict:
@@ -187,15 +192,7 @@ def migrate_config(saved: dict) -> dict:
     if "params" in saved:
         return {**saved, "params": dict(saved["params"] or {})}
     model = saved.get("model", field_defaults(TrainConfig)["model"])
-    common_names, own_names = config_fields(TrainConfig), config_fields(recipe(model).config)
-    values, params = {}, {}
-    for name, value in saved.items():
-        if name in common_names:
-            values[name] = value
-        elif name in own_names:
-            params[name] = value
-        else:
-            _check_foreign(model, name, value)
+    values, params = _split(model, saved, lambda name, value: _check_foreign(model, name, value))
     return {**values, "params": params}
 
 

@@ -51,7 +51,7 @@ from torch import nn
 from pyrodgm.distributions import IndependentBernoulli
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import NormalHead, _flatten_batch
+from pyrodgm.nets import ImageSpec, NormalHead, _flatten_batch
 
 __all__ = ["CONV_GEOMETRY", "ConvFeatures", "ConvImageDecoder", "GMVAE", "GMVAESpec", "conv_geometry", "conv_sizes"]
 
@@ -155,26 +155,20 @@ class ConvImageDecoder(nn.Module):
 
 
 @dataclass(frozen=True)
-class GMVAESpec:
-    """The sizes that the GMVAE and its guide share (the defaults: the paper's MNIST ones).
+class GMVAESpec(ImageSpec):
+    """The sizes that the GMVAE and its guide share (the defaults: the paper's MNIST ones),
+    an :class:`~pyrodgm.nets.ImageSpec` whose ``num_classes`` are the mixture's components
+    (classes or clusters) and ``z_dim`` the Gaussian size ``gsz`` (100 MNIST, 150 SVHN and
+    MNIST clustering, 50 Fashion-MNIST).
 
-    :param image_shape: ``(C, H, W)`` of the (flattened) images ``x``.
-    :param int num_classes: components of the mixture (classes or clusters).
-    :param int z_dim: the Gaussian size ``gsz`` (100 MNIST, 150 SVHN and MNIST clustering,
-        50 Fashion-MNIST).
     :param int feature_dim: ``fsz``, the width of the guide's features ``x_hat`` and of what
         the decoder starts from (100 MNIST/SVHN, 200 Fashion-MNIST).
     :param geometry: ``(channels, kernels, strides)`` overriding :data:`CONV_GEOMETRY`.
     """
 
-    image_shape: tuple[int, int, int]
-    num_classes: int = 10
     z_dim: int = 100
     feature_dim: int = 100
     geometry: Optional[Geometry] = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
 
 
 class GMVAE(PlatedModel):

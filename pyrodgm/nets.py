@@ -31,6 +31,8 @@ from .distributions import IndependentBernoulli
 __all__ = [
     "ACTIVATIONS",
     "AuxiliarySpec",
+    "ConvMMVASpec",
+    "ImageSpec",
     "MLPSpec",
     "TwoLayerSpec",
     "BatchNorm",
@@ -870,3 +872,36 @@ class TwoLayerSpec(MLPSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "hidden2", tuple(self.hidden2))
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The sizes that a convolutional model and its guide share, written once for both.
+
+    :param image_shape: ``(C, H, W)`` of the images (``x`` is given flattened).
+    :param int num_classes: values of the label ``y``.
+    :param int z_dim: units of the latent ``z``.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int = 10
+    z_dim: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_shape", _check_image_shape(self.image_shape))
+
+
+@dataclass(frozen=True)
+class ConvMMVASpec(ImageSpec):
+    """Conv-MMVA's sizes and layers (Li et al. 2016, Fig. 2): the recognition CNN's
+    ``(channels, kernel, pool, padding)`` ``layers`` (mirrored by the generator), the fully
+    connected width ``hidden`` and the ``activation``."""
+
+    layers: tuple[tuple[int, int, int, str], ...] = CONV_MMVA_LAYERS
+    hidden: int = 500
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "layers", tuple(tuple(layer) for layer in self.layers))
+

@@ -21,10 +21,10 @@ from pyrodgm.evaluation import active_units, classification_error, iwae_log_like
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models.adgm import ADGM, SDGM
+from pyrodgm.nets import AuxiliarySpec
 from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import RECIPES, kingma_alpha, recipe
-from pyrodgm.nets import AuxiliarySpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

@@ -21,12 +21,11 @@ from pyrodgm.losses.cagem import (
     model_label_log_prob,
     module_params,
 )
-from pyrodgm.models.cagem import CaGeM
+from pyrodgm.models.cagem import CaGeM, CaGeMSpec
 from pyrodgm.training import TrainConfig, train
 from pyrodgm.zoo import recipe
 from pyrodgm.recipes.cagem import build_cagem, cagem_loss, cagem_warmup, cluster_error
 from pyrodgm.recipes.warmup import kl_warmup_weight
-from pyrodgm.models.cagem import CaGeMSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

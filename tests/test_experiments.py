@@ -297,12 +297,12 @@ def test_speed_reference_computes_the_same_conv_mmcva_loss_and_gradients_as_pyro
     from pyrodgm.guides.mmcva import ConvMMCVAGuide
     from pyrodgm.losses import SemiSupervisedELBO
     from pyrodgm.losses.margin import max_margin_objective
-    from pyrodgm.models.mmcva import ConvMMCVA
+    from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 
     references = _import_experiment("references")
     shape = (1, 8, 8)  # dropout and batch-norm in the CNN, as the paper's
-    model = ConvMMCVA(shape, 4, 3, channels=(4, 4, 3, 3))
-    guide = ConvMMCVAGuide(shape, 4, 3, classifier_channels=(3, 4, 4, 5, 5), encoder_channels=(3, 3, 4, 4, 4))
+    spec = ConvMMCVASpec(shape, 4, 3, (4, 4, 3, 3), classifier_channels=(3, 4, 4, 5, 5), encoder_channels=(3, 3, 4, 4, 4))
+    model, guide = ConvMMCVA(spec), ConvMMCVAGuide(spec)
     x = torch.rand(12, 64).bernoulli()
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1, -1, 0])  # labelled and unlabelled rows interleaved
     weights = dict(alpha=0.1, alpha_u=0.5, alpha_b=0.2, C=3.0, sigma=2.0)

@@ -20,13 +20,12 @@ from pyrodgm.guides.gmvae import GMVAEGuide
 from pyrodgm.labels import LabelPrior, RelaxedLabel, StraightThroughLabel, label_distribution
 from pyrodgm.losses import SemiSupervisedELBO, WeightedSum
 from pyrodgm.models import M2
-from pyrodgm.models.gmvae import MSE_SCALE, ConvFeatures, ConvImageDecoder, GMVAE, conv_geometry
+from pyrodgm.models.gmvae import MSE_SCALE, ConvFeatures, ConvImageDecoder, GMVAE, GMVAESpec, conv_geometry
+from pyrodgm.nets import MLPSpec
 from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import defaults, recipe
 from pyrodgm.recipes.gmvae import build_gmvae, gmvae_loss, gmvae_schedule, gumbel_temperature
-from pyrodgm.models.gmvae import GMVAESpec
-from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

@@ -24,11 +24,11 @@ from pyrodgm.evaluation import continuous_latent_sites, iwae_evaluate, iwae_log_
 from pyrodgm.guides.hierarchical import HierarchicalGuide, LadderGuide, precision_weighted
 from pyrodgm.losses import ImportanceWeightedELBO, SemiSupervisedELBO
 from pyrodgm.models.hierarchical import HierarchicalVAE
+from pyrodgm.nets import MLPSpec, TwoLayerSpec
 from pyrodgm.training import TrainConfig, training_step
 from pyrodgm.zoo import recipe
 from pyrodgm.recipes.hierarchical import iwae_loss, kl_warmup, lvae_loss, vae2_loss
 from pyrodgm.recipes.warmup import kl_warmup_weight
-from pyrodgm.nets import MLPSpec, TwoLayerSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

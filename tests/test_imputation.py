@@ -27,9 +27,9 @@ from pyrodgm.imputation import (
     save_imputation_strip,
 )
 from pyrodgm.models import M2, VAE
-from pyrodgm.models.mmcva import ConvMMCVA
-from pyrodgm.plots import MIN_IMAGE_PIXELS
+from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 from pyrodgm.nets import MLPSpec
+from pyrodgm.plots import MIN_IMAGE_PIXELS
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -130,11 +130,12 @@ def test_impute_follows_the_hand_computed_chain():
 
 
 def _pairs():
-    image, vae, m2 = (1, 4, 4), MLPSpec(D, z_dim=2, hidden=(8,)), MLPSpec(D, 3, 2, (8,))
+    vae, m2 = MLPSpec(D, z_dim=2, hidden=(8,)), MLPSpec(D, 3, 2, (8,))
+    conv = ConvMMCVASpec((1, 4, 4), 3, 2, (4, 4), classifier_channels=(4, 4, 4), encoder_channels=(4, 4, 4))
     return {
         "vae": (VAE(vae), VAEGuide(vae)),
         "m2": (M2(m2), M2Guide(m2)),
-        "conv-mmcva": (ConvMMCVA(image, 3, 2, (4, 4)), ConvMMCVAGuide(image, 3, 2, (4, 4, 4), (4, 4, 4))),
+        "conv-mmcva": (ConvMMCVA(conv), ConvMMCVAGuide(conv)),
     }
 
 

@@ -18,8 +18,8 @@ from pyrodgm.losses import ClassifierCrossEntropy, Weighted, WeightedSum
 from pyrodgm.losses import ImportanceWeightedELBO, SemiSupervisedELBO
 from pyrodgm.modeling import registered_once
 from pyrodgm.models import M2, VAE
-from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.nets import MLPSpec
+from pyrodgm.traces import TraceTerms, particle_traces
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

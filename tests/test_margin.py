@@ -23,11 +23,12 @@ from pyrodgm.losses.margin import (
     hat_loss, label_balance, loss_augmented_prediction, margin_error, margin_predict, margin_scores, multiclass_hinge,
 )
 from pyrodgm.models.mmva import MMVA, ConvMMVA
-from pyrodgm.nets import CONV_MMVA_LAYERS, PoolingConvEncoder, Unpool, UnpoolingConvDecoder, conv_layers_fit
+from pyrodgm.nets import (
+    CONV_MMVA_LAYERS, ConvMMVASpec, MLPSpec, PoolingConvEncoder, Unpool, UnpoolingConvDecoder, conv_layers_fit,
+)
 from pyrodgm.svm import fit_linear_svm, guide_features, svm_error, svm_predict
 from pyrodgm.training import TrainConfig, train, training_step
 from pyrodgm.zoo import recipe
-from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -159,7 +160,7 @@ def test_hinge_loss_by_hand(sigma, num_data):
     assert loss.last_components["hinge"].item() == pytest.approx(float(brute_force_hinge(scores[:5], y[:5], 3.0).sum()))
 
 
-@pytest.mark.parametrize("make", [lambda: small_mmva(), lambda: (None, ConvMMVAGuide((1, 8, 8), K, z_dim=2, layers=SMALL_IMAGE_LAYERS, hidden=6))])
+@pytest.mark.parametrize("make", [lambda: small_mmva(), lambda: (None, ConvMMVAGuide(ConvMMVASpec((1, 8, 8), K, 2, SMALL_IMAGE_LAYERS, hidden=6)))])
 def test_hinge_gradient_reaches_every_recognition_parameter(make):
     model, guide = make()
     x = torch.bernoulli(torch.full((12, guide.x_dim), 0.5))
@@ -290,8 +291,8 @@ def test_conv_mmva_nets_have_the_papers_shapes():
 
 
 def test_conv_mmva_model_and_guide_trace_and_reject_labels():
-    model = ConvMMVA((1, 8, 8), z_dim=2, layers=SMALL_IMAGE_LAYERS, hidden=6)
-    guide = ConvMMVAGuide((1, 8, 8), K, z_dim=2, layers=SMALL_IMAGE_LAYERS, hidden=6)
+    spec = ConvMMVASpec((1, 8, 8), K, 2, SMALL_IMAGE_LAYERS, hidden=6)
+    model, guide = ConvMMVA(spec), ConvMMVAGuide(spec)
     x = torch.bernoulli(torch.full((4, 64), 0.5))
     elbo = SemiSupervisedELBO(max_plate_nesting=1).loss(model, guide, x)
     assert elbo > 0
@@ -300,7 +301,7 @@ def test_conv_mmva_model_and_guide_trace_and_reject_labels():
     with pytest.raises(ValueError, match="no label site"):
         model(x, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="Bernoulli"):
-        ConvMMVA((1, 8, 8), layers=SMALL_IMAGE_LAYERS, likelihood="gaussian")
+        ConvMMVA(ConvMMVASpec((1, 8, 8), layers=SMALL_IMAGE_LAYERS), likelihood="gaussian")
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pyrodgm.evaluation import classification_error, iwae_log_likelihood, predic
 from pyrodgm.guides.mmcva import ArgmaxOneHotCategorical, ConvMMCVAGuide
 from pyrodgm.losses import SemiSupervisedELBO, WeightedSum
 from pyrodgm.losses.margin import margin_error
-from pyrodgm.models.mmcva import ConvMMCVA
+from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import defaults, recipe
 
@@ -31,9 +31,8 @@ IMAGE, K, Z = (1, 8, 8), 4, 3
 
 
 def make_pair(image=IMAGE, num_classes=K, z_dim=Z):
-    model = ConvMMCVA(image, num_classes, z_dim, channels=(4, 4))
-    guide = ConvMMCVAGuide(image, num_classes, z_dim, classifier_channels=(4, 6, 6), encoder_channels=(4, 4, 4))
-    return model, guide
+    spec = ConvMMCVASpec(image, num_classes, z_dim, (4, 4), classifier_channels=(4, 6, 6), encoder_channels=(4, 4, 4))
+    return ConvMMCVA(spec), ConvMMCVAGuide(spec)
 
 
 def binary(n, d=64):
@@ -165,7 +164,8 @@ def test_nets_fit_any_image_size_and_leading_dims(image):
 
 
 def test_paper_architecture_on_mnist_shapes():
-    model, guide = ConvMMCVA((1, 28, 28)), ConvMMCVAGuide((1, 28, 28))
+    spec = ConvMMCVASpec((1, 28, 28))
+    model, guide = ConvMMCVA(spec), ConvMMCVAGuide(spec)
     assert [b["conv"].conv.out_channels for b in guide.classifier.convs] == [32, 64, 64, 128, 128]
     assert [b["conv"].conv.in_channels for b in guide.encoder.convs] == [1 + 10, 32 + 10, 32 + 10, 64 + 10, 64 + 10]
     assert guide.classifier.out_features == 128 and model.decoder.start_shape == (64, 7, 7)

@@ -14,8 +14,8 @@ from pyro.optim import Adam
 from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M1M2, M2, VAE
-from pyrodgm.plots import MIN_IMAGE_PIXELS, mean_images, save_manifold, save_samples
 from pyrodgm.nets import MLPSpec
+from pyrodgm.plots import MIN_IMAGE_PIXELS, mean_images, save_manifold, save_samples
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

@@ -9,8 +9,8 @@ from pyro.infer import SVI
 from pyrodgm.guides import M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2
-from pyrodgm.optim import FusedAdam, adam_arguments
 from pyrodgm.nets import MLPSpec
+from pyrodgm.optim import FusedAdam, adam_arguments
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 

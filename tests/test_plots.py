@@ -7,11 +7,11 @@ from PIL import Image
 
 from pyrodgm.guides import VAEGuide
 from pyrodgm.models import VAE
+from pyrodgm.nets import MLPSpec
 from pyrodgm.plots import (
     MIN_IMAGE_PIXELS, LatentDirections, latent_directions, latent_grid, learning_curve_panels, plot_learning_curve,
     save_grid, save_manifold, save_samples,
 )
-from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("clean_param_store", "single_thread")
 

@@ -17,9 +17,9 @@ from pyrodgm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodgm.guides import M2Guide, VAEGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2, VAE
+from pyrodgm.nets import MLPSpec
 from pyrodgm.training import TrainConfig, build_from_checkpoint, train, training_step
 from pyrodgm.zoo import recipe
-from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("clean_param_store", "pyro_validation", "single_thread")
 

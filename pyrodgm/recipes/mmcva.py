@@ -65,15 +65,15 @@ def build_conv_mmcva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, n
     (:class:`~pyrodgm.models.mmcva.ConvMMCVA`) and its guide with the max-margin CNN
     (:class:`~pyrodgm.guides.mmcva.ConvMMCVAGuide`), ``z_dim = config.z_dim``."""
     from pyrodgm.guides.mmcva import ConvMMCVAGuide
-    from pyrodgm.models.mmcva import ConvMMCVA
+    from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 
     image_shape = IMAGE_SHAPES[config.dataset]
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmcva on {config.dataset} expects images {image_shape}, got {x_dim} features")
     if config.params.likelihood != "bernoulli":
         raise ValueError("conv-mmcva has a Bernoulli likelihood (as the paper on MNIST); use --likelihood bernoulli")
-    z_dim = config.params.z_dim
-    return ConvMMCVA(image_shape, num_classes, z_dim), ConvMMCVAGuide(image_shape, num_classes, z_dim)
+    spec = ConvMMCVASpec(image_shape, num_classes, config.params.z_dim)
+    return ConvMMCVA(spec), ConvMMCVAGuide(spec)
 
 
 def conv_mmcva_loss(config, num_data: int, num_labels: int) -> Loss:

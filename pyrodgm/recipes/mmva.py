@@ -90,14 +90,14 @@ def build_conv_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn
     (:func:`~pyrodgm.guides.mmva.conv_mmva_layers`)."""
     from pyrodgm.guides.mmva import ConvMMVAGuide, conv_mmva_layers
     from pyrodgm.models.mmva import ConvMMVA
+    from pyrodgm.nets import ConvMMVASpec
 
     image_shape = IMAGE_SHAPES[config.dataset]
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmva on {config.dataset} expects images {image_shape}, got {x_dim} features")
-    layers = conv_mmva_layers(image_shape)
-    kwargs = dict(z_dim=config.params.z_dim, layers=layers, activation=config.params.activation)
-    model = ConvMMVA(image_shape, likelihood=config.params.likelihood, **kwargs)
-    return model, ConvMMVAGuide(image_shape, num_classes, **kwargs)
+    p = config.params
+    spec = ConvMMVASpec(image_shape, num_classes, p.z_dim, conv_mmva_layers(image_shape), activation=p.activation)
+    return ConvMMVA(spec, likelihood=p.likelihood), ConvMMVAGuide(spec)
 
 
 def mmva_loss(config, num_data: int, num_labels: int) -> Loss:

@@ -127,9 +127,9 @@ def main(argv=None) -> dict:
         args.dataset, args.seed = config.dataset, config.seed
     else:
         out = args.out or f"runs/experiments/{args.model}_active_units_{args.dataset}_seed{args.seed}"
-        config = TrainConfig(**{**ADGM_DEFAULTS, "model": args.model, "dataset": args.dataset, "root": args.root,
-                                "download": args.download, "validation": args.validation, "epochs": args.epochs,
-                                "seed": args.seed, "device": args.device, "out": out, **run_options(args)})
+        config = TrainConfig.for_model(**{**ADGM_DEFAULTS, "model": args.model, "dataset": args.dataset, "root": args.root,
+                                          "download": args.download, "validation": args.validation, "epochs": args.epochs,
+                                          "seed": args.seed, "device": args.device, "out": out, **run_options(args)})
         metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
         checkpoint = Path(out) / "best.pt"
         config, _, model, guide, state = build_from_checkpoint(checkpoint, args.device)

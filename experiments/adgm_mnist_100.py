@@ -66,7 +66,7 @@ def config_for(args) -> TrainConfig:
         num_particles=args.mc, eval_particles=args.eval_particles,
         validate_inputs=not args.no_validate_inputs, **run_options(args), **authors_code_options(args),
     )
-    return TrainConfig(**values)
+    return TrainConfig.for_model(**values)
 
 
 #: What the ADGM authors' code of Dec 2015 (``run_adgmssl_mnist.py``, whose log and curve
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
     extra = {
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
-        "alpha_factor": config.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),
+        "alpha_factor": config.params.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),
     }
     path = write_result(args, name(args), metrics, target(args.model, args.mc), started, extra)
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))

@@ -78,8 +78,9 @@ class Problem:
 def train_config(dataset: str, labels: int, validation: int | None, seed: int, binarized: bool) -> TrainConfig:
     """A :class:`TrainConfig` with the fields that decide a run's split (dataset, labels,
     validation size, seed) and its evaluation images (binarised or not)."""
-    return TrainConfig(dataset=dataset, labels=labels, validation=validation, seed=seed, binarize=binarized,
-                       likelihood="bernoulli" if binarized else "gaussian", device="cpu")
+    likelihood = "bernoulli" if binarized else "gaussian"  # any model's config: only the split's fields matter
+    return TrainConfig.for_model("m2", dataset=dataset, labels=labels, validation=validation, seed=seed, binarize=binarized,
+                                 likelihood=likelihood, device="cpu")
 
 
 def pyrodgm_split(train: ImageData, config: TrainConfig) -> SemiSupervisedSplit:

@@ -50,6 +50,7 @@ from pyrodgm.graphs import CapturedStep
 from pyrodgm.guides import ADGMGuide, M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import ADGM, M2
+from pyrodgm.nets import AuxiliarySpec, MLPSpec
 from pyrodgm.optim import FusedAdam, adam_arguments
 from pyrodgm.recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_warmup
 from pyrodgm.recipes.gmvae import build_gmvae, gmvae_loss
@@ -95,7 +96,8 @@ def _setup(model, guide, reference, device: torch.device, batch: int, num_partic
 
 def m2_setup(device: torch.device, batch: int) -> dict:
     """M2 at Kingma et al.'s MNIST sizes (784-500-50)."""
-    return _setup(M2(784, 10, 50, (500,)), M2Guide(784, 10, 50, (500,)), m2_loss, device, batch)
+    spec = MLPSpec(784, 10, 50, (500,))
+    return _setup(M2(spec), M2Guide(spec), m2_loss, device, batch)
 
 
 def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict:
@@ -103,7 +105,8 @@ def adgm_setup(device: torch.device, batch: int, num_particles: int = 1) -> dict
     def reference(model, guide, x, y, alpha):
         return adgm_loss(model, guide, x, y, alpha, num_particles)
 
-    model, guide = ADGM(784, 10, 100, 100, (500, 500)), ADGMGuide(784, 10, 100, 100, (500, 500))
+    spec = AuxiliarySpec(784, 10, 100, (500, 500), a_dim=100)
+    model, guide = ADGM(spec), ADGMGuide(spec)
     return _setup(model, guide, reference, device, batch, num_particles)
 
 
@@ -113,13 +116,13 @@ def cagem_setup(device: torch.device, batch: int) -> dict:
     labels of 50,000 (alpha = 0.1 N / N_l = 50), at the middle of the KL warm-up (weight 0.5;
     every weight costs the same).  The reference reproduces the restricted gradients of the
     two cross-entropies (``torch.autograd.grad``) and their frozen batch-norm statistics."""
-    config = TrainConfig(**CAGEM_DEFAULTS, model="cagem", labels=100)
+    config = TrainConfig.for_model(**CAGEM_DEFAULTS, model="cagem", labels=100)
     model, guide = build_cagem(config, 784, 10)
     loss = cagem_loss(config, 50_000, 100)
-    epoch = config.kl_warmup_epochs // 2
+    epoch = config.params.kl_warmup_epochs // 2
     cagem_warmup(config, epoch, model, guide, loss)
-    weight, particles = kl_warmup_weight(epoch, config.kl_warmup_epochs), config.num_particles
-    alpha = config.alpha_factor * 50_000 / 100
+    weight, particles = kl_warmup_weight(epoch, config.params.kl_warmup_epochs), config.num_particles
+    alpha = config.params.alpha_factor * 50_000 / 100
     setup = _setup(
         model, guide, lambda *a: cagem_reference(*a, particles, weight), device, batch, particles, alpha, loss=loss,
         reference_grads=lambda *a: cagem_loss_and_grads(*a, particles, weight),
@@ -141,20 +144,20 @@ def conv_mmcva_setup(device: torch.device, batch: int) -> dict:
     the recipe's docstring states them, so a change to either shows as a loss mismatch."""
     recipe_defaults = defaults("conv-mmcva", "mnist")
     ratio = recipe_defaults["batch_size"] // recipe_defaults["labelled_per_batch"]
-    config = TrainConfig(**{**recipe_defaults, "batch_size": ratio * batch, "labelled_per_batch": batch},
-                         model="conv-mmcva", dataset="mnist", labels=100)
+    config = TrainConfig.for_model(**{**recipe_defaults, "batch_size": ratio * batch, "labelled_per_batch": batch},
+                                   model="conv-mmcva", dataset="mnist", labels=100)
     model, guide = build_conv_mmcva(config, 784, 10)
     loss = conv_mmcva_loss(config, 50_000, 100)
-    size, labelled = config.batch_size, config.labelled_per_batch
+    size, labelled, p = config.batch_size, config.labelled_per_batch, config.params
     weights = dict(
-        alpha=config.mmcva_alpha, alpha_u=config.alpha_u * size / (size - labelled), alpha_b=config.alpha_b * size,
+        alpha=p.mmcva_alpha, alpha_u=p.alpha_u * size / (size - labelled), alpha_b=p.alpha_b * size,
         C=size / labelled, sigma=(2 * WEIGHT_DECAY * size) ** -0.5,
     )
     setup = _setup(model, guide, lambda m, g, x, y, alpha: conv_mmcva_reference(m, g, x, y, **weights), device, batch,
                    loss=loss, unlabelled=size - labelled)
     setup["note"] = (
-        f"Conv-MMCVA, batches of {size} with {labelled} labelled, alpha={weights['alpha']:g}, alpha_U={config.alpha_u:g}, "
-        f"alpha_B={config.alpha_b:g}; both run the max-margin CNN on the labelled rows and on the unlabelled rows inside "
+        f"Conv-MMCVA, batches of {size} with {labelled} labelled, alpha={weights['alpha']:g}, alpha_U={p.alpha_u:g}, "
+        f"alpha_B={p.alpha_b:g}; both run the max-margin CNN on the labelled rows and on the unlabelled rows inside "
         "the bound (the guide records its scores; the reference without a graph, its output unused or argmaxed) and once "
         "more on the whole batch for the hinge, hat and balance terms"
     )
@@ -171,16 +174,17 @@ def gmvae_setup(device: torch.device, batch: int) -> dict:
     (:func:`~pyrodgm.recipes.gmvae.gmvae_loss`: the bound of every row, the k-NN assignment
     and lifted structured losses), ``batch`` labelled rows and as many unlabelled ones (200
     with 100 labelled, the paper's)."""
-    config = TrainConfig(**{**defaults("gmvae", "mnist"), "batch_size": 2 * batch, "labelled_per_batch": batch},
-                         model="gmvae", dataset="mnist", labels=100)
+    config = TrainConfig.for_model(**{**defaults("gmvae", "mnist"), "batch_size": 2 * batch, "labelled_per_batch": batch},
+                                   model="gmvae", dataset="mnist", labels=100)
     model, guide = build_gmvae(config, 784, 10)
     loss = gmvae_loss(config, 48_000, 100)
-    weights = dict(w_gaussian=config.w_gaussian, w_categorical=config.w_categorical, w_assign=config.w_assign,
-                   w_metric=config.w_metric, k=config.knn, margin=config.metric_margin)
+    p = config.params
+    weights = dict(w_gaussian=p.w_gaussian, w_categorical=p.w_categorical, w_assign=p.w_assign,
+                   w_metric=p.w_metric, k=p.knn, margin=p.metric_margin)
     setup = _setup(model, guide, lambda m, g, x, y, alpha: gmvae_reference(m, g, x, y, **weights), device, batch, loss=loss)
     setup["note"] = (
-        f"GMVAE ({config.likelihood} likelihood, Gumbel-softmax temperature {guide.temperature:g}), "
-        f"w_A={config.w_assign:g}, w_M={config.w_metric:g}, k={config.knn}, margin {config.metric_margin:g}; one feature pass a step in both"
+        f"GMVAE ({p.likelihood} likelihood, Gumbel-softmax temperature {guide.temperature:g}), "
+        f"w_A={p.w_assign:g}, w_M={p.w_metric:g}, k={p.knn}, margin {p.metric_margin:g}; one feature pass a step in both"
     )
     setup["iwae_skipped"] = (
         "a relaxed (Gumbel-softmax) label has no discrete log-density to weigh; the recipe evaluates the bound"

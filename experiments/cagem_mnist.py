@@ -60,7 +60,7 @@ def config_for(args) -> TrainConfig:
         values["gaussian_scale"] = args.gaussian_scale
     if args.dataset == "digits":
         values["lr"] = 3e-3  # pyrodgm.zoo.DATASET_PRESETS: 12 steps an epoch
-    return TrainConfig(**values)
+    return TrainConfig.for_model(**values)
 
 
 def main(argv=None) -> dict:

@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
         labelled_per_batch=args.labelled_per_batch, lr=args.lr, alpha_u=args.alpha_u,
         validate_inputs=not args.no_validate_inputs, **run_options(args),
     )
-    metrics = train(TrainConfig(**values), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(TrainConfig.for_model(**values), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     path = write_result(args, name, metrics, TARGETS[args.labels], started, {"config": metrics["config"]})
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))
     return metrics

@@ -42,7 +42,7 @@ def config_for(args) -> TrainConfig:
     )
     if args.validation is not None:
         values["validation"] = args.validation
-    return TrainConfig(**values)
+    return TrainConfig.for_model(**values)
 
 
 def main(argv=None) -> dict:

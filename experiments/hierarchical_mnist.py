@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         values["iw_samples"] = args.iw_samples
     name = experiment_name(args.model, values["iw_samples"])
     out = args.out or f"runs/experiments/{name}_{args.dataset}_seed{args.seed}"
-    config = TrainConfig(
+    config = TrainConfig.for_model(
         **{**values, "model": args.model, "dataset": args.dataset, "root": args.root, "download": args.download,
            "validation": args.validation, "epochs": args.epochs, "seed": args.seed, "device": args.device, "out": out,
            **run_options(args)},

@@ -58,7 +58,7 @@ def _train(args) -> tuple[Path, dict]:
     values = {**defaults(args.model, args.dataset), "model": args.model, "dataset": args.dataset, "root": args.root,
               "download": args.download, "labels": args.labels, "validation": args.validation, "epochs": args.epochs,
               "seed": args.seed, "device": args.device, "out": out, **run_options(args)}  # fmt: skip
-    return Path(out) / "best.pt", train(TrainConfig(**values), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    return Path(out) / "best.pt", train(TrainConfig.for_model(**values), resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
 
 
 def main(argv=None) -> dict:

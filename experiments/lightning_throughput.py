@@ -57,7 +57,7 @@ def _config(args: argparse.Namespace, out: str):
               "eval_particles": 1, "out": out}
     if args.hidden:
         values["hidden"] = tuple(int(h) for h in args.hidden.split(","))
-    return TrainConfig(**values)
+    return TrainConfig.for_model(**values)
 
 
 class _StopAfter(Exception):

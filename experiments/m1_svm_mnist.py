@@ -43,7 +43,7 @@ PAPER = {"test_error": 0.1182, "std": 0.0025, "source": "Kingma et al. 2014, Tab
 
 def m1_config(args) -> TrainConfig:
     """M1 as ``m1m2_mnist_100.py`` trains it (the paper's M1)."""
-    return TrainConfig(
+    return TrainConfig.for_model(
         model="m1", dataset=args.dataset, root=args.root, download=args.download, validation=args.validation,
         labels=0, labelled_per_batch=0, batch_size=100, epochs=args.epochs, z_dim=50, hidden=(600, 600),
         activation="softplus", lr=3e-4, seed=args.seed, device=args.device, out=args.out or f"runs/experiments/m1_{args.dataset}_seed{args.seed}",

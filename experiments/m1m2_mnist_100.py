@@ -31,13 +31,13 @@ def main(argv=None) -> dict:
     m1_metrics = None
     m1_checkpoint = None
     if not args.end_to_end:
-        m1 = TrainConfig(model="m1", labels=0, labelled_per_batch=0, batch_size=100, epochs=args.m1_epochs,
-                         z_dim=50, hidden=(600, 600), out=f"{base}/m1", **common)
+        m1 = TrainConfig.for_model(model="m1", labels=0, labelled_per_batch=0, batch_size=100, epochs=args.m1_epochs,
+                                   z_dim=50, hidden=(600, 600), out=f"{base}/m1", **common)
         m1_metrics = train(m1, resume=args.resume and _started(m1.out), progress=not args.quiet, overwrite=args.overwrite)
         m1_checkpoint = f"{base}/m1/best.pt"
-    stack = TrainConfig(model="m1m2", labels=100, batch_size=200, labelled_per_batch=100, epochs=args.epochs,
-                        z_dim=50, hidden=(500,), alpha_factor=0.1, eval_particles=10, m1_checkpoint=m1_checkpoint,
-                        end_to_end=args.end_to_end, out=f"{base}/m1m2", **common, **run_options(args))
+    stack = TrainConfig.for_model(model="m1m2", labels=100, batch_size=200, labelled_per_batch=100, epochs=args.epochs,
+                                  z_dim=50, hidden=(500,), alpha_factor=0.1, eval_particles=10, m1_checkpoint=m1_checkpoint,
+                                  end_to_end=args.end_to_end, out=f"{base}/m1m2", **common, **run_options(args))
     metrics = train(stack, resume=args.resume and _started(stack.out), progress=not args.quiet, overwrite=args.overwrite)
     extra = {"m1_epochs_completed": m1_metrics["epochs_completed"] if m1_metrics else None,
              "m1_train_seconds": m1_metrics["train_seconds_total"] if m1_metrics else None,

@@ -15,7 +15,7 @@ def main(argv=None) -> dict:
     args = parser(__doc__.splitlines()[0], epochs=1000).parse_args(argv)
     started = setup(args)
     out = args.out or f"runs/experiments/m2_{args.dataset}_100_seed{args.seed}"
-    config = TrainConfig(
+    config = TrainConfig.for_model(
         model="m2", dataset=args.dataset, root=args.root, download=args.download, labels=100,
         validation=args.validation, epochs=args.epochs, batch_size=200, labelled_per_batch=100,
         lr=3e-4, seed=args.seed, device=args.device, out=out, z_dim=50, hidden=(500,),

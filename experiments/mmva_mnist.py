@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     if model in PAPER_C:
         overrides["margin_C"] = C
-    config = TrainConfig(**{
+    config = TrainConfig.for_model(**{
         **defaults(model, args.dataset), **overrides, "model": model, "dataset": args.dataset, "root": args.root,
         "download": args.download, "validation": args.validation, "epochs": args.epochs, "seed": args.seed,
         "device": args.device, "out": out, **run_options(args),

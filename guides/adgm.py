@@ -23,14 +23,14 @@ sites are latent.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
 
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP
+from pyrodgm.nets import AuxiliarySpec, CategoricalHead
 
 __all__ = ["ADGMGuide"]
 
@@ -39,17 +39,9 @@ class ADGMGuide(PlatedGuide):
     """``q(a|x) q(y|a,x) q(z|y,x)`` (or ``q(z|a,y,x)``); ``y`` is marked for parallel
     enumeration when no labels are given.  Sites ``"a"``, ``"y"``, ``"z"``.
 
-    :param int x_dim: features per example.
-    :param int num_classes: number of classes.
-    :param int z_dim: latent dimension.
-    :param int a_dim: auxiliary dimension.
-    :param hidden: hidden widths of every MLP.
-    :param str activation: hidden activation.
+    :param AuxiliarySpec spec: the model's sizes and layers (:class:`~pyrodgm.models.ADGM`).
     :param bool z_sees_a: ``q(z|a,y,x)`` instead of ``q(z|y,x)`` (the SDGM's encoder).
     :param bool deterministic_auxiliary: ``a = f(x)``, no site ``"a"`` (module docstring).
-    :param bool batch_norm: batch-norm in the hidden layers.
-    :param str init: ``"xavier"`` (Glorot, the paper) or ``"default"``.
-    :param str scale: Gaussian scale parameterisation, ``"softplus"`` or ``"exp"``.
     :param bool learn_auxiliary: ``False`` keeps ``q(a|x)`` at its initial weights (no
         gradient reaches them; the ADGM authors' code of Dec 2015 left them out of the
         update, making ``a`` a fixed random noisy projection of ``x``).
@@ -58,32 +50,20 @@ class ADGMGuide(PlatedGuide):
     pyro_name = "adgm_guide"
 
     def __init__(
-        self,
-        x_dim: int,
-        num_classes: int = 10,
-        z_dim: int = 100,
-        a_dim: int = 100,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "relu",
-        z_sees_a: bool = False,
-        deterministic_auxiliary: bool = False,
-        batch_norm: bool = False,
-        init: str = "xavier",
-        scale: str = "softplus",
-        learn_auxiliary: bool = True,
+        self, spec: AuxiliarySpec, z_sees_a: bool = False, deterministic_auxiliary: bool = False, learn_auxiliary: bool = True
     ) -> None:
         super().__init__()
-        self.x_dim, self.num_classes, self.z_dim, self.a_dim = x_dim, num_classes, z_dim, a_dim
         self.learn_auxiliary = learn_auxiliary
+        self.spec, self.x_dim, self.num_classes, self.z_dim, self.a_dim = spec, spec.x_dim, spec.num_classes, spec.z_dim, spec.a_dim
         self.z_sees_a, self.deterministic_auxiliary = z_sees_a, deterministic_auxiliary
         if deterministic_auxiliary:
-            self.auxiliary = MLP(x_dim, hidden, out_dim=a_dim, activation=activation, batch_norm=batch_norm, init=init)
+            self.auxiliary = spec.mlp(spec.x_dim, out_dim=spec.a_dim)
         else:
-            self.auxiliary = GaussianMLP(x_dim, hidden, a_dim, activation, batch_norm, init, scale)
-        self.classifier = MLP(x_dim + a_dim, hidden, activation=activation, batch_norm=batch_norm, init=init)
-        self.classifier_head = CategoricalHead(self.classifier.out_features, num_classes, init=init)
-        encoder_in = x_dim + num_classes + (a_dim if z_sees_a else 0)
-        self.encoder = GaussianMLP(encoder_in, hidden, z_dim, activation, batch_norm, init, scale)
+            self.auxiliary = spec.gaussian(spec.x_dim, spec.a_dim)
+        self.classifier = spec.mlp(spec.x_dim + spec.a_dim)
+        self.classifier_head = CategoricalHead(self.classifier.out_features, spec.num_classes, init=spec.init)
+        encoder_in = spec.x_dim + spec.num_classes + (spec.a_dim if z_sees_a else 0)
+        self.encoder = spec.gaussian(encoder_in, spec.z_dim)
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``a`` (``[particles, B, a_dim]`` under a particle plate), then ``y`` (enumerated

@@ -27,49 +27,39 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
 
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP
+from pyrodgm.models.cagem import check_sizes
+from pyrodgm.nets import CategoricalHead, TwoLayerSpec
 
 __all__ = ["CaGeMGuide"]
 
 
 class CaGeMGuide(PlatedGuide):
-    """``q(z1|x) q(y|z1,x) q(z2|x,y,z1)``.  Sites ``"z1"``, ``"y"``, ``"z2"``.  Parameters
-    as for :class:`~pyrodgm.models.cagem.CaGeM`, plus
+    """``q(z1|x) q(y|z1,x) q(z2|x,y,z1)``.  Sites ``"z1"``, ``"y"``, ``"z2"``.  ``spec``:
+    the model's (:class:`~pyrodgm.models.cagem.CaGeM`); and
 
     :param bool skip: the skip connection ``x -> z2``.
     """
 
     pyro_name = "cagem_guide"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_clusters: int = 10,
-        z1_dim: int = 64,
-        z2_dim: int = 32,
-        hidden: Sequence[int] = (1024, 1024),
-        latent_hidden: Sequence[int] = (512, 512),
-        activation: str = "relu",
-        batch_norm: bool = True,
-        scale: str = "exp",
-        skip: bool = True,
-        min_scale: float = 1e-3,
-    ) -> None:
+    def __init__(self, spec: TwoLayerSpec, skip: bool = True) -> None:
         super().__init__()
-        self.x_dim, self.num_clusters, self.z1_dim, self.z2_dim, self.skip = x_dim, num_clusters, z1_dim, z2_dim, skip
-        self.z1_encoder = GaussianMLP(x_dim, hidden, z1_dim, activation, batch_norm, "default", scale, min_scale)
+        check_sizes(spec)
+        self.spec, self.x_dim, self.num_clusters, self.z1_dim, self.z2_dim = spec, spec.x_dim, spec.num_classes, spec.z_dim, spec.z2_dim
+        self.skip = skip
+        self.z1_encoder = spec.gaussian(spec.x_dim, spec.z_dim)
         #: phi_y of App. B: the parameters of q(y|z1,x)
-        self.classifier = MLP(x_dim + z1_dim, hidden, activation=activation, batch_norm=batch_norm)
-        self.classifier_head = CategoricalHead(self.classifier.out_features, num_clusters)
-        z2_in = num_clusters + z1_dim + (x_dim if skip else 0)
-        self.z2_encoder = GaussianMLP(z2_in, latent_hidden, z2_dim, activation, batch_norm, "default", scale, min_scale)
+        self.classifier = spec.mlp(spec.x_dim + spec.z_dim)
+        self.classifier_head = CategoricalHead(self.classifier.out_features, spec.num_classes)
+        z2_in = spec.num_classes + spec.z_dim + (spec.x_dim if skip else 0)
+        self.z2_encoder = spec.gaussian(z2_in, spec.z2_dim, hidden=spec.hidden2)
 
     @property
     def num_classes(self) -> int:

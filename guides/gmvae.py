@@ -21,7 +21,7 @@ References
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -29,7 +29,7 @@ import torch
 
 from pyrodgm.labels import RelaxableLabel
 from pyrodgm.modeling import PlatedGuide, one_hot, record
-from pyrodgm.models.gmvae import ConvFeatures, Geometry
+from pyrodgm.models.gmvae import ConvFeatures, GMVAESpec
 from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP
 
 __all__ = ["GMVAEGuide"]
@@ -38,37 +38,23 @@ __all__ = ["GMVAEGuide"]
 class GMVAEGuide(RelaxableLabel, PlatedGuide):
     """``g(x)``, ``q(y|x_hat) q(z|x_hat, y)``.
 
-    :param image_shape: ``(C, H, W)`` of the flattened images.
-    :param int num_classes: classes (clusters) of ``y``.
-    :param int z_dim: ``gsz``.
-    :param int feature_dim: ``fsz``, the width of ``x_hat``.
+    :param GMVAESpec spec: the model's sizes (:class:`~pyrodgm.models.gmvae.GMVAE`).
     :param str label_mode: ``"relaxed"`` (the paper), ``"straight-through"`` or
         ``"enumerate"``.
     :param float temperature: the Gumbel-softmax temperature (a schedule anneals it).
-    :param geometry: ``(channels, kernels, strides)`` of ``g`` (see
-        :data:`pyrodgm.models.gmvae.CONV_GEOMETRY`).
     """
 
     pyro_name = "gmvae_guide"
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_classes: int = 10,
-        z_dim: int = 100,
-        feature_dim: int = 100,
-        label_mode: str = "relaxed",
-        temperature: float = 1.0,
-        geometry: Optional[Geometry] = None,
-    ) -> None:
+    def __init__(self, spec: GMVAESpec, label_mode: str = "relaxed", temperature: float = 1.0) -> None:
         super().__init__()
         self.label_mode, self.temperature = label_mode, temperature
-        self.image_shape = tuple(int(s) for s in image_shape)
-        self.features = ConvFeatures(self.image_shape, feature_dim, geometry)
-        self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), num_classes, z_dim
+        self.spec, self.image_shape, feature_dim = spec, spec.image_shape, spec.feature_dim
+        self.features = ConvFeatures(self.image_shape, feature_dim, spec.geometry)
+        self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), spec.num_classes, spec.z_dim
         self.classifier = MLP(feature_dim, (feature_dim,), activation="leaky_relu")
-        self.classifier_head = CategoricalHead(feature_dim, num_classes)
-        self.encoder = GaussianMLP(feature_dim + num_classes, (z_dim, z_dim), z_dim, activation="leaky_relu", init="default")
+        self.classifier_head = CategoricalHead(feature_dim, spec.num_classes)
+        self.encoder = GaussianMLP(feature_dim + spec.num_classes, (spec.z_dim, spec.z_dim), spec.z_dim, activation="leaky_relu", init="default")
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``features`` (deterministic), ``y`` (when no labels are given) and ``z``."""

@@ -35,7 +35,7 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -43,7 +43,7 @@ import torch
 
 from pyrodgm.models.hierarchical import HierarchicalVAE
 from pyrodgm.modeling import PlatedGuide, register_module
-from pyrodgm.nets import MLP, GaussianMLP, NormalHead
+from pyrodgm.nets import TwoLayerSpec
 
 __all__ = ["HierarchicalGuide", "LadderGuide", "precision_weighted"]
 
@@ -54,29 +54,17 @@ def _no_label(y: Optional[torch.Tensor]) -> None:
 
 
 class HierarchicalGuide(PlatedGuide):
-    """``q(z1|x) q(z2|z1)``, each an MLP with a Gaussian head.
-
-    :param hidden1: widths between ``x`` and ``z1`` (200, 200 in Burda et al.).
-    :param hidden2: widths between ``z1`` and ``z2`` (100, 100).
-    """
+    """``q(z1|x) q(z2|z1)``, each an MLP with a Gaussian head; ``spec``: the model's
+    (:class:`HierarchicalVAE`): ``hidden`` the widths between ``x`` and ``z1`` (200, 200 in
+    Burda et al.), ``hidden2`` those between ``z1`` and ``z2`` (100, 100)."""
 
     pyro_name = "vae2_guide"
 
-    def __init__(
-        self,
-        x_dim: int,
-        z1_dim: int = 100,
-        z2_dim: int = 50,
-        hidden1: Sequence[int] = (200, 200),
-        hidden2: Sequence[int] = (100, 100),
-        activation: str = "tanh",
-        scale: str = "exp",
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, spec: TwoLayerSpec) -> None:
         super().__init__()
-        self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
-        self.q_z1 = GaussianMLP(x_dim, tuple(hidden1), z1_dim, activation=activation, batch_norm=batch_norm, scale=scale)
-        self.q_z2 = GaussianMLP(z1_dim, tuple(hidden2), z2_dim, activation=activation, batch_norm=batch_norm, scale=scale)
+        self.spec, self.x_dim, self.z1_dim, self.z2_dim = spec, spec.x_dim, spec.z_dim, spec.z2_dim
+        self.q_z1 = spec.gaussian(spec.x_dim, spec.z_dim)
+        self.q_z2 = spec.gaussian(spec.z_dim, spec.z2_dim, hidden=spec.hidden2)
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z1, z2``, bottom-up."""
@@ -99,32 +87,24 @@ def precision_weighted(
 class LadderGuide(PlatedGuide):
     """The Ladder VAE's inference model for a :class:`HierarchicalVAE` (module docstring).
 
-    :param model: the generative model whose top-down network ``p(z1|z2)`` the guide shares.
-    :param hidden1: widths of the bottom-up MLP ``x -> d1``.
-    :param hidden2: widths of the bottom-up MLP ``d1 -> d2``.
-    :param str scale: ``"softplus"`` (Sønderby et al.'s ``softplus`` variance, up to the
-        square) or ``"exp"`` for the bottom-up scales.
+    :param model: the generative model whose top-down network ``p(z1|z2)`` the guide
+        shares, and whose spec it takes: ``hidden`` the widths of the bottom-up MLP
+        ``x -> d1``, ``hidden2`` those of ``d1 -> d2``, ``scale`` the bottom-up scales'
+        (``"softplus"``: Sønderby et al.'s ``softplus`` variance, up to the square).
     """
 
     pyro_name = "lvae_guide"
 
-    def __init__(
-        self,
-        model: HierarchicalVAE,
-        hidden1: Sequence[int] = (200, 200),
-        hidden2: Sequence[int] = (100, 100),
-        activation: str = "tanh",
-        scale: str = "softplus",
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, model: HierarchicalVAE) -> None:
         if not isinstance(model, HierarchicalVAE):
             raise TypeError(f"LadderGuide needs the HierarchicalVAE whose top-down network it shares, got {type(model).__name__}")
         super().__init__()
-        self.x_dim, self.z1_dim, self.z2_dim = model.x_dim, model.z1_dim, model.z2_dim
-        self.up1 = MLP(self.x_dim, tuple(hidden1), activation=activation, batch_norm=batch_norm, init="xavier")
-        self.up2 = MLP(self.up1.out_features, tuple(hidden2), activation=activation, batch_norm=batch_norm, init="xavier")
-        self.head1 = NormalHead(self.up1.out_features, self.z1_dim, scale=scale, init="xavier")
-        self.head2 = NormalHead(self.up2.out_features, self.z2_dim, scale=scale, init="xavier")
+        spec = model.spec
+        self.spec, self.x_dim, self.z1_dim, self.z2_dim = spec, model.x_dim, model.z1_dim, model.z2_dim
+        self.up1 = spec.mlp(self.x_dim)
+        self.up2 = spec.mlp(self.up1.out_features, hidden=spec.hidden2)
+        self.head1 = spec.normal_head(self.up1.out_features, self.z1_dim)
+        self.head2 = spec.normal_head(self.up2.out_features, self.z2_dim)
         self._shared = (model,)  # a plain reference: not a submodule, not in state_dict
 
     @property

@@ -11,7 +11,7 @@ categorical KL of ``q(y|x)`` to ``p(y)`` in closed form.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -19,34 +19,25 @@ import torch
 
 from pyrodgm.labels import RelaxableLabel
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import MLP, CategoricalHead, NormalHead
+from pyrodgm.nets import CategoricalHead, MLPSpec
 
 
 class M2Guide(RelaxableLabel, PlatedGuide):
     """``q(y|x) q(z|x,y)``; ``y`` is marked for parallel enumeration (``label_mode=
     "enumerate"``) or sampled from a Gumbel-softmax at ``temperature`` (``"relaxed"``,
-    ``"straight-through"``), see :mod:`pyrodgm.labels`."""
+    ``"straight-through"``), see :mod:`pyrodgm.labels`.  ``spec``: the model's
+    (:class:`~pyrodgm.models.M2`)."""
 
     pyro_name = "m2_guide"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_classes: int = 10,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (500,),
-        activation: str = "softplus",
-        batch_norm: bool = False,
-        label_mode: str = "enumerate",
-        temperature: float = 1.0,
-    ) -> None:
+    def __init__(self, spec: MLPSpec, label_mode: str = "enumerate", temperature: float = 1.0) -> None:
         super().__init__()
         self.label_mode, self.temperature = label_mode, temperature
-        self.x_dim, self.num_classes, self.z_dim = x_dim, num_classes, z_dim
-        self.classifier = MLP(x_dim, hidden, activation=activation, batch_norm=batch_norm)
-        self.classifier_head = CategoricalHead(self.classifier.out_features, num_classes)
-        self.encoder = MLP(x_dim + num_classes, hidden, activation=activation, batch_norm=batch_norm)
-        self.encoder_head = NormalHead(self.encoder.out_features, z_dim)
+        self.spec, self.x_dim, self.num_classes, self.z_dim = spec, spec.x_dim, spec.num_classes, spec.z_dim
+        self.classifier = spec.mlp(spec.x_dim)
+        self.classifier_head = CategoricalHead(self.classifier.out_features, spec.num_classes)
+        self.encoder = spec.mlp(spec.x_dim + spec.num_classes)
+        self.encoder_head = spec.normal_head(self.encoder.out_features, spec.z_dim)
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, names: tuple[str, str] = ("y", "z")) -> torch.Tensor:
         """The sites ``y, z`` under the given names; ``y`` is sampled (enumerated) only when

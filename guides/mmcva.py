@@ -53,7 +53,7 @@ from torch.distributions import register_kl
 
 from pyrodgm.losses.margin import MarginClassifier
 from pyrodgm.modeling import PlatedGuide, one_hot, record
-from pyrodgm.models.mmcva import LabelMapConv, as_images, broadcast_leading
+from pyrodgm.models.mmcva import ConvMMCVASpec, LabelMapConv, as_images, broadcast_leading
 from pyrodgm.nets import NormalHead, _check_image_shape
 
 __all__ = ["ArgmaxOneHotCategorical", "MaxMarginCNN", "ConditionalConvEncoder", "ConvMMCVAGuide"]
@@ -217,25 +217,17 @@ class ConvMMCVAGuide(PlatedGuide):
 
     Called with ``y`` (integer labels) it uses them and has no ``y`` site, as
     :class:`~pyrodgm.guides.M2Guide` does; the losses instead observe the site through
-    a messenger.
+    a messenger.  ``spec``: the model's (:class:`~pyrodgm.models.mmcva.ConvMMCVA`).
     """
 
     pyro_name = "conv_mmcva_guide"
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_classes: int = 10,
-        z_dim: int = 100,
-        classifier_channels: Sequence[int] = (32, 64, 64, 128, 128),
-        encoder_channels: Sequence[int] = (32, 32, 64, 64, 64),
-        dropout: float = 0.5,
-    ) -> None:
+    def __init__(self, spec: ConvMMCVASpec) -> None:
         super().__init__()
-        self.image_shape = _check_image_shape(image_shape)
-        self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), num_classes, z_dim
-        self.classifier = MaxMarginCNN(self.image_shape, num_classes, classifier_channels, dropout=dropout)
-        self.encoder = ConditionalConvEncoder(self.image_shape, num_classes, z_dim, encoder_channels)
+        self.spec, self.image_shape = spec, spec.image_shape
+        self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), spec.num_classes, spec.z_dim
+        self.classifier = MaxMarginCNN(self.image_shape, spec.num_classes, spec.classifier_channels, dropout=spec.dropout)
+        self.encoder = ConditionalConvEncoder(self.image_shape, spec.num_classes, spec.z_dim, spec.encoder_channels)
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         features = self.classifier.features(x)

@@ -34,7 +34,7 @@ import torch
 
 from pyrodgm.losses.margin import MarginClassifier
 from pyrodgm.modeling import PlatedGuide, record
-from pyrodgm.nets import CONV_MMVA_LAYERS, MLP, NormalHead, PoolingConvEncoder, conv_layers_fit
+from pyrodgm.nets import CONV_MMVA_LAYERS, ConvMMVASpec, MLPSpec, NormalHead, PoolingConvEncoder, conv_layers_fit
 
 __all__ = ["MMVAGuide", "ConvMMVAGuide", "SMALL_IMAGE_LAYERS", "conv_mmva_layers"]
 
@@ -75,29 +75,21 @@ class MMVAGuide(_MarginGuide):
     """MMVA's recognition model: an MLP (2x500 in the paper), ``q(z|x)`` from its last
     layer, features = all hidden layers' activations concatenated.
 
-    :param int x_dim: features per example.
-    :param int num_classes: classes of the margin classifier.
-    :param int z_dim: latent dimension (50).
-    :param hidden: hidden widths (500, 500).
+    :param MLPSpec spec: the model's (:class:`~pyrodgm.models.MMVA`): ``x_dim``, the
+        margin classifier's ``num_classes``, ``z_dim`` (50) and the ``hidden`` widths (500,
+        500).
     """
 
     pyro_name = "mmva_guide"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_classes: int = 10,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "softplus",
-    ) -> None:
+    def __init__(self, spec: MLPSpec) -> None:
         super().__init__()
-        if not hidden:
+        if not spec.hidden:
             raise ValueError("MMVA's recognition model needs at least one hidden layer (its features)")
-        self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
-        self.encoder = MLP(x_dim, hidden, activation=activation)
-        self.head = NormalHead(self.encoder.out_features, z_dim)
-        self.classifier = MarginClassifier(sum(hidden), num_classes)
+        self.spec, self.x_dim, self.z_dim, self.num_classes = spec, spec.x_dim, spec.z_dim, spec.num_classes
+        self.encoder = spec.mlp(spec.x_dim)
+        self.head = spec.normal_head(self.encoder.out_features, spec.z_dim)
+        self.classifier = MarginClassifier(sum(spec.hidden), spec.num_classes)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layers = self.encoder.forward_features(x)
@@ -109,30 +101,19 @@ class ConvMMVAGuide(_MarginGuide):
     (:class:`~pyrodgm.nets.PoolingConvEncoder`), ``q(z|x)`` and the features from that
     last layer.
 
-    :param image_shape: ``(C, H, W)`` of the flattened images.
-    :param int num_classes: classes of the margin classifier.
-    :param int z_dim: latent dimension (50).
-    :param layers: ``(channels, kernel, pool, padding)`` per conv layer.
-    :param int hidden: the fully connected width (500).
+    :param ConvMMVASpec spec: the model's (:class:`~pyrodgm.models.ConvMMVA`), with the
+        margin classifier's ``num_classes``.
     """
 
     pyro_name = "conv_mmva_guide"
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_classes: int = 10,
-        z_dim: int = 50,
-        layers: Sequence[tuple[int, int, int, str]] = CONV_MMVA_LAYERS,
-        hidden: int = 500,
-        activation: str = "relu",
-    ) -> None:
+    def __init__(self, spec: ConvMMVASpec) -> None:
         super().__init__()
-        self.image_shape = tuple(image_shape)
-        self.x_dim, self.z_dim, self.num_classes = math.prod(self.image_shape), z_dim, num_classes
-        self.encoder = PoolingConvEncoder(self.image_shape, layers, hidden, activation)
-        self.head = NormalHead(hidden, z_dim)
-        self.classifier = MarginClassifier(hidden, num_classes)
+        self.spec, self.image_shape = spec, spec.image_shape
+        self.x_dim, self.z_dim, self.num_classes = math.prod(self.image_shape), spec.z_dim, spec.num_classes
+        self.encoder = PoolingConvEncoder(self.image_shape, spec.layers, spec.hidden, spec.activation)
+        self.head = NormalHead(spec.hidden, spec.z_dim)
+        self.classifier = MarginClassifier(spec.hidden, spec.num_classes)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)

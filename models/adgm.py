@@ -44,7 +44,7 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -53,7 +53,7 @@ from torch import nn
 
 from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLP, GaussianMLP, init_weights_, likelihood_head
+from pyrodgm.nets import AuxiliarySpec, GaussianMLP, init_weights_, likelihood_head
 
 __all__ = ["ADGM", "SDGM", "AUXILIARY_PRIORS"]
 
@@ -66,13 +66,16 @@ class _LabelledLatentModel(PlatedModel):
     ``p(z) = N(0, I)`` and, for :class:`ADGM`'s ``"standard"`` option, ``p(a) = N(0, I)``,
     and the likelihood head."""
 
-    def _init_priors(self, num_classes: int, z_dim: int, a_dim: int) -> None:
-        self.register_buffer("y_logits", torch.zeros(num_classes))
-        self.register_buffer("z_loc", torch.zeros(z_dim))
-        self.register_buffer("a_loc", torch.zeros(a_dim))
+    def _init_shared(self, spec: AuxiliarySpec, likelihood: str) -> None:
+        self.spec, self.likelihood_kind = spec, likelihood
+        self.x_dim, self.num_classes, self.z_dim, self.a_dim = spec.x_dim, spec.num_classes, spec.z_dim, spec.a_dim
+        self.register_buffer("y_logits", torch.zeros(spec.num_classes))
+        self.register_buffer("z_loc", torch.zeros(spec.z_dim))
+        self.register_buffer("a_loc", torch.zeros(spec.a_dim))
 
-    def _likelihood(self, kind: str, in_features: int, x_dim: int, init: str) -> nn.Module:
-        return init_weights_(likelihood_head(kind, in_features, x_dim), init)
+    @staticmethod
+    def _likelihood(spec: AuxiliarySpec, kind: str, in_features: int) -> nn.Module:
+        return init_weights_(likelihood_head(kind, in_features, spec.x_dim), spec.init)
 
     def _sample_y(self, y: Optional[torch.Tensor]) -> torch.Tensor:
         return pyro.sample("y", dist.OneHotCategorical(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.z_loc))
@@ -86,46 +89,28 @@ class ADGM(_LabelledLatentModel):
     (``auxiliary_prior="conditional"``) or ``p(y) p(z) p(x|y,z)`` (``"none"``, for a
     guide with a deterministic auxiliary unit).  Sites ``"y"``, ``"z"``, ``"x"``, ``"a"``.
 
-    :param int x_dim: features per example.
-    :param int num_classes: number of classes of ``y``.
-    :param int z_dim: latent dimension (100 in the paper).
-    :param int a_dim: auxiliary dimension (100 in the paper).
-    :param hidden: hidden widths of every MLP (two layers of 500 in the paper).
-    :param str activation: hidden activation (``"relu"`` in the paper).
+    :param AuxiliarySpec spec: the sizes and layers shared with the guide: ``x_dim``,
+        ``num_classes``, ``z_dim`` and ``a_dim`` (100 and 100 in the paper), the ``hidden``
+        widths of every MLP (two layers of 500), ``activation`` (``"relu"``),
+        ``batch_norm`` (not used in the paper), ``init`` (``"xavier"``, Glorot, the paper's)
+        and the Gaussian ``scale`` parameterisation.
     :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
     :param str auxiliary_prior: ``"conditional"``, ``"standard"`` or ``"none"``.
-    :param bool batch_norm: batch-norm in the hidden layers (not used in the paper).
-    :param str init: ``"xavier"`` (Glorot, the paper) or ``"default"``.
-    :param str scale: Gaussian scale parameterisation, ``"softplus"`` or ``"exp"``.
     """
 
     pyro_name = "adgm"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_classes: int = 10,
-        z_dim: int = 100,
-        a_dim: int = 100,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        auxiliary_prior: str = "standard",
-        batch_norm: bool = False,
-        init: str = "xavier",
-        scale: str = "softplus",
-    ) -> None:
+    def __init__(self, spec: AuxiliarySpec, likelihood: str = "bernoulli", auxiliary_prior: str = "standard") -> None:
         super().__init__()
         if auxiliary_prior not in AUXILIARY_PRIORS:
             raise ValueError(f"auxiliary_prior must be one of {AUXILIARY_PRIORS}, got {auxiliary_prior!r}")
-        self.x_dim, self.num_classes, self.z_dim, self.a_dim = x_dim, num_classes, z_dim, a_dim
-        self.likelihood_kind, self.auxiliary_prior = likelihood, auxiliary_prior
-        self.decoder = MLP(z_dim + num_classes, hidden, activation=activation, batch_norm=batch_norm, init=init)
-        self.likelihood = self._likelihood(likelihood, self.decoder.out_features, x_dim, init)
+        self.auxiliary_prior = auxiliary_prior
+        self.decoder = spec.mlp(spec.z_dim + spec.num_classes)
+        self.likelihood = self._likelihood(spec, likelihood, self.decoder.out_features)
         self.auxiliary: Optional[GaussianMLP] = None
         if auxiliary_prior == "conditional":
-            self.auxiliary = GaussianMLP(x_dim + num_classes + z_dim, hidden, a_dim, activation, batch_norm, init, scale)
-        self._init_priors(num_classes, z_dim, a_dim)
+            self.auxiliary = spec.gaussian(spec.x_dim + spec.num_classes + spec.z_dim, spec.a_dim)
+        self._init_shared(spec, likelihood)
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         """``a`` first (standard prior), ``y, z, x``, then ``a`` given ``x, y, z``
@@ -146,26 +131,12 @@ class SDGM(_LabelledLatentModel):
 
     pyro_name = "sdgm"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_classes: int = 10,
-        z_dim: int = 100,
-        a_dim: int = 100,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        batch_norm: bool = False,
-        init: str = "xavier",
-        scale: str = "softplus",
-    ) -> None:
+    def __init__(self, spec: AuxiliarySpec, likelihood: str = "bernoulli") -> None:
         super().__init__()
-        self.x_dim, self.num_classes, self.z_dim, self.a_dim = x_dim, num_classes, z_dim, a_dim
-        self.likelihood_kind = likelihood
-        self.auxiliary = GaussianMLP(z_dim + num_classes, hidden, a_dim, activation, batch_norm, init, scale)
-        self.decoder = MLP(a_dim + z_dim + num_classes, hidden, activation=activation, batch_norm=batch_norm, init=init)
-        self.likelihood = self._likelihood(likelihood, self.decoder.out_features, x_dim, init)
-        self._init_priors(num_classes, z_dim, a_dim)
+        self.auxiliary = spec.gaussian(spec.z_dim + spec.num_classes, spec.a_dim)
+        self.decoder = spec.mlp(spec.a_dim + spec.z_dim + spec.num_classes)
+        self.likelihood = self._likelihood(spec, likelihood, self.decoder.out_features)
+        self._init_shared(spec, likelihood)
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         """``y, z``, then ``a`` given ``z, y``, then ``x`` given ``a, z, y``."""

@@ -35,7 +35,8 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -43,62 +44,69 @@ import torch
 
 from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLP, GaussianMLP, likelihood_head
+from pyrodgm.nets import TwoLayerSpec, likelihood_head
 
-__all__ = ["CaGeM"]
+__all__ = ["CaGeM", "CaGeMSpec"]
+
+
+@dataclass(frozen=True)
+class CaGeMSpec(TwoLayerSpec):
+    """A :class:`~pyrodgm.nets.TwoLayerSpec` with CaGeM's defaults (App. C): ``K`` 10, z1
+    64, z2 32, 2x1024 and 2x512 ReLU with batch norm, ``exp`` scales floored at 1e-3."""
+
+    z_dim: int = 64
+    hidden: tuple[int, ...] = (1024, 1024)
+    activation: str = "relu"
+    batch_norm: bool = True
+    init: str = "default"
+    scale: str = "exp"
+    min_scale: float = 1e-3
+    z2_dim: int = 32
+    hidden2: tuple[int, ...] = (512, 512)
+
+
+def check_sizes(spec: TwoLayerSpec) -> None:
+    """``x_dim``, ``z_dim``, ``z2_dim`` positive integers, ``num_classes`` (``K``) at least 2."""
+    for name in ("x_dim", "num_classes", "z_dim", "z2_dim"):
+        value = getattr(spec, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if spec.num_classes < 2:
+        raise ValueError(f"num_classes (K, the clusters) must be at least 2, got {spec.num_classes}")
 
 
 class CaGeM(PlatedModel):
     """``p(z2) p(y|z2) p(z1|y,z2) p(x|y,z1)``.  Sites ``"z2"``, ``"y"`` (one-hot, ``K``
     categories), ``"z1"``, ``"x"``.
 
-    :param int x_dim: features per example.
-    :param int num_clusters: ``K``, the categories of ``y`` (the number of classes when
-        trained with labels).
-    :param int z1_dim: dimension of the lower latent ``z1`` (64 in the paper).
-    :param int z2_dim: dimension of the top latent ``z2`` (32 in the paper).
-    :param hidden: hidden widths of ``p(x|y,z1)`` (two layers of 1024).
-    :param latent_hidden: hidden widths of ``p(y|z2)`` and ``p(z1|y,z2)`` (two of 512).
-    :param str activation: hidden activation (``"relu"``).
-    :param bool batch_norm: batch-norm in the hidden layers (the paper's).
-    :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
-    :param float min_scale: floor of every Gaussian scale (not in the paper): a numerical
+    :param CaGeMSpec spec: the sizes and layers shared with the guide: ``x_dim``;
+        ``num_classes``, ``K``, the categories of ``y`` (the number of classes when trained
+        with labels); ``z_dim``, ``z1``'s units (64 in the paper); ``z2_dim`` (32);
+        ``hidden``, the widths of ``p(x|y,z1)`` (two layers of 1024); ``hidden2``, those
+        of ``p(y|z2)`` and ``p(z1|y,z2)`` (two of 512); ``activation`` (``"relu"``);
+        ``batch_norm`` (the paper's); ``scale``, the Gaussian scale parameterisation
+        (``"exp"``, the paper's ``log sigma^2 = Linear(d)``, or ``"softplus"``); and
+        ``min_scale``, a floor of every Gaussian scale (not in the paper): a numerical
         guard, since without labels the prior ``p(z1|y,z2)`` of a cluster that ``q(y|x)``
-        stops using is unconstrained and its ``exp`` scale underflows until ``log p(z1|y,z2)``
-        is ``-inf`` (an unsupervised MNIST run diverged in its second epoch without it).
-    :param str scale: Gaussian scale parameterisation, ``"exp"`` (the paper's
-        ``log sigma^2 = Linear(d)``) or ``"softplus"``.
+        stops using is unconstrained and its ``exp`` scale underflows until
+        ``log p(z1|y,z2)`` is ``-inf`` (an unsupervised MNIST run diverged in its second
+        epoch without it).
+    :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
     """
 
     pyro_name = "cagem"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_clusters: int = 10,
-        z1_dim: int = 64,
-        z2_dim: int = 32,
-        hidden: Sequence[int] = (1024, 1024),
-        latent_hidden: Sequence[int] = (512, 512),
-        activation: str = "relu",
-        batch_norm: bool = True,
-        likelihood: str = "bernoulli",
-        scale: str = "exp",
-        min_scale: float = 1e-3,
-    ) -> None:
+    def __init__(self, spec: TwoLayerSpec, likelihood: str = "bernoulli") -> None:
         super().__init__()
-        for name, value in (("x_dim", x_dim), ("num_clusters", num_clusters), ("z1_dim", z1_dim), ("z2_dim", z2_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if num_clusters < 2:
-            raise ValueError(f"num_clusters must be at least 2, got {num_clusters}")
-        self.x_dim, self.num_clusters, self.z1_dim, self.z2_dim = x_dim, num_clusters, z1_dim, z2_dim
+        check_sizes(spec)
+        num_clusters, z1_dim, z2_dim = spec.num_classes, spec.z_dim, spec.z2_dim
+        self.spec, self.x_dim, self.num_clusters, self.z1_dim, self.z2_dim = spec, spec.x_dim, num_clusters, z1_dim, z2_dim
         self.likelihood_kind = likelihood
         #: theta_y of App. B: the parameters of p(y|z2)
-        self.cluster_prior = MLP(z2_dim, latent_hidden, out_dim=num_clusters, activation=activation, batch_norm=batch_norm)
-        self.z1_prior = GaussianMLP(num_clusters + z2_dim, latent_hidden, z1_dim, activation, batch_norm, "default", scale, min_scale)
-        self.decoder = MLP(z1_dim + num_clusters, hidden, activation=activation, batch_norm=batch_norm)
-        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
+        self.cluster_prior = spec.mlp(z2_dim, out_dim=num_clusters, hidden=spec.hidden2)
+        self.z1_prior = spec.gaussian(num_clusters + z2_dim, z1_dim, hidden=spec.hidden2)
+        self.decoder = spec.mlp(z1_dim + num_clusters)
+        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, spec.x_dim)
         self.register_buffer("z2_loc", torch.zeros(z2_dim))
 
     @property

@@ -40,6 +40,7 @@ References
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
@@ -50,9 +51,9 @@ from torch import nn
 from pyrodgm.distributions import IndependentBernoulli
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import NormalHead, _flatten_batch
+from pyrodgm.nets import ImageSpec, NormalHead, _flatten_batch
 
-__all__ = ["CONV_GEOMETRY", "ConvFeatures", "ConvImageDecoder", "GMVAE", "conv_geometry", "conv_sizes"]
+__all__ = ["CONV_GEOMETRY", "ConvFeatures", "ConvImageDecoder", "GMVAE", "GMVAESpec", "conv_geometry", "conv_sizes"]
 
 #: Per image shape ``(C, H, W)``: the channels of the hidden convolutions, then the kernel
 #: sizes and strides of all of them (the last convolution has ``fsz`` channels), unpadded,
@@ -153,38 +154,41 @@ class ConvImageDecoder(nn.Module):
         return self.deconvs(h).reshape(batch_shape + (self.out_features,))
 
 
+@dataclass(frozen=True)
+class GMVAESpec(ImageSpec):
+    """The sizes that the GMVAE and its guide share (the defaults: the paper's MNIST ones),
+    an :class:`~pyrodgm.nets.ImageSpec` whose ``num_classes`` are the mixture's components
+    (classes or clusters) and ``z_dim`` the Gaussian size ``gsz`` (100 MNIST, 150 SVHN and
+    MNIST clustering, 50 Fashion-MNIST).
+
+    :param int feature_dim: ``fsz``, the width of the guide's features ``x_hat`` and of what
+        the decoder starts from (100 MNIST/SVHN, 200 Fashion-MNIST).
+    :param geometry: ``(channels, kernels, strides)`` overriding :data:`CONV_GEOMETRY`.
+    """
+
+    z_dim: int = 100
+    feature_dim: int = 100
+    geometry: Optional[Geometry] = None
+
+
 class GMVAE(PlatedModel):
     """``p(y) p(z|y) p(x|z)`` (module docstring).
 
-    :param image_shape: ``(C, H, W)`` of the (flattened) images ``x``.
-    :param int num_classes: components of the mixture (classes or clusters).
-    :param int z_dim: the Gaussian size ``gsz`` (100 MNIST, 150 SVHN and MNIST clustering,
-        50 Fashion-MNIST).
-    :param int feature_dim: ``fsz``, the width the decoder starts from (100 MNIST/SVHN, 200
-        Fashion-MNIST).
+    :param GMVAESpec spec: the sizes shared with the guide.
     :param str likelihood: ``"gaussian"`` (the paper's MSE) or ``"bernoulli"`` (BCE).
-    :param geometry: ``(channels, kernels, strides)`` overriding :data:`CONV_GEOMETRY`.
     """
 
     pyro_name = "gmvae"
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_classes: int = 10,
-        z_dim: int = 100,
-        feature_dim: int = 100,
-        likelihood: str = "gaussian",
-        geometry: Optional[Geometry] = None,
-    ) -> None:
+    def __init__(self, spec: GMVAESpec, likelihood: str = "gaussian") -> None:
         super().__init__()
         if likelihood not in ("gaussian", "bernoulli"):
             raise ValueError(f"Unknown likelihood {likelihood!r}; expected 'bernoulli' or 'gaussian'")
-        self.image_shape = tuple(int(s) for s in image_shape)
-        self.x_dim, self.num_classes, self.z_dim, self.likelihood_kind = math.prod(self.image_shape), num_classes, z_dim, likelihood
-        self.prior = NormalHead(num_classes, z_dim)
-        self.decoder = ConvImageDecoder(z_dim, self.image_shape, feature_dim, geometry)
-        self.register_buffer("y_logits", torch.zeros(num_classes))
+        self.spec, self.image_shape, self.x_dim = spec, spec.image_shape, math.prod(spec.image_shape)
+        self.num_classes, self.z_dim, self.likelihood_kind = spec.num_classes, spec.z_dim, likelihood
+        self.prior = NormalHead(spec.num_classes, spec.z_dim)
+        self.decoder = ConvImageDecoder(spec.z_dim, spec.image_shape, spec.feature_dim, spec.geometry)
+        self.register_buffer("y_logits", torch.zeros(spec.num_classes))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         y = pyro.sample("y", LabelPrior(logits=self.y_logits), obs=one_hot(y, self.num_classes, self.y_logits))

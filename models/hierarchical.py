@@ -38,7 +38,7 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -46,51 +46,40 @@ import torch
 
 from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel
-from pyrodgm.nets import MLP, GaussianMLP, likelihood_head
+from pyrodgm.nets import TwoLayerSpec, likelihood_head
 
 __all__ = ["HierarchicalVAE", "BURDA_L2"]
 
-#: Burda et al.'s two-stochastic-layer MNIST architecture (authors' code, ``--layers 2``).
-BURDA_L2 = dict(z1_dim=100, z2_dim=50, hidden1=(200, 200), hidden2=(100, 100), activation="tanh", scale="exp")
+#: Burda et al.'s two-stochastic-layer MNIST architecture (authors' code, ``--layers 2``):
+#: :class:`~pyrodgm.nets.TwoLayerSpec`'s defaults.
+BURDA_L2 = dict(z_dim=100, z2_dim=50, hidden=(200, 200), hidden2=(100, 100), activation="tanh", scale="exp")
 
 
 class HierarchicalVAE(PlatedModel):
     """``p(z2) p(z1|z2) p(x|z1)``.
 
-    :param int x_dim: features per example (flattened image).
-    :param int z1_dim: units of the lower stochastic layer ``z1`` (100 in Burda et al.).
-    :param int z2_dim: units of the top stochastic layer ``z2`` (50).
-    :param hidden1: deterministic widths between ``z1`` and ``x`` (200, 200).
-    :param hidden2: deterministic widths between ``z2`` and ``z1`` (100, 100).
-    :param str activation: hidden non-linearity (``tanh`` in Burda et al.).
+    :param TwoLayerSpec spec: the sizes and layers shared with the guide: ``x_dim`` (a
+        flattened image), ``z_dim``, the units of ``z1`` (100 in Burda et al.), ``z2_dim``
+        (50), ``hidden``, the deterministic widths between ``z1`` and ``x`` (200, 200),
+        ``hidden2``, those between ``z2`` and ``z1`` (100, 100), ``activation`` (``tanh``),
+        ``scale`` (``"exp"``, Burda et al., or ``"softplus"``) for ``sigma(z2)``,
+        ``batch_norm`` (Sønderby et al.); its ``num_classes`` is unused.
     :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
-    :param str scale: ``"exp"`` (Burda et al.) or ``"softplus"`` for ``sigma(z2)``.
-    :param bool batch_norm: batch normalisation in the hidden layers (Sønderby et al.).
     """
 
     pyro_name = "vae2"
 
-    def __init__(
-        self,
-        x_dim: int,
-        z1_dim: int = 100,
-        z2_dim: int = 50,
-        hidden1: Sequence[int] = (200, 200),
-        hidden2: Sequence[int] = (100, 100),
-        activation: str = "tanh",
-        likelihood: str = "bernoulli",
-        scale: str = "exp",
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, spec: TwoLayerSpec, likelihood: str = "bernoulli") -> None:
         super().__init__()
-        for name, value in (("x_dim", x_dim), ("z1_dim", z1_dim), ("z2_dim", z2_dim)):
+        for name in ("x_dim", "z_dim", "z2_dim"):
+            value = getattr(spec, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.x_dim, self.z1_dim, self.z2_dim, self.likelihood_kind = x_dim, z1_dim, z2_dim, likelihood
-        self.top_down = GaussianMLP(z2_dim, tuple(hidden2), z1_dim, activation=activation, batch_norm=batch_norm, scale=scale)
-        self.decoder = MLP(z1_dim, tuple(reversed(tuple(hidden1))), activation=activation, batch_norm=batch_norm, init="xavier")
-        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
-        self.register_buffer("z2_loc", torch.zeros(z2_dim))
+        self.spec, self.x_dim, self.z1_dim, self.z2_dim, self.likelihood_kind = spec, spec.x_dim, spec.z_dim, spec.z2_dim, likelihood
+        self.top_down = spec.gaussian(spec.z2_dim, spec.z_dim, hidden=spec.hidden2)
+        self.decoder = spec.mlp(spec.z_dim, hidden=tuple(reversed(spec.hidden)))
+        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, spec.x_dim)
+        self.register_buffer("z2_loc", torch.zeros(spec.z2_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z2, z1, x``.  The model has no label: passing ``y`` is an error."""

@@ -18,7 +18,7 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import torch
@@ -26,37 +26,27 @@ import torch
 from pyrodgm.distributions import StandardNormal
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLP, likelihood_head
+from pyrodgm.nets import MLPSpec, likelihood_head
 
 
 class M2(PlatedModel):
     """``p(y) p(z) p(x|y,z)``.
 
-    :param int x_dim: features per example.
-    :param int num_classes: number of classes of ``y``.
-    :param int z_dim: latent dimension (50 in the paper).
-    :param hidden: hidden widths of the decoder MLP (one layer of 500 in the paper).
+    :param MLPSpec spec: ``x_dim``, ``num_classes``, ``z_dim`` (50 in the paper) and the
+        decoder MLP's ``hidden`` widths (one layer of 500), shared with the guide.
     :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
     """
 
     pyro_name = "m2"
 
-    def __init__(
-        self,
-        x_dim: int,
-        num_classes: int = 10,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (500,),
-        activation: str = "softplus",
-        likelihood: str = "bernoulli",
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, spec: MLPSpec, likelihood: str = "bernoulli") -> None:
         super().__init__()
-        self.x_dim, self.num_classes, self.z_dim, self.likelihood_kind = x_dim, num_classes, z_dim, likelihood
-        self.decoder = MLP(z_dim + num_classes, hidden, activation=activation, batch_norm=batch_norm)
-        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
-        self.register_buffer("y_logits", torch.zeros(num_classes))
-        self.register_buffer("z_loc", torch.zeros(z_dim))
+        self.spec, self.likelihood_kind = spec, likelihood
+        self.x_dim, self.num_classes, self.z_dim = spec.x_dim, spec.num_classes, spec.z_dim
+        self.decoder = spec.mlp(spec.z_dim + spec.num_classes)
+        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, spec.x_dim)
+        self.register_buffer("y_logits", torch.zeros(spec.num_classes))
+        self.register_buffer("z_loc", torch.zeros(spec.z_dim))
 
     def generate(
         self,

@@ -37,6 +37,7 @@ References
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
@@ -46,9 +47,9 @@ from torch import nn
 
 from pyrodgm.distributions import IndependentBernoulli, StandardNormal
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import _check_image_shape, batch_shape
+from pyrodgm.nets import ImageSpec, _check_image_shape, batch_shape
 
-__all__ = ["ConvMMCVA", "LabelMapConv", "ConditionalConvDecoder", "broadcast_leading", "as_images"]
+__all__ = ["ConvMMCVA", "ConvMMCVASpec", "LabelMapConv", "ConditionalConvDecoder", "broadcast_leading", "as_images"]
 
 
 def broadcast_leading(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Size]:
@@ -161,33 +162,41 @@ class ConditionalConvDecoder(nn.Module):
         return h.reshape(shape + (self.out_features,))
 
 
+@dataclass(frozen=True)
+class ConvMMCVASpec(ImageSpec):
+    """The sizes and layers of Conv-MMCVA and its guide (the paper's code's defaults):
+    ``image_shape`` (``x`` is given flattened, ``[batch, C*H*W]``), ``num_classes``,
+    ``z_dim`` (100), the decoder's hidden convolution widths ``decoder_channels`` (and its
+    ``batch_norm``), the max-margin CNN's ``classifier_channels`` and ``dropout``, and the
+    encoder's ``encoder_channels``."""
+
+    z_dim: int = 100
+    decoder_channels: tuple[int, ...] = (64, 64, 32, 32)
+    batch_norm: bool = False
+    classifier_channels: tuple[int, ...] = (32, 64, 64, 128, 128)
+    encoder_channels: tuple[int, ...] = (32, 32, 64, 64, 64)
+    dropout: float = 0.5
+
+
 class ConvMMCVA(PlatedModel):
     """``p(y) p(z) p(x|y,z)`` with a label-conditioned deconvolutional ``p(x|y,z)``
     (module docstring).  The label site ``y`` is one-hot, observed for labelled rows.
 
-    :param image_shape: ``(C, H, W)``; ``x`` is given flattened, ``[batch, C*H*W]``.
-    :param int num_classes: number of classes.
-    :param int z_dim: latent dimension (100 in the paper's code).
-    :param channels: hidden convolution widths of the decoder.
+    :param ConvMMCVASpec spec: the sizes and layers shared with the guide.
     """
 
     pyro_name = "conv_mmcva"
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_classes: int = 10,
-        z_dim: int = 100,
-        channels: Sequence[int] = (64, 64, 32, 32),
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, spec: ConvMMCVASpec) -> None:
         super().__init__()
-        self.image_shape = _check_image_shape(image_shape)
-        self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), num_classes, z_dim
+        self.spec, self.image_shape = spec, spec.image_shape
+        self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), spec.num_classes, spec.z_dim
         self.likelihood_kind = "bernoulli"
-        self.decoder = ConditionalConvDecoder(z_dim, num_classes, self.image_shape, channels, batch_norm=batch_norm)
-        self.register_buffer("y_logits", torch.zeros(num_classes))
-        self.register_buffer("z_loc", torch.zeros(z_dim))
+        self.decoder = ConditionalConvDecoder(
+            spec.z_dim, spec.num_classes, self.image_shape, spec.decoder_channels, batch_norm=spec.batch_norm
+        )
+        self.register_buffer("y_logits", torch.zeros(spec.num_classes))
+        self.register_buffer("z_loc", torch.zeros(spec.z_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> torch.Tensor:
         """The sites ``y`` (one-hot), ``z`` and ``x``."""

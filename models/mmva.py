@@ -25,14 +25,14 @@ References
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import torch
 
 from pyrodgm.distributions import IndependentBernoulli, StandardNormal
 from pyrodgm.modeling import PlatedModel
-from pyrodgm.nets import CONV_MMVA_LAYERS, UnpoolingConvDecoder
+from pyrodgm.nets import ConvMMVASpec, MLPSpec, UnpoolingConvDecoder
 
 from .vae import VAE
 
@@ -42,19 +42,12 @@ __all__ = ["MMVA", "ConvMMVA"]
 class MMVA(VAE):
     """MMVA's generative model ``p(z) p(x|z)`` (Li et al. 2016, Sec. 4.1.2): a two-layer
     MLP of 500 units from ``z`` (50-d) to ``x``, as in Kingma et al. (2014).  The same
-    parameters as :class:`~pyrodgm.models.VAE` (``hidden=(500, 500)`` by default)."""
+    parameters as :class:`~pyrodgm.models.VAE` (the paper's ``hidden=(500, 500)``)."""
 
     pyro_name = "mmva"
 
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "softplus",
-        likelihood: str = "bernoulli",
-    ) -> None:
-        super().__init__(x_dim, z_dim=z_dim, hidden=hidden, activation=activation, likelihood=likelihood)
+    def __init__(self, spec: MLPSpec, likelihood: str = "bernoulli") -> None:
+        super().__init__(spec, likelihood)
 
 
 class ConvMMVA(PlatedModel):
@@ -62,32 +55,23 @@ class ConvMMVA(PlatedModel):
     ``z -> 500 -> C'H'W'`` fully connected, then the recognition CNN's layers mirrored as
     unpooling, convolution and ReLU (:class:`~pyrodgm.nets.UnpoolingConvDecoder`).
 
-    :param image_shape: ``(C, H, W)`` of the (flattened) images.
-    :param int z_dim: latent dimension (50 in the paper).
-    :param layers: the recognition CNN's ``(channels, kernel, pool, padding)`` layers.
-    :param int hidden: the fully connected width (500).
+    :param ConvMMVASpec spec: the sizes and layers shared with the guide: ``image_shape``,
+        ``z_dim`` (50 in the paper), the recognition CNN's ``layers``, the fully connected
+        width ``hidden`` (500), the ``activation``.
     :param str likelihood: ``"bernoulli"`` only (the paper's Gaussian SVHN setting, with
         local contrast normalisation, is not implemented).
     """
 
     pyro_name = "conv_mmva"
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        z_dim: int = 50,
-        layers: Sequence[tuple[int, int, int, str]] = CONV_MMVA_LAYERS,
-        hidden: int = 500,
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-    ) -> None:
+    def __init__(self, spec: ConvMMVASpec, likelihood: str = "bernoulli") -> None:
         super().__init__()
-        self.image_shape = tuple(image_shape)
-        self.x_dim, self.z_dim, self.likelihood_kind = math.prod(self.image_shape), z_dim, likelihood
+        self.spec, self.image_shape = spec, spec.image_shape
+        self.x_dim, self.z_dim, self.likelihood_kind = math.prod(self.image_shape), spec.z_dim, likelihood
         if likelihood != "bernoulli":
             raise ValueError(f"Conv-MMVA has a Bernoulli likelihood (the paper's MNIST setting), got likelihood={likelihood!r}")
-        self.decoder = UnpoolingConvDecoder(z_dim, self.image_shape, layers, hidden, activation)
-        self.register_buffer("z_loc", torch.zeros(z_dim))
+        self.decoder = UnpoolingConvDecoder(spec.z_dim, self.image_shape, spec.layers, spec.hidden, spec.activation)
+        self.register_buffer("z_loc", torch.zeros(spec.z_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z, x``; there is no label site (passing ``y`` is an error)."""

@@ -17,7 +17,7 @@ References
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -25,34 +25,26 @@ import torch
 
 from pyrodgm.distributions import StandardNormal
 from pyrodgm.modeling import PlatedModel
-from pyrodgm.nets import MLP, likelihood_head
+from pyrodgm.nets import MLPSpec, likelihood_head
 
 
 class VAE(PlatedModel):
     """``p(z) p(x|z)``.
 
-    :param int x_dim: features per example (flattened image).
-    :param int z_dim: latent dimension (50 in Kingma et al. 2014).
-    :param hidden: hidden widths of the decoder MLP (600, 600 for M1).
+    :param MLPSpec spec: ``x_dim`` (a flattened image), ``z_dim`` (50 in Kingma et al.
+        2014) and the decoder MLP's ``hidden`` widths (600, 600 for M1), shared with the
+        guide; its ``num_classes`` is unused.
     :param str likelihood: ``"bernoulli"`` or ``"gaussian"``.
     """
 
     pyro_name = "vae"
 
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (600, 600),
-        activation: str = "softplus",
-        likelihood: str = "bernoulli",
-        batch_norm: bool = False,
-    ) -> None:
+    def __init__(self, spec: MLPSpec, likelihood: str = "bernoulli") -> None:
         super().__init__()
-        self.x_dim, self.z_dim, self.likelihood_kind = x_dim, z_dim, likelihood
-        self.decoder = MLP(z_dim, hidden, activation=activation, batch_norm=batch_norm)
-        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, x_dim)
-        self.register_buffer("z_loc", torch.zeros(z_dim))
+        self.spec, self.x_dim, self.z_dim, self.likelihood_kind = spec, spec.x_dim, spec.z_dim, likelihood
+        self.decoder = spec.mlp(spec.z_dim)
+        self.likelihood = likelihood_head(likelihood, self.decoder.out_features, spec.x_dim)
+        self.register_buffer("z_loc", torch.zeros(spec.z_dim))
 
     def generate(self, x: Optional[torch.Tensor], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``z, x``.  M1 has no label: passing ``y`` is an error."""

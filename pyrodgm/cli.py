@@ -14,7 +14,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import re
@@ -29,121 +28,42 @@ import torch
 
 from .allocator import tune_glibc_malloc
 
-__all__ = ["main", "build_parser", "models_table", "split_description", "QUICK_IWAE_K", "PAPER_IWAE_K"]
+__all__ = ["main", "build_parser", "train_options", "models_table", "split_description", "QUICK_IWAE_K", "PAPER_IWAE_K"]
 
 #: ``pyrodgm evaluate``'s importance samples: a quick default, and the papers' (``--paper``).
 QUICK_IWAE_K, PAPER_IWAE_K = 100, 5000
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 500,500, got '{text}'") from None
+def train_options(config_class: type) -> tuple[str, ...]:
+    """The fields of ``config_class`` (the :class:`~pyrodgm.training.TrainConfig`, or a
+    recipe's :attr:`~pyrodgm.zoo.Recipe.config`) that ``pyrodgm train`` takes as options."""
+    from .configs import config_fields
 
-
-#: ``pyrodgm train``'s options: TrainConfig field -> (flags, argparse keyword arguments).
-#: Every model takes :data:`COMMON_TRAIN_OPTIONS`; a recipe's own are named by
-#: :attr:`pyrodgm.zoo.Recipe.options`.
-TRAIN_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
-    # data
-    "dataset": (("--dataset",), dict(help="the data set (torchvision)")),
-    "root": (("--root",), dict(help="data folder (torchvision layout); downloads there unless --no-download")),
-    "download": (("--no-download",), dict(dest="download", action="store_false", help="do not download a missing data set")),
-    "labels": (("--labels",), dict(type=int, help="labelled examples, balanced over classes")),
-    "validation": (("--validation",), dict(type=int, help="validation examples carved from the training set (default: the data set's; 0: none, the last epoch is kept)")),
-    "binarize": (("--no-binarize",), dict(dest="binarize", action="store_false", help="keep grey pixels (with --likelihood gaussian: a Bernoulli model refuses them)")),
-    # optimisation
-    "epochs": (("--epochs",), dict(type=int, help="passes over the unlabelled data")),
-    "batch_size": (("--batch-size",), dict(type=int, help="rows per step, labelled ones included")),
-    "labelled_per_batch": (("--labelled-per-batch",), dict(type=int, help="labelled rows in every step's batch")),
-    "lr": (("--lr",), dict(type=float, help="Adam's learning rate")),
-    "lr_decay": (("--lr-decay",), dict(type=float, help="learning-rate factor every --lr-decay-every epochs")),
-    "lr_decay_every": (("--lr-decay-every",), dict(type=int, help="epochs between learning-rate decays (0: none)")),
-    "seed": (("--seed",), dict(type=int, help="seed of the split, the initialisation and the noise")),
-    "num_particles": (("--num-particles",), dict(type=int, help="Monte Carlo samples per step (vectorised)")),
-    "eval_particles": (("--eval-particles",), dict(type=int, help="samples the classifier is averaged over when evaluating")),
-    # model
-    "z_dim": (("--z-dim",), dict(type=int, help="units of the latent z (z1 for the hierarchical models)")),
-    "likelihood": (("--likelihood",), dict(choices=("bernoulli", "gaussian"), help="p(x|...)")),
-    # run
-    "device": (("--device",), dict(help="cpu or cuda")),
-    "out": (("--out",), dict(help="output folder (default runs/MODEL)")),
-    "samples": (("--no-samples",), dict(dest="samples", action="store_false", help="write no sample grids")),
-    "validate_inputs": (("--no-validate-inputs",), dict(dest="validate_inputs", action="store_false",
-                                                        help="skip per-step NaN/range checks (pyro.enable_validation(False)), for speed")),
-    "cuda_graph": (("--cuda-graph",), dict(action="store_true", help="capture the training step in a CUDA graph and replay it (--device cuda)")),
-    "time_limit": (("--time-limit",), dict(type=float, help="seconds: start no epoch that would end after this (resume later)")),
-    "weight_prior_std": (("--weight-prior-std",), dict(type=float, metavar="STD", help="N(0, STD^2) prior on weight matrices")),
-    "grad_clip_norm": (("--grad-clip-norm",), dict(type=float, metavar="NORM", help="clip the gradient per batch row to NORM")),
-    "grad_clip_value": (("--grad-clip-value",), dict(type=float, metavar="V", help="then each element to +-V")),
-    "fixed_auxiliary": (("--fixed-auxiliary",), dict(action="store_true", help="keep q(a|x) at its initial weights")),
-    "track_test": (("--track-test",), dict(action="store_true", help="record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)")),
-    # the papers' own
-    "hidden": (("--hidden",), dict(type=_int_tuple, help="hidden widths, e.g. 500 or 600,600")),
-    "activation": (("--activation",), dict(help="hidden activation (softplus, relu, tanh, ...)")),
-    "alpha_factor": (("--alpha-factor",), dict(type=float, help="Kingma et al.'s alpha = FACTOR * N, the classifier's weight")),
-    "label_mode": (("--label-mode",), dict(choices=("enumerate", "relaxed", "straight-through"), help="how the guide samples y: summed exactly, Gumbel-softmax, or straight-through")),
-    "temperature": (("--temperature",), dict(type=float, help="initial Gumbel-softmax temperature")),
-    "a_dim": (("--a-dim",), dict(type=int, help="units of the auxiliary variable a (default 100)")),
-    "auxiliary_prior": (("--auxiliary-prior",), dict(choices=("standard", "conditional"), help="p(a) (default: standard) or p(a|x,y,z)")),
-    "m1_checkpoint": (("--m1-checkpoint",), dict(help="a trained m1 checkpoint (frozen)")),
-    "end_to_end": (("--end-to-end",), dict(action="store_true", help="train M1 and M2 jointly")),
-    "margin_C": (("--margin-C",), dict(type=float, help="C, the weight of the hinge loss")),
-    "margin_sigma": (("--margin-sigma",), dict(type=float, help="prior std sigma of lambda (default: no prior term)")),
-    "margin_cost": (("--margin-cost",), dict(type=float, help="the cost ell of a wrong label in the hinge loss")),
-    "mmcva_alpha": (("--mmcva-alpha",), dict(type=float, help="alpha of eq. 16, the weight of the max-margin terms")),
-    "alpha_u": (("--alpha-u",), dict(type=float, help="alpha_U, the weight of the hat loss (the authors' script; the paper's text says 3)")),
-    "alpha_b": (("--alpha-b",), dict(type=float, help="alpha_B, the weight of the label-balance term")),
-    "temperature_min": (("--temperature-min",), dict(type=float, help="final Gumbel-softmax temperature")),
-    "temperature_epochs": (("--temperature-epochs",), dict(type=int, help="epochs of temperature annealing")),
-    "temperature_decay": (("--temperature-decay",), dict(choices=("exponential", "linear"), help="shape of the temperature annealing")),
-    "feature_dim": (("--feature-dim",), dict(type=int, help="feature size fsz of the conv feature extractor")),
-    "w_gaussian": (("--w-gaussian",), dict(type=float, help="w_G, the weight of the Gaussian KL")),
-    "w_categorical": (("--w-categorical",), dict(type=float, help="w_C, the weight of the categorical KL")),
-    "knn": (("--knn",), dict(type=int, help="neighbours of the k-NN label assignment")),
-    "w_assign": (("--w-assign",), dict(type=float, help="w_A, the weight of the assignment loss")),
-    "w_metric": (("--w-metric",), dict(type=float, help="w_M, the weight of the metric embedding loss")),
-    "metric_margin": (("--metric-margin",), dict(type=float, help="margin of the lifted structured loss")),
-    "gaussian_scale": (("--gaussian-scale",), dict(choices=("exp", "softplus"), help="sigma = exp(Linear) (the paper's) or softplus(Linear)")),
-    "min_scale": (("--min-scale",), dict(type=float, help="floor of the Gaussian scales (0: none)")),
-    "num_clusters": (("--num-clusters",), dict(type=int, help="K values of y (default: the number of classes; any K without labels)")),
-    "iw_samples": (("--iw-samples",), dict(type=int, help="importance samples k of the IWAE bound")),
-    "kl_warmup_epochs": (("--kl-warmup-epochs",), dict(type=int, help="the KL weight rises linearly from 0 to 1 over N epochs")),
-    "top_z_dim": (("--top-z-dim",), dict(type=int, help="units of the top latent z2 (--z-dim is z1)")),
-    "top_hidden": (("--top-hidden",), dict(type=_int_tuple, help="widths between z1 and z2, e.g. 100,100")),
-}
-
-#: The options of :data:`TRAIN_OPTIONS` that every model takes.
-COMMON_TRAIN_OPTIONS: tuple[str, ...] = (
-    "dataset", "root", "download", "labels", "validation", "binarize", "epochs", "batch_size", "labelled_per_batch", "lr",
-    "lr_decay", "lr_decay_every", "seed", "num_particles", "eval_particles", "z_dim", "likelihood", "device", "out",
-    "samples", "validate_inputs", "cuda_graph", "time_limit", "track_test", "weight_prior_std", "grad_clip_norm", "grad_clip_value",
-)
+    return tuple(name for name, f in config_fields(config_class).items() if f.metadata.get("cli", True))
 
 
 def _format_default(value) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
-def _default_text(field: str, model: str) -> str:
+def _default_text(field: str, model: str, config_class: type) -> str:
     """`` (default: V; mnist: W)``: the value of ``field`` a run of ``model`` gets on the
-    digits, and on the data sets where its paper's differs; empty where the field has no
-    fixed default (the model decides)."""
+    digits, and on the data sets where its paper's differs; empty for a switch and where
+    the field has no fixed default (the model decides)."""
+    from .configs import field_defaults, option_kwargs
     from .data import DATASETS
-    from .training import TrainConfig
     from .zoo import defaults
 
-    base = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    if field in ("dataset", "out"):
+    base = field_defaults(config_class)
+    if field in ("dataset", "out") or "action" in option_kwargs(config_class, field):
         return ""
-    value = defaults(model, "digits").get(field, base.get(field))
-    if value is None or field in ("download", "binarize", "samples", "validate_inputs", "cuda_graph", "track_test", "end_to_end"):
+    value = defaults(model, "digits").get(field, base[field])
+    if value is None:
         return ""
     others = [
         f"{dataset}: {_format_default(other)}"
         for dataset in DATASETS
-        if dataset != "digits" and (other := defaults(model, dataset).get(field, base.get(field))) != value
+        if dataset != "digits" and (other := defaults(model, dataset).get(field, base[field])) != value
     ]
     return f" (default: {_format_default(value)}" + ("; " + "; ".join(others) if others else "") + ")"
 
@@ -151,24 +71,24 @@ def _default_text(field: str, model: str) -> str:
 def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentParser) -> None:
     """``pyrodgm train NAME``: the common options, the recipe's own, and run control, each
     with its default for NAME."""
+    from .configs import option_flag, option_kwargs
     from .data import DATASETS
+    from .training import TrainConfig
 
     parser = commands.add_parser(name, parents=[debug], help=recipe_.description, description=recipe_.description)
     groups = (
-        ("training (every model)", COMMON_TRAIN_OPTIONS),
-        (f"{name}: its paper's hyper-parameters", recipe_.options),
+        ("training (every model)", TrainConfig),
+        (f"{name}: its paper's hyper-parameters", recipe_.config),
     )
-    for title, fields in groups:
-        if not fields:
-            continue
+    for title, config_class in groups:
         group = parser.add_argument_group(title)
-        for field in fields:
-            flags, kwargs = TRAIN_OPTIONS[field]
-            kwargs = {**kwargs, "help": kwargs.get("help", "") + _default_text(field, name)}
+        for field in train_options(config_class):
+            flag, kwargs = option_flag(config_class, field), option_kwargs(config_class, field)
+            kwargs["help"] += _default_text(field, name, config_class)
             if field == "dataset":
-                group.add_argument(*flags, choices=DATASETS, default="digits", **{**kwargs, "help": kwargs["help"] + " (default: digits)"})
+                group.add_argument(flag, choices=DATASETS, default="digits", **{**kwargs, "help": kwargs["help"] + " (default: digits)"})
             else:
-                group.add_argument(*flags, default=None, **kwargs)
+                group.add_argument(flag, default=None, **kwargs)
     engine = parser.add_argument_group('data-parallel (pip install "pyrodgm[lightning]")')
     engine.add_argument("--engine", choices=("native", "lightning"), default="native", help="the training loop (default native)")
     engine.add_argument("--devices", type=int, metavar="N", help="lightning: processes per machine (default 1)")
@@ -245,13 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace):
     from .training import TrainConfig
-    from .zoo import defaults
+    from .zoo import recipe
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = train_options(TrainConfig) + train_options(recipe(args.model).config)
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values = {**defaults(args.model, args.dataset), **given, "model": args.model}
-    values.setdefault("out", f"runs/{args.model}")
-    return TrainConfig(**values)
+    return TrainConfig.paper(args.model, **{"out": f"runs/{args.model}", **given})
 
 
 #: ``pyrodgm train``'s options for ``--engine lightning`` (:class:`pyrodgm.lightning.LightningOptions`' fields).
@@ -435,13 +353,14 @@ def _one_line(error: BaseException) -> str:
 
 def _unknown_options_message(args: argparse.Namespace, unknown: list[str]) -> str:
     """argparse's message, and for ``train`` the models an unknown option belongs to."""
+    from .configs import option_flag
     from .zoo import RECIPES
 
     message = f"unrecognized arguments: {' '.join(unknown)}"
     if getattr(args, "command", None) != "train":
         return message
     for flag in (u.split("=")[0] for u in unknown if u.startswith("--")):
-        owners = [name for name, recipe_ in RECIPES.items() if any(flag in TRAIN_OPTIONS[f][0] for f in recipe_.options)]
+        owners = [name for name, r in RECIPES.items() if any(flag == option_flag(r.config, f) for f in train_options(r.config))]
         if owners:
             return (
                 f"{flag} is not an option of {args.model} (it is {', '.join(owners)}'s); "

@@ -51,6 +51,7 @@ from .evaluation import posterior_mean, predict_proba as guide_predict_proba
 from .modeling import parameter_dtype
 from .nets import NormalHead
 from .optim import FusedAdam
+from .configs import config_fields
 from .training import Run, TrainConfig, TrainingDiverged, _run_epoch, learning_rate
 from .zoo import RECIPES, recipe
 
@@ -99,10 +100,11 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         summed out, not sampled), so predictions need no Monte Carlo and do not depend on
         the other rows of a batch, and it is the cheapest; ``"adgm"`` averages its
         classifier over samples of the auxiliary ``a`` (``eval_particles`` of them).
-    :param dict model_params: the recipe's hyper-parameters (fields of
-        :class:`~pyrodgm.training.TrainConfig`: ``z_dim``, ``hidden``, ``a_dim``,
-        ``activation``, ``alpha_factor``, ``num_particles``, ``eval_particles``,
-        ``lr_decay``, ``lr_decay_every``, ``label_mode``, ...), over the paper's defaults
+    :param dict model_params: the recipe's hyper-parameters (the fields of its
+        :attr:`~pyrodgm.zoo.Recipe.config`: ``z_dim``, ``hidden``, ``a_dim``,
+        ``activation``, ``alpha_factor``, ``label_mode``, ...; and ``num_particles``,
+        ``eval_particles``, ``lr_decay``, ``lr_decay_every``, ``betas``, ``min_scale``:
+        :func:`model_param_names`), over the paper's defaults
         (:attr:`pyrodgm.zoo.Recipe.defaults`); ``None``: the paper's.
     :param str likelihood: ``"auto"`` (Bernoulli when every value of ``X`` is 0 or 1, else
         Gaussian), ``"bernoulli"`` (values in ``[0, 1]``; non-binary ones are binarised
@@ -130,7 +132,8 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     ``likelihood_`` (the one chosen), ``scaler_`` (the fitted
     :class:`~sklearn.preprocessing.StandardScaler`, ``None`` for a Bernoulli likelihood),
     ``model_`` and ``guide_`` (the trained Pyro pair, :class:`torch.nn.Module`), ``config_``
-    (the :class:`~pyrodgm.training.TrainConfig` it was built and trained with), ``n_iter_``
+    (the :class:`~pyrodgm.training.TrainConfig` it was built and trained with), ``scale_floor_``
+    (the floor of the Gaussian likelihood's scales), ``n_iter_``
     (epochs run), ``loss_curve_`` (training loss per example, per epoch),
     ``validation_scores_`` (validation accuracy per epoch, with early stopping) and
     ``best_epoch_`` (1-based: the epoch whose parameters were kept).
@@ -208,10 +211,10 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         train = np.setdiff1d(np.arange(len(codes)), validation)
         train_labelled = train[codes[train] != UNLABELLED]
         config = self._config(likelihood, seed, device, len(train), len(train_labelled), len(validation))
-        recipe_ = recipe(config.model)
+        recipe_, floor = recipe(config.model), self._scale_floor()
         with _isolated(seed, device):
             model, guide = recipe_.create(config, X.shape[1], len(classes))
-            _floor_gaussian_likelihood(model, config)
+            _floor_gaussian_likelihood(model, floor)
             model.to(device), guide.to(device)
             x = _tensor(X, scaler, model, device)
             labels = torch.as_tensor(codes, dtype=torch.int64, device=device)
@@ -227,6 +230,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         model.eval(), guide.eval()
         # the fitted state, set only once training has succeeded
         self.classes_, self.likelihood_, self.scaler_, self.config_ = classes, likelihood, scaler, config
+        self.scale_floor_ = floor
         self.model_, self.guide_, self._predict_seed = model, guide, predict_seed
         self.n_iter_, self.best_epoch_, self.loss_curve_, self.validation_scores_ = history
         self._n_features_out = self._latent_size()
@@ -249,7 +253,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
                 raise TrainingDiverged(
                     f"the training loss became NaN or infinite in epoch {epoch + 1}, so fit stopped: lower lr (now "
                     f"{self.lr}), or raise the floor of the Gaussian scales (model_params={{'min_scale': ...}}, now "
-                    f"{run.config.min_scale})"
+                    f"{self._scale_floor()})"
                 ) from None
             postfix = {"loss": f"{losses[-1]:.3g}"}
             if len(y_validation):
@@ -350,7 +354,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             if device.type == "cuda" and not torch.cuda.is_available():
                 device = torch.device("cpu")  # a model fitted on a GPU, unpickled on a machine without one
             model, guide = recipe(config.model).build(config, state["n_features_in_"], len(state["classes_"]))
-            _floor_gaussian_likelihood(model, config)
+            _floor_gaussian_likelihood(model, state["scale_floor_"])
             model.load_state_dict(state["model_"])
             guide.load_state_dict(state["guide_"])
             state["model_"], state["guide_"] = model.to(device).eval(), guide.to(device).eval()
@@ -443,6 +447,11 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             )
         return validation
 
+    def _scale_floor(self) -> float:
+        """The floor of the Gaussian scales: ``model_params``'s ``min_scale``, else the
+        recipe's, else :data:`GAUSSIAN_SCALE_FLOOR`."""
+        return {"min_scale": GAUSSIAN_SCALE_FLOOR, **recipe(self.model).defaults, **(self.model_params or {})}["min_scale"]
+
     def _config(
         self, likelihood: str, seed: int, device: torch.device, num_train: int, num_labelled: int, num_validation: int
     ) -> TrainConfig:
@@ -451,7 +460,9 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         al.); smaller when there are fewer rows than half a batch."""
         unlabelled_per_batch = min(self.batch_size - self.batch_size // 2, num_train)
         labelled_per_batch = min(self.batch_size // 2, unlabelled_per_batch)
-        settings = {"min_scale": GAUSSIAN_SCALE_FLOOR, **recipe(self.model).defaults, **(self.model_params or {})}
+        settings = {**recipe(self.model).defaults, **(self.model_params or {})}
+        if "min_scale" not in config_fields(recipe(self.model).config):
+            settings.pop("min_scale", None)  # the estimator's floor (scale_floor_), not a hyper-parameter of the recipe
         settings.update(
             model=self.model, dataset="arrays", labels=num_labelled, validation=num_validation, epochs=self.max_epochs,
             batch_size=labelled_per_batch + unlabelled_per_batch, labelled_per_batch=labelled_per_batch, lr=float(self.lr),
@@ -459,7 +470,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             samples=False, out="",
         )
         try:
-            return TrainConfig(**settings)
+            return TrainConfig.for_model(**settings)
         except TypeError as error:  # a hyper-parameter of the wrong type
             raise TypeError(f"model_params: {error}") from None
 
@@ -478,31 +489,25 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             return int(posterior_mean(self.guide_, x, site).shape[-1])
 
 
-#: ``model_params`` every model takes (beyond its recipe's :attr:`~pyrodgm.zoo.Recipe.options`).
-COMMON_MODEL_PARAMS: tuple[str, ...] = (
-    "z_dim", "num_particles", "eval_particles", "lr_decay", "lr_decay_every", "betas", "min_scale",
-)
-
-#: ``model_params`` a model takes beyond the CLI's options: an end-to-end M1+M2 built without an
-#: M1 checkpoint takes M1's architecture from these.
-_EXTRA_MODEL_PARAMS: dict[str, tuple[str, ...]] = {"m1m2": ("m1_z_dim", "m1_hidden")}
+#: ``model_params`` every model takes beyond its recipe's own (the fields of
+#: :attr:`~pyrodgm.zoo.Recipe.config`): training options, and the floor of the Gaussian scales.
+COMMON_MODEL_PARAMS: tuple[str, ...] = ("num_particles", "eval_particles", "lr_decay", "lr_decay_every", "betas", "min_scale")
 
 
 def model_param_names(model: str) -> tuple[str, ...]:
-    """The hyper-parameters ``model_params`` may set for ``model``: :data:`COMMON_MODEL_PARAMS`
-    and the recipe's own (:attr:`pyrodgm.zoo.Recipe.options`, what ``pyrodgm train MODEL``
-    takes)."""
-    own = tuple(recipe(model).options) + _EXTRA_MODEL_PARAMS.get(model, ())
-    return tuple(name for name in dict.fromkeys(COMMON_MODEL_PARAMS + own) if name not in _ESTIMATOR_FIELDS)
+    """The hyper-parameters ``model_params`` may set for ``model``: the fields of its
+    recipe's :attr:`~pyrodgm.zoo.Recipe.config` and :data:`COMMON_MODEL_PARAMS`."""
+    own = tuple(config_fields(recipe(model).config))
+    return tuple(name for name in dict.fromkeys(own + COMMON_MODEL_PARAMS) if name not in _ESTIMATOR_FIELDS)
 
 
-def _floor_gaussian_likelihood(model: torch.nn.Module, config: TrainConfig) -> None:
+def _floor_gaussian_likelihood(model: torch.nn.Module, floor: float) -> None:
     """Give the model's Gaussian likelihood heads (modules named ``likelihood``, a
-    :class:`~pyrodgm.nets.NormalHead`) the scale floor ``config.min_scale``; a floor is an
-    attribute, not a parameter, so it is set again when an unpickled model is rebuilt."""
+    :class:`~pyrodgm.nets.NormalHead`) the scale floor ``floor``; a floor is an attribute,
+    not a parameter, so it is set again when an unpickled model is rebuilt."""
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] == "likelihood" and isinstance(module, NormalHead):
-            module.min_scale = max(module.min_scale, float(config.min_scale))
+            module.min_scale = max(module.min_scale, float(floor))
 
 
 def _tensor(X: np.ndarray, scaler: Optional[StandardScaler], module: torch.nn.Module, device: torch.device) -> torch.Tensor:

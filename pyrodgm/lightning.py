@@ -222,7 +222,7 @@ class DGMModule(_base_module() if lightning_available() else torch.nn.Module):
         train_loss = total / max(self._epoch_steps, 1) / (config.batch_size * world)
         zero = self.trainer.is_global_zero
         site = run.recipe.classifier_site(config)
-        metrics = validation_metrics(run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics) if zero else {}
+        metrics = validation_metrics(run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics) if zero and run.validation is not None else {}
         run.epoch += 1
         rngs = self._gather(rng_state())
         if zero:

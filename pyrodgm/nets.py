@@ -17,6 +17,7 @@ Pyro distributions whose last dimension is the event dimension.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,11 @@ from .distributions import IndependentBernoulli
 
 __all__ = [
     "ACTIVATIONS",
+    "AuxiliarySpec",
+    "ConvMMVASpec",
+    "ImageSpec",
+    "MLPSpec",
+    "TwoLayerSpec",
     "BatchNorm",
     "BernoulliHead",
     "CategoricalHead",
@@ -791,3 +797,111 @@ class UnpoolingConvDecoder(nn.Module):
         flat, batch_shape = _flatten_batch(z, 1)
         h = self.fc(flat).reshape((flat.shape[0],) + self.start_shape)
         return self.deconvs(h).reshape(batch_shape + (self.out_features,))
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """The sizes and layers that a model and its guide share, written once and passed to
+    both (``M2(spec)``, ``M2Guide(spec)``).  The defaults are Kingma et al.'s M2.
+
+    :param int x_dim: features per example.
+    :param int num_classes: values of the label ``y`` (unused by label-free models).
+    :param int z_dim: units of the latent ``z``.
+    :param hidden: hidden widths of the MLPs.
+    :param str activation: hidden activation (:data:`ACTIVATIONS`).
+    :param bool batch_norm: batch normalisation in the hidden layers.
+    :param str init: ``"default"`` (PyTorch's) or ``"xavier"`` (:func:`init_weights_`).
+    :param str scale: Gaussian scale parameterisation, ``"softplus"`` or ``"exp"``.
+    :param float min_scale: floor of the Gaussian scales (0: none).
+    """
+
+    x_dim: int
+    num_classes: int = 10
+    z_dim: int = 50
+    hidden: tuple[int, ...] = (500,)
+    activation: str = "softplus"
+    batch_norm: bool = False
+    init: str = "default"
+    scale: str = "softplus"
+    min_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    def mlp(self, in_dim: int, out_dim: int | None = None, hidden: Sequence[int] | None = None) -> "MLP":
+        """An :class:`MLP` from ``in_dim`` features, of the spec's widths (or ``hidden``)."""
+        widths = self.hidden if hidden is None else hidden
+        return MLP(in_dim, widths, out_dim=out_dim, activation=self.activation, batch_norm=self.batch_norm, init=self.init)
+
+    def gaussian(self, in_dim: int, out_dim: int, hidden: Sequence[int] | None = None) -> "GaussianMLP":
+        """A :class:`GaussianMLP` from ``in_dim`` features, of the spec's widths (or ``hidden``)."""
+        widths = self.hidden if hidden is None else hidden
+        return GaussianMLP(in_dim, widths, out_dim, self.activation, self.batch_norm, self.init, self.scale, self.min_scale)
+
+    def normal_head(self, in_features: int, out_dim: int) -> "NormalHead":
+        """A :class:`NormalHead` with the spec's scale, initialisation and floor."""
+        return NormalHead(in_features, out_dim, scale=self.scale, init=self.init, min_scale=self.min_scale)
+
+
+@dataclass(frozen=True)
+class AuxiliarySpec(MLPSpec):
+    """An :class:`MLPSpec` with an auxiliary variable ``a`` of ``a_dim`` units (the ADGM and
+    SDGM of Maaløe et al. 2016; the defaults are the paper's MNIST ones, Glorot-initialised)."""
+
+    z_dim: int = 100
+    hidden: tuple[int, ...] = (500, 500)
+    activation: str = "relu"
+    init: str = "xavier"
+    a_dim: int = 100
+
+
+@dataclass(frozen=True)
+class TwoLayerSpec(MLPSpec):
+    """An :class:`MLPSpec` with a second stochastic layer ``z2`` of ``z2_dim`` units above
+    ``z = z1``, ``hidden2`` the widths of the networks between them (``hidden``: between
+    ``x`` and ``z1``).  The defaults are Burda et al.'s two-layer MNIST model."""
+
+    z_dim: int = 100
+    hidden: tuple[int, ...] = (200, 200)
+    activation: str = "tanh"
+    init: str = "xavier"
+    scale: str = "exp"
+    z2_dim: int = 50
+    hidden2: tuple[int, ...] = (100, 100)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "hidden2", tuple(self.hidden2))
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The sizes that a convolutional model and its guide share, written once for both.
+
+    :param image_shape: ``(C, H, W)`` of the images (``x`` is given flattened).
+    :param int num_classes: values of the label ``y``.
+    :param int z_dim: units of the latent ``z``.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int = 10
+    z_dim: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_shape", _check_image_shape(self.image_shape))
+
+
+@dataclass(frozen=True)
+class ConvMMVASpec(ImageSpec):
+    """Conv-MMVA's sizes and layers (Li et al. 2016, Fig. 2): the recognition CNN's
+    ``(channels, kernel, pool, padding)`` ``layers`` (mirrored by the generator), the fully
+    connected width ``hidden`` and the ``activation``."""
+
+    layers: tuple[tuple[int, int, int, str], ...] = CONV_MMVA_LAYERS
+    hidden: int = 500
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "layers", tuple(tuple(layer) for layer in self.layers))
+

@@ -31,100 +31,73 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     CheckpointError, copy_checkpoint, load_checkpoint, previous_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
+from .configs import ModelConfig, config_fields, field_defaults, option
 from .data import IMAGE_SHAPES, ImageData, SemiSupervisedBatches, binarize, load_dataset, semi_supervised_split
 from .evaluation import classification_error
 from .graphs import CapturedStep
 from .losses import Loss, SemiSupervisedELBO
 from .optim import FusedAdam
-from .zoo import RECIPES, Recipe, recipe
+from .zoo import RECIPES, Recipe, defaults, recipe, recipes_with
 
-__all__ = ["TrainConfig", "TrainingDiverged", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
+__all__ = ["TrainConfig", "migrate_config", "saved_config", "TrainingDiverged", "training_step", "train", "build_from_checkpoint", "device_description", "load_test_data"]
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (saved in every checkpoint)."""
+    """Everything a training run depends on (saved in every checkpoint): the options every
+    model takes, and in ``params`` the model's own hyper-parameters, an instance of its
+    recipe's config class (:attr:`pyrodgm.zoo.Recipe.config`; ``None``: its defaults).
 
-    model: str = "m2"
-    dataset: str = "digits"
-    root: Optional[str] = None
-    download: bool = True
-    labels: int = 100
-    validation: Optional[int] = None  # examples held out to choose the checkpoint (None: the data set's; 0: none, the last epoch is kept)
-    epochs: int = 10
-    batch_size: int = 200
-    labelled_per_batch: int = 100
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_decay: float = 1.0
-    lr_decay_every: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/m2"
-    num_particles: int = 1
-    eval_particles: int = 10
-    alpha_factor: float = 0.1
-    binarize: bool = True
-    z_dim: int = 50
-    a_dim: Optional[int] = None  # auxiliary units (adgm, sdgm); None: 100. None keeps older checkpoints resumable
-    auxiliary_prior: Optional[str] = None  # adgm: "standard" p(a) (None) or "conditional" p(a|x,y,z)
-    m1_z_dim: int = 50
-    m1_hidden: tuple[int, ...] = (600, 600)
-    hidden: tuple[int, ...] = (500,)
-    activation: str = "softplus"
-    likelihood: str = "bernoulli"
-    m1_checkpoint: Optional[str] = None
-    end_to_end: bool = False
-    # max-margin DGMs
-    margin_C: float = 15.0  # mmva (15), conv-mmva (1e3 on MNIST): C, the weight of the hinge loss (Li et al. eq. 4)
-    margin_sigma: Optional[float] = None  # mmva, conv-mmva: prior std of lambda (||lambda||^2 / 2 sigma^2, eq. 5); None: no prior
-    margin_cost: float = 1.0  # mmva, conv-mmva: Delta l, the cost of a wrong label in the hinge loss
-    mmcva_alpha: float = 0.1  # conv-mmcva: alpha of eq. 16, the weight of the max-margin terms (Li et al.)
-    alpha_u: float = 0.3  # conv-mmcva: alpha_U of eq. 16, the weight of the hat loss (authors' script 0.3; the text says 3)
-    alpha_b: float = 1e-3  # conv-mmcva: alpha_B of eq. 16, the weight of the label-balance regulariser
-    # semi-supervised GMVAE
-    label_mode: str = "enumerate"  # m2, gmvae ("relaxed"): enumerate | relaxed | straight-through (Gumbel-softmax y; m2: fixed temperature)
-    temperature: float = 1.0  # gmvae: initial Gumbel-softmax temperature
-    temperature_min: float = 0.5  # gmvae: temperature reached after temperature_epochs
-    temperature_epochs: int = 50  # gmvae: epochs of the temperature annealing
-    temperature_decay: str = "exponential"  # gmvae: exponential (authors' code) or linear annealing
-    feature_dim: int = 100  # gmvae: fsz, the width of the deterministic conv features x_hat = g(x)
-    w_gaussian: float = 1.0  # gmvae: w_G, weight of KL(q(z|x,y) || p(z|y)) (5 for clustering)
-    w_categorical: float = 1.0  # gmvae: w_C, weight of KL(q(y|x) || p(y))
-    knn: int = 5  # gmvae: neighbours of the k-NN label assignment (5 MNIST, 3 SVHN, Fashion-MNIST)
-    w_assign: float = 1.0  # gmvae: w_A, weight of the assignment loss
-    w_metric: float = 1.0  # gmvae: w_M, weight of the lifted structured (metric embedding) loss
-    metric_margin: float = 2.0  # gmvae: margin of the lifted structured loss (2 MNIST, 0.5 SVHN, 1 Fashion-MNIST)
-    # CaGeM and hierarchical baselines
-    gaussian_scale: Optional[str] = None  # cagem: "exp" (the paper's log sigma^2 = Linear; None) or "softplus" (cannot overflow)
-    min_scale: float = 0.0  # cagem (1e-3): floor of the Gaussian scales, a numerical guard (0 in checkpoints that predate it)
-    num_clusters: Optional[int] = None  # cagem: K, the categories of y (None: the number of classes; 5, 10, 20 for CaGeM-0)
-    iw_samples: int = 1  # iwae (50), lvae: importance samples of the IWAE training bound (Burda et al. 2016)
-    kl_warmup_epochs: int = 0  # vae2, lvae (200): KL weight of z1, z2 rising linearly 0 -> 1 (Sønderby et al. 2016)
-    top_z_dim: int = 50  # vae2, iwae, lvae: units of the top stochastic layer z2 (z_dim is z1's)
-    top_hidden: tuple[int, ...] = (100, 100)  # vae2, iwae, lvae: widths between z1 and z2 (hidden: between x and z1)
-    # the authors' code beyond the papers' text (issue 15: each measured as an option)
-    weight_prior_std: Optional[float] = None  # std of an N(0, std^2) prior on every weight matrix, per example (Kingma et al.'s and the ADGM code: 1)
-    grad_clip_norm: Optional[float] = None  # total norm of the gradient per unlabelled row of a batch (the ADGM code: 5 on its mean loss)
-    grad_clip_value: Optional[float] = None  # then each element of that gradient to +-value (the ADGM code: 1)
-    fixed_auxiliary: bool = False  # adgm, sdgm: q(a|x) keeps its initial weights (the ADGM authors' code of Dec 2015)
-    samples: bool = True
-    validate_inputs: bool = True
+    :meth:`for_model` routes keyword arguments to the two, :meth:`paper` starts from the
+    paper's values, :meth:`from_dict` reads a checkpoint's config (older flat ones
+    included)."""
+
+    model: str = option("m2", "the model, a recipe of pyrodgm.zoo", cli=False)
+    # data
+    dataset: str = option("digits", "the data set (torchvision)")
+    root: Optional[str] = option(None, "data folder (torchvision layout); downloads there unless --no-download")
+    download: bool = option(True, "do not download a missing data set")
+    labels: int = option(100, "labelled examples, balanced over classes")
+    validation: Optional[int] = option(None, "validation examples carved from the training set (default: the data set's; 0: none, the last epoch is kept)")
+    binarize: bool = option(True, "keep grey pixels (with --likelihood gaussian: a Bernoulli model refuses them)")
+    # optimisation
+    epochs: int = option(10, "passes over the unlabelled data")
+    batch_size: int = option(200, "rows per step, labelled ones included")
+    labelled_per_batch: int = option(100, "labelled rows in every step's batch")
+    lr: float = option(3e-4, "Adam's learning rate")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam's betas", cli=False)
+    lr_decay: float = option(1.0, "learning-rate factor every --lr-decay-every epochs")
+    lr_decay_every: int = option(0, "epochs between learning-rate decays (0: none)")
+    seed: int = option(0, "seed of the split, the initialisation and the noise")
+    num_particles: int = option(1, "Monte Carlo samples per step (vectorised)")
+    eval_particles: int = option(10, "samples the classifier is averaged over when evaluating")
+    # the authors' code beyond the papers' text (issue 15; pyrodgm.training.optimiser for the units)
+    weight_prior_std: Optional[float] = option(None, "N(0, STD^2) prior on weight matrices (authors: 1)", metavar="STD")
+    grad_clip_norm: Optional[float] = option(None, "clip the gradient per batch row to NORM (ADGM: 5)", metavar="NORM")
+    grad_clip_value: Optional[float] = option(None, "then each element to +-V (ADGM: 1)", metavar="V")
     # how the run is driven (none of these changes the maths: a run may resume with others)
-    cuda_graph: bool = False  # capture the training step in a CUDA graph (pyrodgm.graphs; --device cuda only)
-    time_limit: Optional[float] = None  # seconds: start no epoch that would end after this (the run is resumable)
-    track_test: bool = False  # record the test set's metrics after every epoch (a curve; never used to choose)
+    device: str = option("cpu", "cpu or cuda")
+    out: str = option("runs/m2", "output folder (default runs/MODEL)")
+    samples: bool = option(True, "write no sample grids")
+    validate_inputs: bool = option(
+        True, "skip per-step NaN/range checks (pyro.enable_validation(False)), for speed"
+    )
+    cuda_graph: bool = option(False, "capture the training step in a CUDA graph and replay it (--device cuda)")
+    time_limit: Optional[float] = option(None, "seconds: start no epoch that would end after this (resume later)")
+    track_test: bool = option(
+        False, "record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)"
+    )
+    params: Optional[ModelConfig] = option(None, "the model's own hyper-parameters", cli=False)
 
     def __post_init__(self) -> None:
+        self.params = _model_params(self.model, self.params)
         self.betas = tuple(self.betas)
-        self.hidden = tuple(self.hidden)
-        self.m1_hidden = tuple(self.m1_hidden)
         for name in ("epochs", "batch_size", "num_particles", "eval_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.labels < 0:
             raise ValueError(f"labels must be non-negative, got {self.labels}")
-        if self.likelihood == "bernoulli" and not self.binarize:
+        if self.params.likelihood == "bernoulli" and not self.binarize:
             raise ValueError("a Bernoulli likelihood needs binary pixels: keep binarisation on, or use likelihood='gaussian'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device '{self.device}' was asked for but CUDA is not available")
@@ -136,6 +109,37 @@ class TrainConfig:
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
 
+    def __getattr__(self, name: str):
+        """Only for a missing attribute: name the model's hyper-parameter that was meant."""
+        params = self.__dict__.get("params")
+        if params is not None and name in config_fields(type(params)):
+            raise AttributeError(f"'TrainConfig' has no attribute {name!r}: it is the model's, config.params.{name}")
+        raise AttributeError(f"'TrainConfig' object has no attribute {name!r}")
+
+    @classmethod
+    def for_model(cls, model: str, params: Optional[ModelConfig | dict] = None, **values) -> "TrainConfig":
+        """``model``'s config from keyword arguments, each routed to the training options or
+        to ``params`` (the model's own); a hyper-parameter of other models only is a
+        TypeError that names them."""
+        common, own = _split(model, values, lambda name, value: _refuse(model, name))
+        if isinstance(params, ModelConfig):
+            params = dataclasses.replace(params, **own)
+        else:
+            params = {**(params or {}), **own}
+        return cls(model=model, params=params, **common)
+
+    @classmethod
+    def paper(cls, model: str, dataset: str = "digits", **values) -> "TrainConfig":
+        """``model``'s config with its paper's hyper-parameters for ``dataset``
+        (:func:`pyrodgm.zoo.defaults`, what ``pyrodgm train`` starts from), then ``values``."""
+        return cls.for_model(model, **{**defaults(model, dataset), "dataset": dataset, **values})
+
+    @classmethod
+    def from_dict(cls, saved: dict, **overrides) -> "TrainConfig":
+        """The config a checkpoint saved (:func:`migrate_config`: older flat ones too), with
+        ``overrides`` of its training options."""
+        return cls(**{**migrate_config(saved), **overrides})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -144,6 +148,77 @@ class TrainConfig:
         if self.validation is not None:
             return self.validation
         return 300 if self.dataset == "digits" else 10000
+
+
+def _model_params(model: str, params: Optional[ModelConfig | dict]) -> ModelConfig:
+    """``params`` as an instance of ``model``'s config class (its defaults for ``None``)."""
+    config_class = recipe(model).config
+    if params is None or isinstance(params, dict):
+        unknown = [name for name in (params or {}) if name not in config_fields(config_class)]
+        if unknown:
+            raise TypeError(_not_a_field(model, unknown[0]))
+        return config_class(**(params or {}))
+    if type(params) is not config_class:
+        raise TypeError(f"the params of '{model}' must be its {config_class.__name__}, got {type(params).__name__}")
+    return params
+
+
+def _not_a_field(model: str, name: str) -> str:
+    owners = recipes_with(name)
+    where = f"it is {', '.join(owners)}'s" if owners else "no model has it"
+    return f"{name} is not a hyper-parameter of {model} ({where})"
+
+
+def _split(model: str, values: dict, other: Callable[[str, object], None]) -> tuple[dict, dict]:
+    """``values`` split into training options and ``model``'s own hyper-parameters;
+    ``other(name, value)`` for a field of neither."""
+    common_names, own_names = config_fields(TrainConfig), config_fields(recipe(model).config)
+    common, own = {}, {}
+    for name, value in values.items():
+        if name in own_names:
+            own[name] = value
+        elif name in common_names and name != "params":
+            common[name] = value
+        else:
+            other(name, value)
+    return common, own
+
+
+def _refuse(model: str, name: str) -> None:
+    raise TypeError(_not_a_field(model, name))
+
+
+def migrate_config(saved: dict) -> dict:
+    """A checkpoint's config as this version saves it (``params`` holding the model's own).
+    A flat one (written before the typed configs) is routed: the model's hyper-parameters
+    into ``params``, other models' dropped where they hold their default (the recipe never
+    read them), and a ValueError where one does not."""
+    if "params" in saved:
+        return {**saved, "params": dict(saved["params"] or {})}
+    model = saved.get("model", field_defaults(TrainConfig)["model"])
+    values, params = _split(model, saved, lambda name, value: _check_foreign(model, name, value))
+    return {**values, "params": params}
+
+
+def _check_foreign(model: str, name: str, value) -> None:
+    """A flat config's ``name`` that ``model`` does not have: at its default, or an error."""
+    owners = recipes_with(name)
+    if not owners:
+        raise ValueError(f"the checkpoint's config has a field {name!r} that no model has")
+    default = field_defaults(recipe(owners[0]).config)[name]
+    if _norm(value) != _norm(default):
+        raise ValueError(
+            f"the checkpoint's config sets {name}={value!r}, a hyper-parameter of {', '.join(owners)}, not of its model "
+            f"'{model}' (only its default {default!r} can be dropped)"
+        )
+
+
+def saved_config(saved: dict) -> dict:
+    """A checkpoint's config migrated (:func:`migrate_config`), fields it predates at their
+    defaults."""
+    values = migrate_config(saved)
+    params_class = recipe(values.get("model", field_defaults(TrainConfig)["model"])).config
+    return {**field_defaults(TrainConfig), **values, "params": {**field_defaults(params_class), **values["params"]}}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -429,7 +504,7 @@ def add_baseline(metrics: dict) -> dict:
     """A finished semi-supervised run's ``metrics`` with ``"baseline"`` added (and written
     to its ``metrics.json``): scikit-learn's LabelSpreading on the run's split and pixels
     (:func:`pyrodgm.baselines.run_baseline`); unchanged for a run without a label site."""
-    config = TrainConfig(**metrics["config"])
+    config = TrainConfig.from_dict(metrics["config"])
     recipe_ = recipe(config.model)
     if not config.labels or recipe_.label_site is None or recipe_.supervised:
         return metrics
@@ -532,13 +607,16 @@ def _cuda_devices(device: torch.device) -> list[int]:
 
 
 def _check_resumable(config: TrainConfig, saved: dict) -> None:
-    current = config.to_dict()
-    # fields added after the checkpoint was written compare as their defaults
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    current, saved = _flat(config.to_dict()), _flat(saved_config(saved))  # fields it predates compare as their defaults
     ignored = ("epochs", "out", "device", "samples", "cuda_graph", "time_limit", "track_test")
-    differing = [k for k in current if k not in ignored and _norm(current[k]) != _norm(saved.get(k, defaults[k]))]
+    differing = [k for k in dict.fromkeys([*current, *saved]) if k not in ignored and _norm(current.get(k)) != _norm(saved.get(k))]
     if differing:
         raise ValueError(f"cannot resume: the checkpoint was trained with different {', '.join(differing)}")
+
+
+def _flat(values: dict) -> dict:
+    """A config dict with its ``params`` merged in (their names are not the training options')."""
+    return {**{k: v for k, v in values.items() if k != "params"}, **values["params"]}
 
 
 def _norm(value):
@@ -591,7 +669,7 @@ def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False
 def build_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, Recipe, torch.nn.Module, torch.nn.Module, dict]:
     """Rebuild the (model, guide) pair saved at ``path``, in eval mode on ``device``."""
     state = load_checkpoint(path)
-    config = TrainConfig(**{**state["config"], "device": str(device)})
+    config = TrainConfig.from_dict(state["config"], device=str(device))
     recipe_ = recipe(config.model)
     model, guide = recipe_.build(config, math.prod(IMAGE_SHAPES[config.dataset]), 10)
     model.load_state_dict(state["model"])

@@ -15,23 +15,28 @@ from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.models import M1M2, M2, VAE
 from pyrodgm.models.adgm import ADGM, SDGM
+from pyrodgm.nets import AuxiliarySpec, MLPSpec
+from .configs import ActivationConfig, ClassifierConfig, GumbelConfig, MLPConfig, ModelConfig, config_fields, option
 from .recipes.mmva import (  # MMVA, Conv-MMVA and VA+Pegasos
-    CONV_MMVA_DEFAULTS, CONV_VA_PEGASOS_DEFAULTS, MMVA_DEFAULTS, VA_PEGASOS_DEFAULTS, build_conv_mmva, build_mmva,
-    margin_metrics, mmva_loss, vae_loss,
+    CONV_MMVA_DEFAULTS, CONV_VA_PEGASOS_DEFAULTS, MMVA_DEFAULTS, VA_PEGASOS_DEFAULTS, ConvMMVAConfig, MMVAConfig,
+    build_conv_mmva, build_mmva, margin_metrics, mmva_loss, vae_loss,
 )
-from .recipes.mmcva import CONV_MMCVA_DEFAULTS, build_conv_mmcva, conv_mmcva_loss  # Conv-MMCVA
+from .recipes.mmcva import CONV_MMCVA_DEFAULTS, ConvMMCVAConfig, build_conv_mmcva, conv_mmcva_loss  # Conv-MMCVA
 from .recipes.gmvae import (  # the semi-supervised GMVAE
-    GMVAE_CLUSTERING_DATASETS, GMVAE_CLUSTERING_DEFAULTS, GMVAE_DATASETS, GMVAE_DEFAULTS, build_gmvae, gmvae_loss,
-    gmvae_metrics, gmvae_schedule,
+    GMVAE_CLUSTERING_DATASETS, GMVAE_CLUSTERING_DEFAULTS, GMVAE_DATASETS, GMVAE_DEFAULTS, GMVAEConfig, build_gmvae,
+    gmvae_loss, gmvae_metrics, gmvae_schedule,
 )
-from .recipes.cagem import CAGEM_DEFAULTS, build_cagem, cagem_loss, cagem_metrics, cagem_warmup  # CaGeM
+from .recipes.cagem import CAGEM_DEFAULTS, CaGeMConfig, build_cagem, cagem_loss, cagem_metrics, cagem_warmup  # CaGeM
 from .recipes.hierarchical import (  # the hierarchical baselines
-    IWAE_DEFAULTS, LVAE_DEFAULTS, VAE2_DEFAULTS, build_lvae, build_vae2, iwae_loss, kl_warmup, lvae_loss, vae2_loss,
+    IWAE_DEFAULTS, LVAE_DEFAULTS, VAE2_DEFAULTS, HierarchicalConfig, build_lvae, build_vae2, iwae_loss, kl_warmup,
+    lvae_loss, vae2_loss,
 )
 
 from .losses import Loss, SemiSupervisedELBO
 
-__all__ = ["Recipe", "RECIPES", "recipe", "kingma_alpha"]
+__all__ = [
+    "Recipe", "RECIPES", "recipe", "recipes_with", "kingma_alpha", "M2Config", "M1M2Config", "AuxiliaryConfig", "ADGMConfig",
+]
 
 
 def kingma_alpha(factor: float, num_data: int, num_labels: int) -> float:
@@ -67,10 +72,10 @@ class Recipe:
         classification error is computed, see :meth:`classifier_site`).
     :param dataset_defaults: data set name -> hyper-parameters of the paper for that data
         set, overriding :attr:`defaults` and :data:`DATASET_PRESETS` (:func:`defaults`).
-    :param options: the :class:`~pyrodgm.training.TrainConfig` fields of the recipe's own
-        (its paper's hyper-parameters, beyond the training options every model takes):
-        ``pyrodgm train NAME`` takes these options and no others
-        (:data:`pyrodgm.cli.TRAIN_OPTIONS`).
+    :param config: the class of its paper's hyper-parameters (a
+        :class:`~pyrodgm.configs.ModelConfig`), the ``params`` of its
+        :class:`~pyrodgm.training.TrainConfig`: ``pyrodgm train NAME`` takes its fields as
+        options beyond the training options every model takes, and no others.
     :param graph_capturable: its training step can be captured in a CUDA graph
         (:mod:`pyrodgm.graphs`): no host synchronisation, no data-dependent shape.  The
         margin and metric losses look at which rows are labelled on the host, so the
@@ -91,7 +96,7 @@ class Recipe:
     supervised: bool = False
     labels_optional: bool = False
     dataset_defaults: dict[str, dict] = field(default_factory=dict)
-    options: tuple[str, ...] = ()
+    config: type[ModelConfig] = MLPConfig
     graph_capturable: bool = True
 
     def classifier_site(self, config) -> Optional[str]:
@@ -116,71 +121,102 @@ class Recipe:
 
     def default_loss(self, config, num_data: int, num_labels: int) -> Loss:
         """The semi-supervised ELBO with the paper's alpha."""
-        alpha = kingma_alpha(config.alpha_factor, num_data, num_labels) if self.label_site and num_labels else 0.0
+        alpha = kingma_alpha(config.params.alpha_factor, num_data, num_labels) if self.label_site and num_labels else 0.0
         return SemiSupervisedELBO(num_particles=config.num_particles, alpha=alpha, max_plate_nesting=1)
 
 
-def _hidden(config) -> tuple[int, ...]:
-    return tuple(config.hidden)
+@dataclass
+class M2Config(GumbelConfig, ClassifierConfig):
+    """M2 (Kingma et al. 2014): z 50, one layer of 500 softplus units, alpha 0.1 N."""
+
+
+@dataclass
+class M1M2Config(ClassifierConfig):
+    """M1+M2 (Kingma et al. 2014): M2 (``z_dim``, ``hidden``) on the features of an M1
+    (``m1_z_dim``, ``m1_hidden``: an M1 checkpoint's when one is given)."""
+
+    m1_z_dim: int = option(50, "units of M1's latent z1 (an --m1-checkpoint sets its own)", cli=False)
+    m1_hidden: tuple[int, ...] = option((600, 600), "M1's hidden widths (an --m1-checkpoint sets its own)", cli=False)
+    m1_checkpoint: Optional[str] = option(None, "a trained m1 checkpoint (frozen)")
+    end_to_end: bool = option(False, "train M1 and M2 jointly")
+
+
+@dataclass
+class AuxiliaryConfig(ClassifierConfig):
+    """The SDGM and the deterministic-auxiliary ADGM (Maaløe et al. 2016)."""
+
+    a_dim: Optional[int] = option(None, "units of the auxiliary variable a (default 100)")  # None: 100 (older checkpoints)
+    fixed_auxiliary: bool = option(False, "keep q(a|x) at its initial weights (the ADGM authors' code of Dec 2015)")
+
+
+@dataclass
+class ADGMConfig(AuxiliaryConfig):
+    """The ADGM (Maaløe et al. 2016): ``p(a)`` or ``p(a|x,y,z)``."""
+
+    auxiliary_prior: Optional[str] = option(
+        None, "p(a) (default: standard) or p(a|x,y,z)", choices=("standard", "conditional")
+    )  # None: "standard" (older checkpoints)
+
+
+def _mlp_spec(config, x_dim: int, num_classes: int) -> MLPSpec:
+    p = config.params
+    return MLPSpec(x_dim, num_classes, p.z_dim, p.hidden, p.activation)
 
 
 def build_m1(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    kwargs = dict(z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
-    return VAE(x_dim, likelihood=config.likelihood, **kwargs), VAEGuide(x_dim, **kwargs)
+    spec = _mlp_spec(config, x_dim, num_classes)
+    return VAE(spec, likelihood=config.params.likelihood), VAEGuide(spec)
 
 
 def build_m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    kwargs = dict(num_classes=num_classes, z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
-    guide = M2Guide(x_dim, label_mode=config.label_mode, temperature=config.temperature, **kwargs)
-    return M2(x_dim, likelihood=config.likelihood, **kwargs), guide
+    p, spec = config.params, _mlp_spec(config, x_dim, num_classes)
+    guide = M2Guide(spec, label_mode=p.label_mode, temperature=p.temperature)  # first: the initialisation's order
+    return M2(spec, likelihood=p.likelihood), guide
 
 
 def build_m1m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """M1 (``m1_z_dim``, ``m1_hidden``) under M2; M1 frozen unless ``config.end_to_end``.
+    """M1 (``m1_z_dim``, ``m1_hidden``) under M2; M1 frozen unless ``end_to_end``.
     The architecture comes from the config alone, so an m1m2 checkpoint is self-contained."""
-    frozen = not config.end_to_end
-    if frozen and not config.m1_checkpoint:
+    p = config.params
+    frozen = not p.end_to_end
+    if frozen and not p.m1_checkpoint:
         raise ValueError("m1m2 with a pre-trained M1 needs --m1-checkpoint (or --end-to-end)")
-    m1_kwargs = dict(z_dim=config.m1_z_dim, hidden=tuple(config.m1_hidden), activation=config.activation)
-    m1, m1_guide = VAE(x_dim, likelihood=config.likelihood, **m1_kwargs), VAEGuide(x_dim, **m1_kwargs)
-    kwargs = dict(num_classes=num_classes, z_dim=config.z_dim, hidden=_hidden(config), activation=config.activation)
-    m2, m2_guide = M2(config.m1_z_dim, likelihood="gaussian", **kwargs), M2Guide(config.m1_z_dim, **kwargs)
+    m1_spec = MLPSpec(x_dim, num_classes, p.m1_z_dim, p.m1_hidden, p.activation)
+    m1, m1_guide = VAE(m1_spec, likelihood=p.likelihood), VAEGuide(m1_spec)
+    m2_spec = MLPSpec(p.m1_z_dim, num_classes, p.z_dim, p.hidden, p.activation)
+    m2, m2_guide = M2(m2_spec, likelihood="gaussian"), M2Guide(m2_spec)
     return M1M2(m1, m2, freeze_m1=frozen), M1M2Guide(m1_guide, m2_guide, freeze_m1=frozen)
 
 
-def _adgm_kwargs(config, num_classes: int) -> dict:
-    """The paper's architecture knobs: Glorot-initialised MLPs of ``config.hidden``
-    (``config.a_dim`` of ``None`` means the paper's 100 auxiliary units)."""
-    a_dim = 100 if config.a_dim is None else config.a_dim
-    return dict(
-        num_classes=num_classes, z_dim=config.z_dim, a_dim=a_dim, hidden=_hidden(config),
-        activation=config.activation, init="xavier",
-    )
+def _adgm_spec(config, x_dim: int, num_classes: int) -> AuxiliarySpec:
+    """The paper's architecture: Glorot-initialised MLPs of ``hidden`` (``a_dim`` of
+    ``None`` means the paper's 100 auxiliary units)."""
+    p = config.params
+    a_dim = 100 if p.a_dim is None else p.a_dim
+    return AuxiliarySpec(x_dim, num_classes, p.z_dim, p.hidden, p.activation, init="xavier", a_dim=a_dim)
 
 
 def build_adgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """ADGM (Maaløe et al. 2016): ``p(a)p(y)p(z)p(x|y,z)`` (``--auxiliary-prior conditional``:
     ``p(a|x,y,z)``), ``q(a|x)q(y|a,x)q(z|y,x)``."""
-    kwargs = _adgm_kwargs(config, num_classes)
-    prior = config.auxiliary_prior or "standard"
-    guide = ADGMGuide(x_dim, learn_auxiliary=not config.fixed_auxiliary, **kwargs)
-    return ADGM(x_dim, likelihood=config.likelihood, auxiliary_prior=prior, **kwargs), guide
+    spec = _adgm_spec(config, x_dim, num_classes)
+    prior = config.params.auxiliary_prior or "standard"
+    return ADGM(spec, likelihood=config.params.likelihood, auxiliary_prior=prior), ADGMGuide(spec, learn_auxiliary=not config.params.fixed_auxiliary)
 
 
 def build_sdgm(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """SDGM (Maaløe et al. 2016): ``p(y)p(z)p(a|z,y)p(x|a,z,y)``, ``q(a|x)q(y|a,x)q(z|a,y,x)``
     (the encoder sees ``a``, as in the authors' code)."""
-    kwargs = _adgm_kwargs(config, num_classes)
-    guide = ADGMGuide(x_dim, z_sees_a=True, learn_auxiliary=not config.fixed_auxiliary, **kwargs)
-    return SDGM(x_dim, likelihood=config.likelihood, **kwargs), guide
+    spec = _adgm_spec(config, x_dim, num_classes)
+    return SDGM(spec, likelihood=config.params.likelihood), ADGMGuide(spec, z_sees_a=True, learn_auxiliary=not config.params.fixed_auxiliary)
 
 
 def build_adgm_deterministic(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Fig. 2a's ablation: the ADGM with a deterministic auxiliary unit ``a = f(x)``, so no
     ``a`` in the model or the guide (see :mod:`pyrodgm.guides.adgm`)."""
-    kwargs = _adgm_kwargs(config, num_classes)
-    model = ADGM(x_dim, likelihood=config.likelihood, auxiliary_prior="none", **kwargs)
-    return model, ADGMGuide(x_dim, deterministic_auxiliary=True, learn_auxiliary=not config.fixed_auxiliary, **kwargs)
+    spec = _adgm_spec(config, x_dim, num_classes)
+    model = ADGM(spec, likelihood=config.params.likelihood, auxiliary_prior="none")
+    return model, ADGMGuide(spec, deterministic_auxiliary=True, learn_auxiliary=not config.params.fixed_auxiliary)
 
 
 #: Maaløe et al. (2016), "Implementation details": MNIST with 100 labels.
@@ -195,44 +231,43 @@ ADGM_DEFAULTS = dict(
 )
 
 
-def _m1_checkpoint(config) -> Optional[dict]:
-    if not config.m1_checkpoint:
+def _m1_checkpoint(config) -> Optional[tuple[dict, dict]]:
+    """The M1 checkpoint's state and its config (migrated), or ``None``."""
+    path = config.params.m1_checkpoint
+    if not path:
         return None
     from .checkpoint import load_checkpoint
+    from .training import saved_config
 
-    state = load_checkpoint(config.m1_checkpoint)
-    if state["config"]["model"] != "m1":
-        raise ValueError(f"{config.m1_checkpoint} holds a '{state['config']['model']}' model, not 'm1'")
-    for key in ("activation", "likelihood", "dataset"):
-        if state["config"][key] != getattr(config, key):
-            raise ValueError(f"{config.m1_checkpoint} was trained with {key}={state['config'][key]!r}, this run uses {getattr(config, key)!r}")
-    return state
+    state = load_checkpoint(path)
+    m1 = saved_config(state["config"])
+    if m1["model"] != "m1":
+        raise ValueError(f"{path} holds a '{m1['model']}' model, not 'm1'")
+    for key, saved, used in (
+        ("activation", m1["params"]["activation"], config.params.activation),
+        ("likelihood", m1["params"]["likelihood"], config.params.likelihood),
+        ("dataset", m1["dataset"], config.dataset),
+    ):
+        if saved != used:
+            raise ValueError(f"{path} was trained with {key}={saved!r}, this run uses {used!r}")
+    return state, m1
 
 
 def configure_m1m2(config) -> None:
     """Take M1's architecture from the M1 checkpoint, if one is given."""
-    state = _m1_checkpoint(config)
-    if state is not None:
-        config.m1_z_dim, config.m1_hidden = state["config"]["z_dim"], tuple(state["config"]["hidden"])
+    found = _m1_checkpoint(config)
+    if found is not None:
+        m1 = found[1]["params"]
+        config.params.m1_z_dim, config.params.m1_hidden = m1["z_dim"], tuple(m1["hidden"])
 
 
 def initialize_m1m2(config, model: nn.Module, guide: nn.Module) -> None:
     """Load the pre-trained M1 weights into a freshly built stack."""
-    state = _m1_checkpoint(config)
-    if state is not None:
-        model.m1.load_state_dict(state["model"])
-        guide.m1_guide.load_state_dict(state["guide"])
+    found = _m1_checkpoint(config)
+    if found is not None:
+        model.m1.load_state_dict(found[0]["model"])
+        guide.m1_guide.load_state_dict(found[0]["guide"])
 
-
-#: Option groups several recipes share (:attr:`Recipe.options`).
-MLP_OPTIONS = ("hidden", "activation")
-ADGM_OPTIONS = MLP_OPTIONS + ("alpha_factor", "a_dim", "fixed_auxiliary")
-MARGIN_OPTIONS = ("margin_C", "margin_sigma", "margin_cost")
-GMVAE_OPTIONS = (
-    "feature_dim", "label_mode", "temperature", "temperature_min", "temperature_epochs", "temperature_decay", "w_gaussian",
-    "w_categorical", "knn", "w_assign", "w_metric", "metric_margin", "num_clusters",
-)
-TOP_OPTIONS = ("top_z_dim", "top_hidden", "kl_warmup_epochs")
 
 RECIPES: dict[str, Recipe] = {
     recipe_.name: recipe_
@@ -243,14 +278,14 @@ RECIPES: dict[str, Recipe] = {
             "VAE / latent-feature model M1 (Kingma et al. 2014): z 50, 2x600 softplus MLPs",
             dict(z_dim=50, hidden=(600, 600), labels=0, labelled_per_batch=0, batch_size=100),
             label_site=None,
-            options=MLP_OPTIONS,
+            config=MLPConfig,
         ),
         Recipe(
             "m2",
             build_m2,
             "generative semi-supervised model M2 (Kingma et al. 2014): z 50, 1x500 softplus MLPs, alpha 0.1 N",
             dict(z_dim=50, hidden=(500,)),
-            options=MLP_OPTIONS + ("alpha_factor", "label_mode", "temperature"),
+            config=M2Config,
         ),
         Recipe(
             "m1m2",
@@ -260,28 +295,28 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z2",
             configure=configure_m1m2,
             initialize=initialize_m1m2,
-            options=MLP_OPTIONS + ("alpha_factor", "m1_checkpoint", "end_to_end"),
+            config=M1M2Config,
         ),
         Recipe(
             "adgm",
             build_adgm,
             "auxiliary deep generative model (Maaløe et al. 2016): p(a|x,y,z), a and z 100, 2x500 ReLU, alpha 0.1 N / N_l",
             dict(ADGM_DEFAULTS),
-            options=ADGM_OPTIONS + ("auxiliary_prior",),
+            config=ADGMConfig,
         ),
         Recipe(
             "sdgm",
             build_sdgm,
             "skip deep generative model (Maaløe et al. 2016): p(a|z,y)p(x|a,z,y), a and z 100, 2x500 ReLU, alpha 0.1 N / N_l",
             dict(ADGM_DEFAULTS),
-            options=ADGM_OPTIONS,
+            config=AuxiliaryConfig,
         ),
         Recipe(
             "adgm-deterministic",
             build_adgm_deterministic,
             "ADGM ablation with a deterministic auxiliary unit a = f(x) (Maaløe et al. 2016, Fig. 2a)",
             dict(ADGM_DEFAULTS),
-            options=ADGM_OPTIONS,
+            config=AuxiliaryConfig,
         ),
         # max-margin DGMs (Li et al.): mmva, conv-mmva, conv-mmcva, va-pegasos
         Recipe(
@@ -294,7 +329,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=margin_metrics,
             supervised=True,
             graph_capturable=False,
-            options=MLP_OPTIONS + MARGIN_OPTIONS,
+            config=MMVAConfig,
         ),
         Recipe(
             "conv-mmva",
@@ -306,7 +341,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=margin_metrics,
             supervised=True,
             graph_capturable=False,
-            options=("activation",) + MARGIN_OPTIONS,
+            config=ConvMMVAConfig,
         ),
         Recipe(
             "va-pegasos",
@@ -315,7 +350,7 @@ RECIPES: dict[str, Recipe] = {
             dict(VA_PEGASOS_DEFAULTS),
             label_site=None,
             make_loss=vae_loss,
-            options=MLP_OPTIONS,
+            config=MLPConfig,
         ),
         Recipe(
             "conv-va-pegasos",
@@ -324,7 +359,7 @@ RECIPES: dict[str, Recipe] = {
             dict(CONV_VA_PEGASOS_DEFAULTS),
             label_site=None,
             make_loss=vae_loss,
-            options=("activation",),
+            config=ActivationConfig,
         ),
         Recipe(
             "conv-mmcva",
@@ -334,7 +369,7 @@ RECIPES: dict[str, Recipe] = {
             dict(CONV_MMCVA_DEFAULTS),
             make_loss=conv_mmcva_loss,
             graph_capturable=False,
-            options=("mmcva_alpha", "alpha_u", "alpha_b"),
+            config=ConvMMCVAConfig,
         ),
         # semi-supervised GMVAE: gmvae
         Recipe(
@@ -349,7 +384,7 @@ RECIPES: dict[str, Recipe] = {
             labels_optional=True,
             dataset_defaults=GMVAE_DATASETS,
             graph_capturable=False,
-            options=GMVAE_OPTIONS,
+            config=GMVAEConfig,
         ),
         Recipe(
             "gmvae-clustering",
@@ -362,7 +397,7 @@ RECIPES: dict[str, Recipe] = {
             metrics=gmvae_metrics,
             labels_optional=True,
             dataset_defaults=GMVAE_CLUSTERING_DATASETS,
-            options=GMVAE_OPTIONS,
+            config=GMVAEConfig,
         ),
         # CaGeM and the hierarchical baselines: cagem, vae2, iwae, lvae
         Recipe(
@@ -377,7 +412,7 @@ RECIPES: dict[str, Recipe] = {
             schedule=cagem_warmup,
             metrics=cagem_metrics,
             labels_optional=True,
-            options=MLP_OPTIONS + TOP_OPTIONS + ("alpha_factor", "gaussian_scale", "min_scale", "num_clusters"),
+            config=CaGeMConfig,
         ),
         Recipe(
             "vae2",
@@ -388,7 +423,7 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z1",
             make_loss=vae2_loss,
             schedule=kl_warmup,
-            options=MLP_OPTIONS + TOP_OPTIONS + ("iw_samples",),
+            config=HierarchicalConfig,
         ),
         Recipe(
             "iwae",
@@ -399,7 +434,7 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z1",
             make_loss=iwae_loss,
             schedule=kl_warmup,
-            options=MLP_OPTIONS + TOP_OPTIONS + ("iw_samples",),
+            config=HierarchicalConfig,
         ),
         Recipe(
             "lvae",
@@ -410,7 +445,7 @@ RECIPES: dict[str, Recipe] = {
             latent_site="z1",
             make_loss=lvae_loss,
             schedule=kl_warmup,
-            options=MLP_OPTIONS + TOP_OPTIONS + ("iw_samples",),
+            config=HierarchicalConfig,
         ),
     )
 }
@@ -426,6 +461,11 @@ def defaults(model: str, dataset: str) -> dict:
     """The paper's hyper-parameters of ``model``, adjusted for ``dataset``."""
     recipe_ = recipe(model)
     return {**recipe_.defaults, **DATASET_PRESETS.get(dataset, {}), **recipe_.dataset_defaults.get(dataset, {})}
+
+
+def recipes_with(name: str) -> list[str]:
+    """The models whose own hyper-parameters include ``name``."""
+    return [model for model, recipe_ in RECIPES.items() if name in config_fields(recipe_.config)]
 
 
 def recipe(name: str) -> Recipe:

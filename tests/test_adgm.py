@@ -22,6 +22,7 @@ from pyrodgm.evaluation import active_units, classification_error, iwae_log_like
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models.adgm import ADGM, SDGM
+from pyrodgm.nets import AuxiliarySpec
 from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import RECIPES, kingma_alpha, recipe
@@ -40,10 +41,10 @@ VARIANTS = [("conditional", False), ("conditional", True), ("standard", False), 
 # --------------------------------------------------------------------------------------
 def make_pair(kind="conditional", z_sees_a=False, x_dim=X_DIM, num_classes=K, z_dim=Z_DIM, a_dim=A_DIM, hidden=HIDDEN):
     if kind == "sdgm":
-        model = SDGM(x_dim, num_classes, z_dim, a_dim, hidden)
+        model = SDGM(AuxiliarySpec(x_dim, num_classes, z_dim, hidden, a_dim=a_dim))
     else:
-        model = ADGM(x_dim, num_classes, z_dim, a_dim, hidden, auxiliary_prior=kind)
-    guide = ADGMGuide(x_dim, num_classes, z_dim, a_dim, hidden, z_sees_a=z_sees_a, deterministic_auxiliary=kind == "none")
+        model = ADGM(AuxiliarySpec(x_dim, num_classes, z_dim, hidden, a_dim=a_dim), auxiliary_prior=kind)
+    guide = ADGMGuide(AuxiliarySpec(x_dim, num_classes, z_dim, hidden, a_dim=a_dim), z_sees_a=z_sees_a, deterministic_auxiliary=kind == "none")
     return model, guide
 
 
@@ -345,12 +346,12 @@ def test_adgm_model_traces():
     assert sample_sites(poutine.trace(guide).get_trace(x, y=torch.tensor([0, 1, 2, 0]))) == ["a", "z"]
     # generation without data, class-conditional
     assert conditional(y=torch.arange(K)).shape == (K, X_DIM)
-    assert SDGM(X_DIM, K, Z_DIM, A_DIM, HIDDEN)(batch_size=2).shape == (2, X_DIM)
+    assert SDGM(AuxiliarySpec(X_DIM, K, Z_DIM, HIDDEN, a_dim=A_DIM))(batch_size=2).shape == (2, X_DIM)
 
 
 def test_bad_auxiliary_prior():
     with pytest.raises(ValueError, match="auxiliary_prior"):
-        ADGM(X_DIM, K, Z_DIM, A_DIM, HIDDEN, auxiliary_prior="uniform")
+        ADGM(AuxiliarySpec(X_DIM, K, Z_DIM, HIDDEN, a_dim=A_DIM), auxiliary_prior="uniform")
 
 
 def test_wrong_number_of_features():
@@ -440,17 +441,17 @@ def test_recipes_have_the_papers_defaults():
         assert defaults["lr"] == 3e-4 and defaults["betas"] == (0.9, 0.999)
         assert (defaults["lr_decay"], defaults["lr_decay_every"]) == (0.75, 200)
         assert defaults["num_particles"] == 1 and defaults["eval_particles"] == 100
-        config = TrainConfig(model=name, **defaults)
+        config = TrainConfig.for_model(model=name, **defaults)
         # the authors' code: 0.1 N / N_l per labelled example (the text says 0.01 N)
         assert recipe(name).loss(config, num_data=50000, num_labels=100).alpha == pytest.approx(kingma_alpha(0.1, 50000, 100))
         assert recipe(name).loss(config, num_data=50000, num_labels=100).alpha == pytest.approx(50.0)
-        model, guide = recipe(name).build(TrainConfig(model=name, **{**defaults, "hidden": (8,), "z_dim": 2, "a_dim": 3}), 64, 10)
+        model, guide = recipe(name).build(TrainConfig.for_model(model=name, **{**defaults, "hidden": (8,), "z_dim": 2, "a_dim": 3}), 64, 10)
         assert guide.a_dim == 3 and model.z_dim == 2
         linear = guide.classifier.hidden_layers[0][0]
         assert not linear.bias.any()  # Glorot weights, zero biases
-    _, sdgm_guide = recipe("sdgm").build(TrainConfig(model="sdgm", hidden=(8,)), 64, 10)
+    _, sdgm_guide = recipe("sdgm").build(TrainConfig.for_model(model="sdgm", hidden=(8,)), 64, 10)
     assert sdgm_guide.z_sees_a
-    _, det_guide = recipe("adgm-deterministic").build(TrainConfig(model="adgm-deterministic", hidden=(8,)), 64, 10)
+    _, det_guide = recipe("adgm-deterministic").build(TrainConfig.for_model(model="adgm-deterministic", hidden=(8,)), 64, 10)
     assert det_guide.deterministic_auxiliary and det_guide.a_dim == 100  # a_dim None: the paper's 100
 
 
@@ -477,8 +478,8 @@ def test_cli_trains(name, tmp_path):
     assert code == 0, stderr.getvalue()
     metrics = json.loads((out / "metrics.json").read_text())
     config = metrics["config"]
-    assert config["model"] == name and config["hidden"] == [500, 500] and config["a_dim"] == 100
-    assert config["eval_particles"] == 100 and config["alpha_factor"] == 0.1
+    assert config["model"] == name and config["params"]["hidden"] == [500, 500] and config["params"]["a_dim"] == 100
+    assert config["eval_particles"] == 100 and config["params"]["alpha_factor"] == 0.1
     assert metrics["epochs_completed"] == 1
     assert 0.0 <= metrics["test"]["error"] <= 1.0
     assert math.isfinite(metrics["test"]["elbo"])
@@ -489,7 +490,7 @@ def test_adgm_recipe_uses_the_standard_auxiliary_prior_unless_asked():
     """Eq. 5's p(a) = N(0, I) by default; p(a|x,y,z) only with auxiliary_prior="conditional"."""
     x = torch.rand(3, 64).bernoulli()
     for prior, order in ((None, ["a", "y", "z", "x"]), ("conditional", ["y", "z", "x", "a"])):
-        config = TrainConfig(model="adgm", hidden=(8,), z_dim=2, a_dim=3, auxiliary_prior=prior)
+        config = TrainConfig.for_model(model="adgm", hidden=(8,), z_dim=2, a_dim=3, auxiliary_prior=prior)
         model, _ = recipe("adgm").build(config, 64, 10)
         trace = poutine.trace(model).get_trace(x, y=torch.tensor([0, 1, 2]))
         assert [n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "data"] == order
@@ -499,11 +500,11 @@ def test_adgm_recipe_uses_the_standard_auxiliary_prior_unless_asked():
 def test_fixed_auxiliary_keeps_q_a_at_its_initial_weights(name):
     """``fixed_auxiliary``: q(a|x) (or f(x)) is not trained, everything else is, and the
     loss is the same number as with a learnt q(a|x) at the same weights."""
-    config = TrainConfig(model=name, z_dim=Z_DIM, a_dim=A_DIM, hidden=HIDDEN, fixed_auxiliary=True)
+    config = TrainConfig.for_model(name, z_dim=Z_DIM, a_dim=A_DIM, hidden=HIDDEN, fixed_auxiliary=True)
     torch.manual_seed(0)
     model, guide = recipe(name).build(config, X_DIM, K)
     torch.manual_seed(0)
-    _, learnt = recipe(name).build(dataclasses.replace(config, fixed_auxiliary=False), X_DIM, K)
+    _, learnt = recipe(name).build(TrainConfig.for_model(name, z_dim=Z_DIM, a_dim=A_DIM, hidden=HIDDEN), X_DIM, K)
     assert not guide.learn_auxiliary and learnt.learn_auxiliary
     loss = recipe(name).loss(config, num_data=100, num_labels=10)
     x, y = binary_x(6), torch.tensor([0, 1, 2, -1, -1, -1])

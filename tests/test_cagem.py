@@ -21,7 +21,7 @@ from pyrodgm.losses.cagem import (
     model_label_log_prob,
     module_params,
 )
-from pyrodgm.models.cagem import CaGeM
+from pyrodgm.models.cagem import CaGeM, CaGeMSpec
 from pyrodgm.training import TrainConfig, train
 from pyrodgm.zoo import recipe
 from pyrodgm.recipes.cagem import build_cagem, cagem_loss, cagem_warmup, cluster_error
@@ -34,8 +34,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def make_pair(batch_norm=False, skip=True, scale="exp"):
-    kwargs = dict(num_clusters=K, z1_dim=Z1, z2_dim=Z2, hidden=(6,), latent_hidden=(4,), batch_norm=batch_norm, scale=scale)
-    return CaGeM(X_DIM, **kwargs), CaGeMGuide(X_DIM, skip=skip, **kwargs)
+    spec = CaGeMSpec(X_DIM, K, Z1, (6,), z2_dim=Z2, hidden2=(4,), batch_norm=batch_norm, scale=scale)
+    return CaGeM(spec), CaGeMGuide(spec, skip=skip)
 
 
 def binary_x(batch):
@@ -196,7 +196,7 @@ def test_warmup_schedule_values_and_hook():
     assert kl_warmup_weight(0, 0) == 1.0
     with pytest.raises(ValueError, match="non-negative"):
         kl_warmup_weight(3, -1)
-    config = TrainConfig(model="cagem", kl_warmup_epochs=4, labels=100)
+    config = TrainConfig.for_model(model="cagem", kl_warmup_epochs=4, labels=100)
     for num_labels in (100, 0):
         loss = cagem_loss(config, num_data=1000, num_labels=num_labels)
         cagem_warmup(config, 2, None, None, loss)
@@ -216,7 +216,7 @@ def test_cluster_error_maps_clusters_to_majority_classes():
 
 def test_cagem_zero_trains_without_labels(tmp_path):
     torch.set_default_dtype(torch.float32)  # the data's dtype; the fixture restores the previous default
-    config = TrainConfig(
+    config = TrainConfig.for_model(
         model="cagem", dataset="digits", labels=0, num_clusters=4, epochs=1, validation=300, batch_size=300,
         hidden=(16,), top_hidden=(8,), z_dim=4, top_z_dim=2, eval_particles=1, out=str(tmp_path), samples=False,
     )
@@ -229,12 +229,12 @@ def test_cagem_zero_trains_without_labels(tmp_path):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="num_clusters"):
-        CaGeM(X_DIM, num_clusters=1)
-    with pytest.raises(ValueError, match="z1_dim"):
-        CaGeM(X_DIM, z1_dim=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        CaGeM(CaGeMSpec(X_DIM, 1))
+    with pytest.raises(ValueError, match="z_dim"):
+        CaGeM(CaGeMSpec(X_DIM, z_dim=0))
     with pytest.raises(ValueError, match="number of classes"):
-        build_cagem(TrainConfig(model="cagem", labels=100, num_clusters=5), X_DIM, 10)
+        build_cagem(TrainConfig.for_model(model="cagem", labels=100, num_clusters=5), X_DIM, 10)
     model, guide = make_pair()
     x = binary_x(4)
     ce = ModelClassifierCrossEntropy(max_plate_nesting=1)

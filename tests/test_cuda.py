@@ -102,7 +102,7 @@ def test_iwae_equals_the_cpus(name, test_device):
 def _config(tmp_path, name, device, **overrides):
     values = dict(model="m2", dataset="digits", validation=300, batch_size=100, labelled_per_batch=50, hidden=(32,),
                   z_dim=4, eval_particles=2, lr=1e-3, labels=100, epochs=1, samples=False, device=str(device))
-    return TrainConfig(out=str(tmp_path / name), **{**values, **overrides})
+    return TrainConfig.for_model(out=str(tmp_path / name), **{**values, **overrides})
 
 
 @pytest.mark.parametrize("first", ["device", "cpu"])

@@ -192,7 +192,7 @@ def test_likelihood_is_chosen_from_the_data_and_overridable():
     binary = (rng.rand(60, 6) < np.where(y[:, None] == 1, 0.8, 0.2)).astype(float)
     y_semi = np.where(np.arange(60) % 3 == 0, y, -1)
     est = SemiSupervisedClassifier(**TINY, random_state=0).fit(binary, y_semi)
-    assert est.likelihood_ == "bernoulli" and est.scaler_ is None and est.config_.likelihood == "bernoulli"
+    assert est.likelihood_ == "bernoulli" and est.scaler_ is None and est.config_.params.likelihood == "bernoulli"
     assert est.score(binary, y) > 0.8
     est = SemiSupervisedClassifier(**TINY, likelihood="gaussian", random_state=0).fit(binary, y_semi)
     assert est.likelihood_ == "gaussian" and np.allclose(est.scaler_.mean_, binary.mean(0))
@@ -217,13 +217,13 @@ def test_the_gaussian_likelihood_has_a_scale_floor_that_survives_pickling():
     X, _, y_semi = _problem(n=60)
     est = SemiSupervisedClassifier("adgm", **{**TINY, "model_params": {"hidden": (8,), "z_dim": 2, "a_dim": 2}}, random_state=0)
     est.fit(X, y_semi)
-    assert est.config_.min_scale == GAUSSIAN_SCALE_FLOOR == est.model_.likelihood.min_scale
+    assert est.scale_floor_ == GAUSSIAN_SCALE_FLOOR == est.model_.likelihood.min_scale
     assert pickle.loads(pickle.dumps(est)).model_.likelihood.min_scale == GAUSSIAN_SCALE_FLOOR
     est = SemiSupervisedClassifier(**{**TINY, "model_params": {"hidden": (8,), "z_dim": 2, "min_scale": 0.5}}, random_state=0)
     assert est.fit(X, y_semi).model_.likelihood.min_scale == 0.5
     cagem = {"hidden": (8,), "z_dim": 2, "top_z_dim": 2, "top_hidden": (8,)}
     est = SemiSupervisedClassifier("cagem", model_params=cagem, max_epochs=2, lr=1e-3, random_state=0).fit(X, y_semi)
-    assert est.config_.min_scale == 1e-3 == est.model_.likelihood.min_scale  # the recipe's own floor
+    assert est.config_.params.min_scale == est.scale_floor_ == 1e-3 == est.model_.likelihood.min_scale  # the recipe's own floor
 
 
 def test_early_stopping_keeps_the_best_epoch():

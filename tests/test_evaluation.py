@@ -23,6 +23,7 @@ from pyrodgm.evaluation import (
     predict_proba,
 )
 from pyrodgm.guides import M2Guide
+from pyrodgm.nets import MLPSpec
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
 
@@ -326,7 +327,7 @@ def test_predict_proba_single_particle_is_the_sampled_classifier():
 
 
 def test_predict_proba_m2_is_softmax_of_classifier():
-    guide = M2Guide(5, 3, 2, (4,))
+    guide = M2Guide(MLPSpec(5, 3, 2, (4,)))
     x = torch.rand(7, 5)
     expected = guide.classifier_head(guide.classifier(x)).softmax(-1)
     for num_particles in (1, 4):
@@ -371,7 +372,7 @@ def test_active_units():
 
 
 def test_posterior_mean_m2_sums_enumerated_label():
-    guide = M2Guide(4, 3, 2, (5,))
+    guide = M2Guide(MLPSpec(4, 3, 2, (5,)))
     x = torch.rand(6, 4)
     probs = guide.classifier_head(guide.classifier(x)).softmax(-1)
     expected = 0

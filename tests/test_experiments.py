@@ -75,7 +75,7 @@ def test_baselines_use_the_split_and_test_images_of_a_training_run(seed, monkeyp
 
     split_function = training.semi_supervised_split
     monkeypatch.setattr(training, "semi_supervised_split", spy)
-    run = training._prepare(training.TrainConfig(model="m2", dataset="digits", labels=100, seed=seed, out=str(tmp_path)))
+    run = training._prepare(training.TrainConfig.for_model(model="m2", dataset="digits", labels=100, seed=seed, out=str(tmp_path)))
     (trained,) = splits
 
     train, test = load_dataset("digits"), load_dataset("digits", train=False)
@@ -173,9 +173,11 @@ def test_speed_reference_computes_the_same_loss_as_pyrodgm(pyro_test_env):
     from pyrodgm.guides import M2Guide
     from pyrodgm.losses import SemiSupervisedELBO
     from pyrodgm.models import M2
+    from pyrodgm.nets import MLPSpec
 
     references = _import_experiment("references")
-    model, guide = M2(20, 4, 3, (16,)), M2Guide(20, 4, 3, (16,))
+    spec = MLPSpec(20, 4, 3, (16,))
+    model, guide = M2(spec), M2Guide(spec)
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, 1, 2, 3, 1, -1, -1, -1, -1, -1])
     pyro.set_rng_seed(5)
@@ -195,9 +197,11 @@ def test_speed_reference_computes_the_same_adgm_loss_as_pyrodgm(pyro_test_env, n
     from pyrodgm.guides import ADGMGuide
     from pyrodgm.losses import SemiSupervisedELBO
     from pyrodgm.models import ADGM
+    from pyrodgm.nets import AuxiliarySpec
 
     references = _import_experiment("references")
-    model, guide = ADGM(20, 4, 3, 5, (16, 8)), ADGMGuide(20, 4, 3, 5, (16, 8))  # p(a) = N(0, I), the default
+    spec = AuxiliarySpec(20, 4, 3, (16, 8), a_dim=5)
+    model, guide = ADGM(spec), ADGMGuide(spec)  # p(a) = N(0, I), the default
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1])  # labelled and unlabelled rows interleaved
     loss_fn = SemiSupervisedELBO(alpha=3.0, num_particles=num_particles, max_plate_nesting=1)
@@ -221,11 +225,11 @@ def test_speed_reference_computes_the_same_cagem_loss_and_gradients_as_pyrodgm(p
 
     from pyrodgm.guides.cagem import CaGeMGuide
     from pyrodgm.losses.cagem import cagem_objective
-    from pyrodgm.models.cagem import CaGeM
+    from pyrodgm.models.cagem import CaGeM, CaGeMSpec
 
     references = _import_experiment("references")
-    sizes = dict(num_clusters=4, z1_dim=3, z2_dim=2, hidden=(16, 8), latent_hidden=(8, 6))  # batch-norm on, the paper's
-    model, guide = CaGeM(20, **sizes), CaGeMGuide(20, **sizes)
+    spec = CaGeMSpec(20, 4, 3, (16, 8), z2_dim=2, hidden2=(8, 6))  # batch-norm on, the paper's
+    model, guide = CaGeM(spec), CaGeMGuide(spec)
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1])  # labelled and unlabelled rows interleaved
     weight = 0.5  # mid KL warm-up
@@ -295,12 +299,12 @@ def test_speed_reference_computes_the_same_conv_mmcva_loss_and_gradients_as_pyro
     from pyrodgm.guides.mmcva import ConvMMCVAGuide
     from pyrodgm.losses import SemiSupervisedELBO
     from pyrodgm.losses.margin import max_margin_objective
-    from pyrodgm.models.mmcva import ConvMMCVA
+    from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 
     references = _import_experiment("references")
     shape = (1, 8, 8)  # dropout and batch-norm in the CNN, as the paper's
-    model = ConvMMCVA(shape, 4, 3, channels=(4, 4, 3, 3))
-    guide = ConvMMCVAGuide(shape, 4, 3, classifier_channels=(3, 4, 4, 5, 5), encoder_channels=(3, 3, 4, 4, 4))
+    spec = ConvMMCVASpec(shape, 4, 3, (4, 4, 3, 3), classifier_channels=(3, 4, 4, 5, 5), encoder_channels=(3, 3, 4, 4, 4))
+    model, guide = ConvMMCVA(spec), ConvMMCVAGuide(spec)
     x = torch.rand(12, 64).bernoulli()
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1, -1, 0])  # labelled and unlabelled rows interleaved
     weights = dict(alpha=0.1, alpha_u=0.5, alpha_b=0.2, C=3.0, sigma=2.0)
@@ -313,11 +317,12 @@ def test_speed_reference_computes_the_same_gmvae_loss_and_gradients_as_pyrodgm(p
 
     from pyrodgm.guides.gmvae import GMVAEGuide
     from pyrodgm.losses import AssignmentLoss, LiftedStructuredLoss, SemiSupervisedELBO, WeightedSum, WithoutLabels
-    from pyrodgm.models.gmvae import GMVAE
+    from pyrodgm.models.gmvae import GMVAE, GMVAESpec
 
     references = _import_experiment("references")
     sizes = dict(num_classes=4, z_dim=3, feature_dim=5, geometry=((2, 3, 3, 4), (3, 3, 2, 2, 2), (1, 1, 1, 1, 1)))
-    model, guide = GMVAE((1, 8, 8), **sizes), GMVAEGuide((1, 8, 8), label_mode="relaxed", temperature=0.7, **sizes)
+    spec = GMVAESpec((1, 8, 8), **sizes)
+    model, guide = GMVAE(spec), GMVAEGuide(spec, label_mode="relaxed", temperature=0.7)
     x = torch.rand(12, 64)
     y = torch.tensor([0, -1, 2, 3, -1, 1, -1, -1, 3, -1, -1, 0])
     weights = dict(w_gaussian=2.0, w_categorical=0.5, w_assign=1.5, w_metric=0.3, k=2, margin=2.0)
@@ -352,19 +357,19 @@ def test_bench_speed_runs_and_writes_json(tmp_path):
 def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_together():
     adgm = _import_experiment("adgm_mnist_100")
     plain = adgm.config_for(adgm.parse_args([]))
-    assert (plain.weight_prior_std, plain.grad_clip_norm, plain.fixed_auxiliary, plain.validation) == (None, None, False, None)
+    assert (plain.weight_prior_std, plain.grad_clip_norm, plain.params.fixed_auxiliary, plain.validation) == (None, None, False, None)
     together = adgm.parse_args(["--authors-code"])
     config = adgm.config_for(together)
-    assert (config.weight_prior_std, config.grad_clip_norm, config.grad_clip_value, config.fixed_auxiliary, config.validation) == (1.0, 5.0, 1.0, True, 0)
-    assert config.alpha_factor == 2.0 and plain.alpha_factor == 0.1
-    assert adgm.config_for(adgm.parse_args(["--authors-code", "--alpha-factor", "0.5"])).alpha_factor == 0.5
+    assert (config.weight_prior_std, config.grad_clip_norm, config.grad_clip_value, config.params.fixed_auxiliary, config.validation) == (1.0, 5.0, 1.0, True, 0)
+    assert config.params.alpha_factor == 2.0 and plain.params.alpha_factor == 0.1
+    assert adgm.config_for(adgm.parse_args(["--authors-code", "--alpha-factor", "0.5"])).params.alpha_factor == 0.5
     assert adgm.name(together) == "adgm_1mc_100_labels_authors_code"
     one = adgm.parse_args(["--grad-clip-norm", "5", "--validation", "100"])
     config = adgm.config_for(one)
-    assert (config.grad_clip_norm, config.weight_prior_std, config.fixed_auxiliary, config.validation) == (5.0, None, False, 100)
+    assert (config.grad_clip_norm, config.weight_prior_std, config.params.fixed_auxiliary, config.validation) == (5.0, None, False, 100)
     assert adgm.name(one) == "adgm_1mc_100_labels_clip"
     m2 = adgm.config_for(adgm.parse_args(["--model", "m2", "--authors-code"]))
-    assert not m2.fixed_auxiliary and m2.weight_prior_std == 1.0  # M2 has no q(a|x)
+    assert not hasattr(m2.params, "fixed_auxiliary") and m2.weight_prior_std == 1.0  # M2 has no q(a|x)
 
 
 def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, tmp_path):
@@ -404,7 +409,7 @@ def test_seeds_script_repeats_a_train_command_with_the_baseline_of_each_seed(tmp
     assert set(result["seeds"]) == {0, 1}
     for seed, record in result["seeds"].items():
         metrics = json.loads((tmp_path / "runs" / f"seed{seed}" / "metrics.json").read_text())
-        assert metrics["config"]["seed"] == seed and metrics["config"]["hidden"] == [16]
+        assert metrics["config"]["seed"] == seed and metrics["config"]["params"]["hidden"] == [16]
         assert record["test_error"] == metrics["test"]["error"] and record["baseline_test_error"] == metrics["baseline"]["test_error"]
     errors = [r["test_error"] for r in result["seeds"].values()]
     assert result["test_error"]["mean"] == pytest.approx(sum(errors) / 2)

@@ -20,7 +20,8 @@ from pyrodgm.guides.gmvae import GMVAEGuide
 from pyrodgm.labels import LabelPrior, RelaxedLabel, StraightThroughLabel, label_distribution
 from pyrodgm.losses import SemiSupervisedELBO, WeightedSum
 from pyrodgm.models import M2
-from pyrodgm.models.gmvae import MSE_SCALE, ConvFeatures, ConvImageDecoder, GMVAE, conv_geometry
+from pyrodgm.models.gmvae import MSE_SCALE, ConvFeatures, ConvImageDecoder, GMVAE, GMVAESpec, conv_geometry
+from pyrodgm.nets import MLPSpec
 from pyrodgm.traces import TraceTerms, particle_traces
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import defaults, recipe
@@ -33,8 +34,8 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def make_pair(label_mode="enumerate", likelihood="gaussian"):
-    model = GMVAE(SHAPE, K, Z, FEAT, likelihood=likelihood)
-    guide = GMVAEGuide(SHAPE, K, Z, FEAT, label_mode=label_mode, temperature=0.7)
+    model = GMVAE(GMVAESpec(SHAPE, K, Z, FEAT), likelihood=likelihood)
+    guide = GMVAEGuide(GMVAESpec(SHAPE, K, Z, FEAT), label_mode=label_mode, temperature=0.7)
     return model, guide
 
 
@@ -67,7 +68,7 @@ def test_gumbel_temperature_linear_and_edge_cases():
 
 
 def test_schedule_sets_the_guide_temperature():
-    config = TrainConfig(**{**defaults("gmvae", "digits"), "model": "gmvae", "epochs": 3})
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "epochs": 3})
     model, guide = build_gmvae(config, 64, 10)
     assert guide.temperature == pytest.approx(gumbel_temperature(2))
     gmvae_schedule(config, 0, model, guide, None)
@@ -188,7 +189,8 @@ def test_relaxed_log_prob_is_finite_at_an_observed_one_hot_label():
 
 @pytest.mark.parametrize("mode", ["relaxed", "straight-through"])
 def test_m2_relaxed_trains_a_step(mode):
-    model, guide = M2(20, 3, 2, (8,)), M2Guide(20, 3, 2, (8,), label_mode=mode, temperature=0.6)
+    spec = MLPSpec(20, 3, 2, (8,))
+    model, guide = M2(spec), M2Guide(spec, label_mode=mode, temperature=0.6)
     x = torch.rand(10, 20).bernoulli()
     y = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1, -1, -1])
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), SemiSupervisedELBO(alpha=2.0, max_plate_nesting=1))
@@ -202,20 +204,20 @@ def test_m2_relaxed_trains_a_step(mode):
 
 
 def test_m2_default_is_unchanged_enumeration():
-    guide = M2Guide(20, 3, 2, (8,))
+    guide = M2Guide(MLPSpec(20, 3, 2, (8,)))
     assert guide.label_mode == "enumerate" and guide.temperature == 1.0
     site = poutine.trace(guide).get_trace(torch.rand(4, 20)).nodes["y"]
     assert type(site["fn"]) is dist.OneHotCategorical and site["infer"]["enumerate"] == "parallel"
-    assert set(guide.state_dict()) == set(M2Guide(20, 3, 2, (8,), label_mode="relaxed").state_dict())
+    assert set(guide.state_dict()) == set(M2Guide(MLPSpec(20, 3, 2, (8,)), label_mode="relaxed").state_dict())
 
 
 @pytest.mark.parametrize("bad", ["gumbel", "", None])
 def test_bad_label_mode_errors(bad):
     with pytest.raises(ValueError, match="label_mode"):
-        M2Guide(20, 3, 2, (8,), label_mode=bad)
+        M2Guide(MLPSpec(20, 3, 2, (8,)), label_mode=bad)
     with pytest.raises(ValueError, match="label_mode"):
-        GMVAEGuide(SHAPE, K, Z, FEAT, label_mode=bad)
-    guide = M2Guide(20, 3, 2, (8,))
+        GMVAEGuide(GMVAESpec(SHAPE, K, Z, FEAT), label_mode=bad)
+    guide = M2Guide(MLPSpec(20, 3, 2, (8,)))
     with pytest.raises(ValueError, match="label_mode"):
         guide.label_mode = bad
     with pytest.raises(ValueError, match="label_mode"):
@@ -225,8 +227,8 @@ def test_bad_label_mode_errors(bad):
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
 def test_bad_temperature_errors(bad):
     with pytest.raises(ValueError, match="temperature"):
-        GMVAEGuide(SHAPE, K, Z, FEAT, temperature=bad)
-    guide = M2Guide(20, 3, 2, (8,))
+        GMVAEGuide(GMVAESpec(SHAPE, K, Z, FEAT), temperature=bad)
+    guide = M2Guide(MLPSpec(20, 3, 2, (8,)))
     with pytest.raises(ValueError, match="temperature"):
         guide.temperature = bad
 
@@ -254,7 +256,7 @@ def test_model_trace_and_class_conditional_generation():
     generated = poutine.trace(model).get_trace(batch_size=6).nodes["x"]["value"]
     assert generated.shape == (6, 64) and set(generated.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="likelihood"):
-        GMVAE(SHAPE, K, Z, FEAT, likelihood="poisson")
+        GMVAE(GMVAESpec(SHAPE, K, Z, FEAT), likelihood="poisson")
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 8, 8)])
@@ -289,19 +291,19 @@ def test_recipe_presets_per_dataset():
 
 
 def test_recipe_loss_terms():
-    config = TrainConfig(**{**defaults("gmvae", "digits"), "model": "gmvae", "w_metric": 0.3})
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "w_metric": 0.3})
     loss = gmvae_loss(config, num_data=1000, num_labels=100)
     assert isinstance(loss, WeightedSum) and set(loss.terms) == {"elbo", "assignment", "metric"}
-    assert loss.terms["metric"].weight == 0.3 and loss.terms["metric"].loss.k == config.knn
+    assert loss.terms["metric"].weight == 0.3 and loss.terms["metric"].loss.k == config.params.knn
     assert loss.terms["assignment"].loss.include_labelled
     elbo = loss.terms["elbo"].loss.inner
-    assert elbo.latent_weights == {"z": config.w_gaussian, "y": config.w_categorical}
+    assert elbo.latent_weights == {"z": config.params.w_gaussian, "y": config.params.w_categorical}
     unsupervised = gmvae_loss(config, num_data=1000, num_labels=0)
     assert set(unsupervised.terms) == {"elbo"}
 
 
 def test_recipe_loss_trains_on_a_semi_supervised_batch():
-    config = TrainConfig(**{**defaults("gmvae", "digits"), "model": "gmvae", "knn": 2, "z_dim": 3, "feature_dim": 5})
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "knn": 2, "z_dim": 3, "feature_dim": 5})
     model, guide = build_gmvae(config, 64, 10)
     x, y = images(12), torch.tensor([0, 1, 2, 3, 4, 5] + [-1] * 6)
     loss = gmvae_loss(config, num_data=100, num_labels=6)
@@ -319,8 +321,8 @@ def test_cli_flags_reach_the_config():
          "--w-metric", "0.2", "--temperature-min", "0.3", "--feature-dim", "16"]
     )
     config = _train_config(args)
-    assert (config.label_mode, config.knn, config.w_metric, config.temperature_min, config.feature_dim) == ("straight-through", 4, 0.2, 0.3, 16)
-    assert config.z_dim == 50  # the Fashion-MNIST preset
+    assert (config.params.label_mode, config.params.knn, config.params.w_metric, config.params.temperature_min, config.params.feature_dim) == ("straight-through", 4, 0.2, 0.3, 16)
+    assert config.params.z_dim == 50  # the Fashion-MNIST preset
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from pyrodgm.evaluation import continuous_latent_sites, iwae_evaluate, iwae_log_
 from pyrodgm.guides.hierarchical import HierarchicalGuide, LadderGuide, precision_weighted
 from pyrodgm.losses import ImportanceWeightedELBO, SemiSupervisedELBO
 from pyrodgm.models.hierarchical import HierarchicalVAE
+from pyrodgm.nets import MLPSpec, TwoLayerSpec
 from pyrodgm.training import TrainConfig, training_step
 from pyrodgm.zoo import recipe
 from pyrodgm.recipes.hierarchical import iwae_loss, kl_warmup, lvae_loss, vae2_loss
@@ -40,10 +41,10 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # helpers: everything below is written out, using only the modules' weights
 # --------------------------------------------------------------------------------------
 def make_pair(kind="vae2"):
-    model = HierarchicalVAE(X_DIM, Z1, Z2, H1, H2, scale="exp" if kind == "vae2" else "softplus")
+    model = HierarchicalVAE(TwoLayerSpec(X_DIM, z_dim=Z1, z2_dim=Z2, hidden=H1, hidden2=H2, scale="exp" if kind == "vae2" else "softplus"))
     if kind == "vae2":
-        return model, HierarchicalGuide(X_DIM, Z1, Z2, H1, H2)
-    return model, LadderGuide(model, H1, H2)
+        return model, HierarchicalGuide(TwoLayerSpec(X_DIM, z_dim=Z1, z2_dim=Z2, hidden=H1, hidden2=H2))
+    return model, LadderGuide(model)
 
 
 def binary_x(batch):
@@ -270,7 +271,8 @@ def test_iwae_loss_sums_enumerated_labels_as_the_evaluator_does():
     from pyrodgm.guides import M2Guide
     from pyrodgm.models import M2
 
-    model, guide = M2(X_DIM, 3, 2, (4,)), M2Guide(X_DIM, 3, 2, (4,))
+    spec = MLPSpec(X_DIM, 3, 2, (4,))
+    model, guide = M2(spec), M2Guide(spec)
     x = binary_x(5)
     pyro.set_rng_seed(2)
     loss = ImportanceWeightedELBO(num_particles=6).differentiable_loss(model, guide, x)
@@ -324,7 +326,7 @@ def tiny_config(model, **kwargs):
     from pyrodgm.zoo import defaults
 
     values = {**defaults(model, "digits"), "z_dim": 4, "top_z_dim": 2, "hidden": (8,), "top_hidden": (6,), **kwargs}
-    return TrainConfig(model=model, dataset="digits", out="unused", **values)
+    return TrainConfig.for_model(model=model, dataset="digits", out="unused", **values)
 
 
 @pytest.mark.parametrize("name", ["vae2", "iwae", "lvae"])
@@ -379,8 +381,8 @@ def test_kl_warmup_schedule_and_its_effect():
 
 def test_bad_input_errors():
     model, guide = make_pair("vae2")
-    with pytest.raises(ValueError, match="z1_dim"):
-        HierarchicalVAE(X_DIM, z1_dim=0)
+    with pytest.raises(ValueError, match="z_dim"):
+        HierarchicalVAE(TwoLayerSpec(X_DIM, z_dim=0))
     with pytest.raises(ValueError, match="shape"):
         model(torch.zeros(3, X_DIM + 1))
     with pytest.raises(ValueError, match="NaN"):

@@ -27,7 +27,8 @@ from pyrodgm.imputation import (
     save_imputation_strip,
 )
 from pyrodgm.models import M2, VAE
-from pyrodgm.models.mmcva import ConvMMCVA
+from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
+from pyrodgm.nets import MLPSpec
 from pyrodgm.plots import MIN_IMAGE_PIXELS
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
@@ -129,11 +130,12 @@ def test_impute_follows_the_hand_computed_chain():
 
 
 def _pairs():
-    image = (1, 4, 4)
+    vae, m2 = MLPSpec(D, z_dim=2, hidden=(8,)), MLPSpec(D, 3, 2, (8,))
+    conv = ConvMMCVASpec((1, 4, 4), 3, 2, (4, 4), classifier_channels=(4, 4, 4), encoder_channels=(4, 4, 4))
     return {
-        "vae": (VAE(D, z_dim=2, hidden=(8,)), VAEGuide(D, z_dim=2, hidden=(8,))),
-        "m2": (M2(D, 3, 2, (8,)), M2Guide(D, 3, 2, (8,))),
-        "conv-mmcva": (ConvMMCVA(image, 3, 2, (4, 4)), ConvMMCVAGuide(image, 3, 2, (4, 4, 4), (4, 4, 4))),
+        "vae": (VAE(vae), VAEGuide(vae)),
+        "m2": (M2(m2), M2Guide(m2)),
+        "conv-mmcva": (ConvMMCVA(conv), ConvMMCVAGuide(conv)),
     }
 
 
@@ -329,7 +331,7 @@ def test_imputation_errors_of_a_margin_classifier():
     from pyrodgm.models import MMVA
 
     torch.manual_seed(0)
-    model, guide = MMVA(6, z_dim=2, hidden=(5, 4)), MMVAGuide(6, num_classes=3, z_dim=2, hidden=(5, 4))
+    model, guide = MMVA(MLPSpec(6, z_dim=2, hidden=(5, 4))), MMVAGuide(MLPSpec(6, 3, 2, (5, 4)))
     x = torch.bernoulli(torch.full((8, 6), 0.5))
     y = torch.arange(8) % 3
     mask = torch.zeros(8, 6, dtype=torch.bool)

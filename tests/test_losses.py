@@ -18,6 +18,7 @@ from pyrodgm.losses import ClassifierCrossEntropy, Weighted, WeightedSum
 from pyrodgm.losses import ImportanceWeightedELBO, SemiSupervisedELBO
 from pyrodgm.modeling import registered_once
 from pyrodgm.models import M2, VAE
+from pyrodgm.nets import MLPSpec
 from pyrodgm.traces import TraceTerms, particle_traces
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
@@ -30,7 +31,7 @@ LOG_2PI = math.log(2 * math.pi)
 # helpers
 # --------------------------------------------------------------------------------------
 def tiny_m2(x_dim=X_DIM, num_classes=K, z_dim=Z_DIM, hidden=HIDDEN):
-    return M2(x_dim, num_classes, z_dim, hidden), M2Guide(x_dim, num_classes, z_dim, hidden)
+    return M2(MLPSpec(x_dim, num_classes, z_dim, hidden)), M2Guide(MLPSpec(x_dim, num_classes, z_dim, hidden))
 
 
 def binary_x(batch, x_dim=X_DIM):
@@ -326,7 +327,8 @@ def test_unsound_order_elbo_is_unbiased():
 # --------------------------------------------------------------------------------------
 def test_svi_decreases_loss():
     x_dim, num_classes = 64, 10  # digits-sized
-    model, guide = M2(x_dim, num_classes, 8, (32,)), M2Guide(x_dim, num_classes, 8, (32,))
+    spec = MLPSpec(x_dim, num_classes, 8, (32,))
+    model, guide = M2(spec), M2Guide(spec)
     x = binary_x(40, x_dim)
     y = torch.randint(0, num_classes, (40,))
     y[::2] = -1
@@ -787,7 +789,8 @@ def test_non_reparameterizable_guide_site_gets_the_score_function_terms_pyro_giv
 
 
 def test_labels_for_model_without_label_site():
-    model, guide = VAE(X_DIM, 2, (4,)), VAEGuide(X_DIM, 2, (4,))
+    spec = MLPSpec(X_DIM, z_dim=2, hidden=(4,))
+    model, guide = VAE(spec), VAEGuide(spec)
     with pytest.raises(ValueError, match="no sample site 'y'"):
         SemiSupervisedELBO().loss(model, guide, binary_x(3), y=torch.tensor([0, 1, -1]))
 

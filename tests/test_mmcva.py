@@ -21,7 +21,7 @@ from pyrodgm.evaluation import classification_error, iwae_log_likelihood, predic
 from pyrodgm.guides.mmcva import ArgmaxOneHotCategorical, ConvMMCVAGuide
 from pyrodgm.losses import SemiSupervisedELBO, WeightedSum
 from pyrodgm.losses.margin import margin_error
-from pyrodgm.models.mmcva import ConvMMCVA
+from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import defaults, recipe
 
@@ -31,9 +31,8 @@ IMAGE, K, Z = (1, 8, 8), 4, 3
 
 
 def make_pair(image=IMAGE, num_classes=K, z_dim=Z):
-    model = ConvMMCVA(image, num_classes, z_dim, channels=(4, 4))
-    guide = ConvMMCVAGuide(image, num_classes, z_dim, classifier_channels=(4, 6, 6), encoder_channels=(4, 4, 4))
-    return model, guide
+    spec = ConvMMCVASpec(image, num_classes, z_dim, (4, 4), classifier_channels=(4, 6, 6), encoder_channels=(4, 4, 4))
+    return ConvMMCVA(spec), ConvMMCVAGuide(spec)
 
 
 def binary(n, d=64):
@@ -165,7 +164,8 @@ def test_nets_fit_any_image_size_and_leading_dims(image):
 
 
 def test_paper_architecture_on_mnist_shapes():
-    model, guide = ConvMMCVA((1, 28, 28)), ConvMMCVAGuide((1, 28, 28))
+    spec = ConvMMCVASpec((1, 28, 28))
+    model, guide = ConvMMCVA(spec), ConvMMCVAGuide(spec)
     assert [b["conv"].conv.out_channels for b in guide.classifier.convs] == [32, 64, 64, 128, 128]
     assert [b["conv"].conv.in_channels for b in guide.encoder.convs] == [1 + 10, 32 + 10, 32 + 10, 64 + 10, 64 + 10]
     assert guide.classifier.out_features == 128 and model.decoder.start_shape == (64, 7, 7)
@@ -175,9 +175,9 @@ def test_paper_architecture_on_mnist_shapes():
 # the recipe
 # --------------------------------------------------------------------------------------
 def test_recipe_builds_eq_16_with_the_papers_weights():
-    config = TrainConfig(**{**defaults("conv-mmcva", "mnist"), "model": "conv-mmcva", "dataset": "mnist"})
-    assert (config.mmcva_alpha, config.alpha_u, config.alpha_b) == (0.1, 0.3, 1e-3)
-    assert (config.batch_size, config.labelled_per_batch, config.z_dim) == (600, 100, 100)
+    config = TrainConfig.for_model(**{**defaults("conv-mmcva", "mnist"), "model": "conv-mmcva", "dataset": "mnist"})
+    assert (config.params.mmcva_alpha, config.params.alpha_u, config.params.alpha_b) == (0.1, 0.3, 1e-3)
+    assert (config.batch_size, config.labelled_per_batch, config.params.z_dim) == (600, 100, 100)
     loss = recipe("conv-mmcva").loss(config, num_data=49900, num_labels=100)
     assert isinstance(loss, WeightedSum) and set(loss.terms) == {"generative", "hinge", "hat", "balance"}
     assert loss.terms["generative"].loss.alpha == 0.0  # no cross-entropy: the classifier is max-margin
@@ -189,13 +189,13 @@ def test_recipe_builds_eq_16_with_the_papers_weights():
 
 @pytest.mark.parametrize("labelled", [0, 600])
 def test_recipe_needs_labelled_and_unlabelled_rows(labelled):
-    config = TrainConfig(model="conv-mmcva", dataset="mnist", batch_size=600, labelled_per_batch=labelled)
+    config = TrainConfig.for_model(model="conv-mmcva", dataset="mnist", batch_size=600, labelled_per_batch=labelled)
     with pytest.raises(ValueError, match="labelled_per_batch"):
         recipe("conv-mmcva").loss(config, 100, 100)
 
 
 def test_recipe_rejects_a_gaussian_likelihood():
-    config = TrainConfig(model="conv-mmcva", dataset="digits", likelihood="gaussian", binarize=False)
+    config = TrainConfig.for_model(model="conv-mmcva", dataset="digits", likelihood="gaussian", binarize=False)
     with pytest.raises(ValueError, match="Bernoulli"):
         recipe("conv-mmcva").build(config, 64, 10)
 
@@ -204,7 +204,7 @@ def test_trains_one_step_on_digits_and_error_is_the_classifiers_argmax():
     data = load_dataset("digits", train=True)
     x = data.flat()[:60].double().bernoulli()
     y = torch.where(torch.arange(60) < 20, data.y[:60], -1)
-    config = TrainConfig(**{**defaults("conv-mmcva", "digits"), "model": "conv-mmcva", "dataset": "digits",
+    config = TrainConfig.for_model(**{**defaults("conv-mmcva", "digits"), "model": "conv-mmcva", "dataset": "digits",
                             "batch_size": 60, "labelled_per_batch": 20})  # fmt: skip
     model, guide = recipe("conv-mmcva").create(config, 64, 10)
     loss = recipe("conv-mmcva").loss(config, num_data=1000, num_labels=100)

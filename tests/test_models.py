@@ -14,6 +14,7 @@ from pyro.optim import Adam
 from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M1M2, M2, VAE
+from pyrodgm.nets import MLPSpec
 from pyrodgm.plots import MIN_IMAGE_PIXELS, mean_images, save_manifold, save_samples
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
@@ -38,16 +39,16 @@ def partly_labelled(n, num_classes=K):
 
 def make_m2(x_dim=X_DIM, num_classes=K, likelihood="bernoulli"):
     return (
-        M2(x_dim, num_classes, Z_DIM, HIDDEN, likelihood=likelihood),
-        M2Guide(x_dim, num_classes, Z_DIM, HIDDEN),
+        M2(MLPSpec(x_dim, num_classes, Z_DIM, HIDDEN), likelihood=likelihood),
+        M2Guide(MLPSpec(x_dim, num_classes, Z_DIM, HIDDEN)),
     )
 
 
 def make_m1m2(freeze_m1, batch_norm=False):
-    m1 = VAE(X_DIM, Z1_DIM, HIDDEN, batch_norm=batch_norm)
-    m1_guide = VAEGuide(X_DIM, Z1_DIM, HIDDEN, batch_norm=batch_norm)
-    m2 = M2(Z1_DIM, K, Z_DIM, HIDDEN, likelihood="gaussian")
-    m2_guide = M2Guide(Z1_DIM, K, Z_DIM, HIDDEN)
+    m1 = VAE(MLPSpec(X_DIM, z_dim=Z1_DIM, hidden=HIDDEN, batch_norm=batch_norm))
+    m1_guide = VAEGuide(MLPSpec(X_DIM, z_dim=Z1_DIM, hidden=HIDDEN, batch_norm=batch_norm))
+    m2 = M2(MLPSpec(Z1_DIM, K, Z_DIM, HIDDEN), likelihood="gaussian")
+    m2_guide = M2Guide(MLPSpec(Z1_DIM, K, Z_DIM, HIDDEN))
     return M1M2(m1, m2, freeze_m1=freeze_m1), M1M2Guide(m1_guide, m2_guide, freeze_m1=freeze_m1)
 
 
@@ -113,7 +114,8 @@ def test_m2_guide_trace():
 
 
 def test_vae_model_and_guide_traces():
-    model, guide = VAE(X_DIM, Z_DIM, HIDDEN), VAEGuide(X_DIM, Z_DIM, HIDDEN)
+    spec = MLPSpec(X_DIM, z_dim=Z_DIM, hidden=HIDDEN)
+    model, guide = VAE(spec), VAEGuide(spec)
     x = binary_x(3)
     model_trace = poutine.trace(model).get_trace(x)
     guide_trace = poutine.trace(guide).get_trace(x)
@@ -269,13 +271,14 @@ def test_m1m2_frozen_m1_stays_in_eval_mode():
 
 
 def test_m1m2_rejects_mismatched_stack():
-    m1, m1_guide = VAE(X_DIM, Z1_DIM, HIDDEN), VAEGuide(X_DIM, Z1_DIM, HIDDEN)
+    spec = MLPSpec(X_DIM, z_dim=Z1_DIM, hidden=HIDDEN)
+    m1, m1_guide = VAE(spec), VAEGuide(spec)
     with pytest.raises(ValueError, match="latent has 4"):
-        M1M2(m1, M2(Z1_DIM + 1, K, Z_DIM, HIDDEN, likelihood="gaussian"))
+        M1M2(m1, M2(MLPSpec(Z1_DIM + 1, K, Z_DIM, HIDDEN), likelihood="gaussian"))
     with pytest.raises(ValueError, match="gaussian"):
-        M1M2(m1, M2(Z1_DIM, K, Z_DIM, HIDDEN, likelihood="bernoulli"))
+        M1M2(m1, M2(MLPSpec(Z1_DIM, K, Z_DIM, HIDDEN), likelihood="bernoulli"))
     with pytest.raises(ValueError, match="latent has 4"):
-        M1M2Guide(m1_guide, M2Guide(Z1_DIM + 1, K, Z_DIM, HIDDEN))
+        M1M2Guide(m1_guide, M2Guide(MLPSpec(Z1_DIM + 1, K, Z_DIM, HIDDEN)))
 
 
 # --------------------------------------------------------------------------------------
@@ -285,11 +288,12 @@ def test_m1m2_rejects_mismatched_stack():
 def test_wrong_number_of_features(which):
     m2, m2_guide = make_m2()
     m1m2, m1m2_guide = make_m1m2(freeze_m1=False)
+    spec = MLPSpec(X_DIM, z_dim=Z_DIM, hidden=HIDDEN)
     fn = {
         "m2": m2,
         "m2_guide": m2_guide,
-        "vae": VAE(X_DIM, Z_DIM, HIDDEN),
-        "vae_guide": VAEGuide(X_DIM, Z_DIM, HIDDEN),
+        "vae": VAE(spec),
+        "vae_guide": VAEGuide(spec),
         "m1m2": m1m2,
         "m1m2_guide": m1m2_guide,
     }[which]
@@ -302,7 +306,7 @@ def test_wrong_number_of_features(which):
 @pytest.mark.parametrize("which", ["m2", "m2_guide", "vae", "vae_guide"])
 def test_integer_features(which):
     m2, m2_guide = make_m2()
-    fn = {"m2": m2, "m2_guide": m2_guide, "vae": VAE(X_DIM, Z_DIM, HIDDEN), "vae_guide": VAEGuide(X_DIM, Z_DIM, HIDDEN)}[which]
+    fn = {"m2": m2, "m2_guide": m2_guide, "vae": VAE(MLPSpec(X_DIM, z_dim=Z_DIM, hidden=HIDDEN)), "vae_guide": VAEGuide(MLPSpec(X_DIM, z_dim=Z_DIM, hidden=HIDDEN))}[which]
     with pytest.raises(TypeError, match="floating-point"):
         fn(binary_x(5).long())
 
@@ -377,7 +381,7 @@ def test_save_samples_class_conditional(tmp_path):
 
 
 def test_save_samples_unconditional(tmp_path):
-    model = VAE(64, Z_DIM, HIDDEN)
+    model = VAE(MLPSpec(64, z_dim=Z_DIM, hidden=HIDDEN))
     save_samples(model, tmp_path / "vae.png", (1, 8, 8), per_row=6)
     assert min(png_size(tmp_path / "vae.png")) >= 6 * MIN_IMAGE_PIXELS
 
@@ -386,7 +390,7 @@ def test_save_manifold(tmp_path):
     model, _ = make_m2(x_dim=64, num_classes=10)
     images = save_manifold(model, tmp_path / "manifold.png", (1, 8, 8), Z_DIM, label=3, steps=5)
     assert images.shape == (25, 64) and min(png_size(tmp_path / "manifold.png")) >= 5 * MIN_IMAGE_PIXELS
-    vae = VAE(64, Z_DIM, HIDDEN)
+    vae = VAE(MLPSpec(64, z_dim=Z_DIM, hidden=HIDDEN))
     save_manifold(vae, tmp_path / "vae_manifold.png", (1, 8, 8), Z_DIM, steps=7)
     assert min(png_size(tmp_path / "vae_manifold.png")) >= 7 * MIN_IMAGE_PIXELS
 

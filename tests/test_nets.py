@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pyro
@@ -435,3 +436,29 @@ def test_normal_head_min_scale_keeps_log_densities_finite():
         assert torch.isfinite(floored.distribution(features).log_prob(value)).all()
     with pytest.raises(ValueError, match="min_scale must be non-negative"):
         NormalHead(3, 2, min_scale=-1.0)
+
+
+# --------------------------------------------------------------------------------------
+# network specs: one per model/guide pair
+# --------------------------------------------------------------------------------------
+def test_a_spec_is_a_frozen_value_whose_widths_are_tuples():
+    from pyrodgm.nets import MLPSpec, TwoLayerSpec
+
+    spec = TwoLayerSpec(6, hidden=[4, 3], hidden2=[2])
+    assert (spec.hidden, spec.hidden2) == ((4, 3), (2,)) and hash(spec) == hash(TwoLayerSpec(6, hidden=(4, 3), hidden2=(2,)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.z_dim = 3
+    assert MLPSpec(6).mlp(6).out_features == 500
+
+
+def test_a_model_and_its_guide_are_built_from_one_spec():
+    from pyrodgm.guides import ADGMGuide, LadderGuide
+    from pyrodgm.models import ADGM, HierarchicalVAE
+    from pyrodgm.nets import AuxiliarySpec, TwoLayerSpec
+
+    spec = AuxiliarySpec(6, 3, 2, (5,), a_dim=4)
+    model, guide = ADGM(spec), ADGMGuide(spec)
+    assert model.spec is guide.spec is spec and (guide.a_dim, guide.classifier.in_dim) == (4, 6 + 4)
+    vae = HierarchicalVAE(TwoLayerSpec(6, z_dim=3, hidden=(5,), z2_dim=2, hidden2=(4,), scale="softplus"))
+    ladder = LadderGuide(vae)  # the model's spec: its widths and scale
+    assert ladder.spec is vae.spec and ladder.up2.out_features == 4 and ladder.head1.scale_fn == "softplus"

@@ -11,6 +11,7 @@ from pyro.infer import SVI
 from pyrodgm.guides import M2Guide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2
+from pyrodgm.nets import MLPSpec
 from pyrodgm.optim import FusedAdam, adam_arguments
 
 pytestmark = pytest.mark.usefixtures("pyro_test_env")
@@ -20,7 +21,7 @@ ARGS = {"lr": 0.01, "betas": (0.8, 0.95)}
 
 def tiny_pair():
     torch.manual_seed(1)
-    return M2(4, 3, 2, (5,)), M2Guide(4, 3, 2, (5,))
+    return M2(MLPSpec(4, 3, 2, (5,))), M2Guide(MLPSpec(4, 3, 2, (5,)))
 
 
 def data():

@@ -7,6 +7,7 @@ from PIL import Image
 
 from pyrodgm.guides import VAEGuide
 from pyrodgm.models import VAE
+from pyrodgm.nets import MLPSpec
 from pyrodgm.plots import (
     MIN_IMAGE_PIXELS, LatentDirections, latent_directions, latent_grid, learning_curve_panels, plot_learning_curve,
     save_grid, save_manifold, save_samples,
@@ -28,7 +29,8 @@ def vae_with_two_dead_units():
     encoder's posterior means of them are 0 for every image (inactive units, as most of
     a 50-unit latent are after training)."""
     torch.manual_seed(0)
-    model, guide = VAE(64, Z_DIM, (16,)), VAEGuide(64, Z_DIM, (16,))
+    spec = MLPSpec(64, z_dim=Z_DIM, hidden=(16,))
+    model, guide = VAE(spec), VAEGuide(spec)
     with torch.no_grad():
         model.decoder.hidden_layers[0][0].weight[:, :2] = 0.0
         guide.head.loc_layer.weight[:2] = 0.0
@@ -67,7 +69,7 @@ def test_the_grid_is_centred_on_the_posterior_means_and_spans_their_spread():
 
 
 def test_a_2d_latent_is_swept_directly_over_its_prior():
-    guide = VAEGuide(64, 2, (16,))
+    guide = VAEGuide(MLPSpec(64, z_dim=2, hidden=(16,)))
     directions = latent_directions(guide, torch.bernoulli(torch.full((20, 64), 0.5)), "z")
     assert directions.explained is None
     z = latent_grid(4, 2, torch.device("cpu"), torch.float32, directions)
@@ -84,7 +86,7 @@ def test_a_larger_latent_without_directions_is_refused():
 def test_sample_grids_are_drawn_at_a_readable_size_with_a_label_per_class(tmp_path):
     from pyrodgm.models import M2
 
-    model = M2(64, 10, 4, (16,))
+    model = M2(MLPSpec(64, 10, 4, (16,)))
     save_samples(model, tmp_path / "samples.png", (1, 8, 8), num_classes=10)
     image = png(tmp_path / "samples.png")
     # 10 x 10 digits of 8x8 pixels were a 91 x 91 PNG: each is now at least MIN_IMAGE_PIXELS high and wide

@@ -17,6 +17,7 @@ from pyrodgm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodgm.guides import M2Guide, VAEGuide
 from pyrodgm.losses import SemiSupervisedELBO
 from pyrodgm.models import M2, VAE
+from pyrodgm.nets import MLPSpec
 from pyrodgm.training import TrainConfig, build_from_checkpoint, train, training_step
 from pyrodgm.zoo import recipe
 
@@ -40,7 +41,7 @@ SMALL = dict(
 
 def config(out, **overrides):
     values = {"model": "m2", "labels": 100, "epochs": 1, "samples": False, **SMALL, **overrides}
-    return TrainConfig(out=str(out), **values)
+    return TrainConfig.for_model(out=str(out), **values)
 
 
 def assert_same(a, b, path="state"):
@@ -220,7 +221,8 @@ def test_no_sample_grids_when_disabled(tmp_path):
 # --------------------------------------------------------------------------------------
 def test_training_step_semi_supervised():
     pyro.set_rng_seed(0)
-    model, guide = M2(16, 3, 2, (8,)), M2Guide(16, 3, 2, (8,))
+    spec = MLPSpec(16, 3, 2, (8,))
+    model, guide = M2(spec), M2Guide(spec)
     x = torch.rand(10, 16).bernoulli()
     y = torch.tensor([0, 1, 2, 0, -1, -1, -1, -1, -1, -1])
     before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *guide.named_parameters()]}
@@ -237,7 +239,8 @@ def test_training_step_semi_supervised():
 
 def test_training_step_unsupervised():
     pyro.set_rng_seed(0)
-    model, guide = VAE(16, 2, (8,)), VAEGuide(16, 2, (8,))
+    spec = MLPSpec(16, z_dim=2, hidden=(8,))
+    model, guide = VAE(spec), VAEGuide(spec)
     x = torch.rand(10, 16).bernoulli()
     before = [p.detach().clone() for p in guide.parameters()]
     loss = training_step(model, guide, SemiSupervisedELBO(), Adam({"lr": 0.01}), (x, None))
@@ -420,17 +423,82 @@ def test_m1_checkpoint_trained_on_gpu_stacks_on_cpu(m1_run, tmp_path):
     assert_same(model.m1.state_dict(), state["model"])
 
 
-def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(tmp_path):
-    """A field added to TrainConfig later (here: a_dim) is absent from older checkpoints;
-    resuming compares it as its default instead of refusing."""
+#: The config of a checkpoint written before the typed configs: the flat dict of every
+#: model's fields that ``TrainConfig(model="m2", ...).to_dict()`` saved (pyrodgm at 3bf0764,
+#: ``pyrodgm train m2`` on the digits).
+FLAT_M2_CONFIG = {
+    'model': 'm2', 'dataset': 'digits', 'root': None, 'download': True, 'labels': 100, 'validation': None, 'epochs': 10,
+    'batch_size': 200, 'labelled_per_batch': 100, 'lr': 0.003, 'betas': (0.9, 0.999), 'lr_decay': 1.0, 'lr_decay_every': 0,
+    'seed': 0, 'device': 'cpu', 'out': 'runs/m2', 'num_particles': 1, 'eval_particles': 10, 'alpha_factor': 0.1,
+    'binarize': True, 'z_dim': 50, 'a_dim': None, 'auxiliary_prior': None, 'm1_z_dim': 50, 'm1_hidden': (600, 600),
+    'hidden': (500,), 'activation': 'softplus', 'likelihood': 'bernoulli', 'm1_checkpoint': None, 'end_to_end': False,
+    'margin_C': 15.0, 'margin_sigma': None, 'margin_cost': 1.0, 'mmcva_alpha': 0.1, 'alpha_u': 0.3, 'alpha_b': 0.001,
+    'label_mode': 'enumerate', 'temperature': 1.0, 'temperature_min': 0.5, 'temperature_epochs': 50,
+    'temperature_decay': 'exponential', 'feature_dim': 100, 'w_gaussian': 1.0, 'w_categorical': 1.0, 'knn': 5,
+    'w_assign': 1.0, 'w_metric': 1.0, 'metric_margin': 2.0, 'gaussian_scale': None, 'min_scale': 0.0,
+    'num_clusters': None, 'iw_samples': 1, 'kl_warmup_epochs': 0, 'top_z_dim': 50, 'top_hidden': (100, 100),
+    'samples': True, 'validate_inputs': True, 'cuda_graph': False, 'time_limit': None, 'track_test': False,
+}
+
+
+def _flat_config(config: TrainConfig) -> dict:
+    """``config`` as the flat TrainConfig of before the typed configs saved it."""
+    values = config.to_dict()
+    return {**FLAT_M2_CONFIG, **{k: v for k, v in values.items() if k != "params"}, **values["params"]}
+
+
+def test_an_old_flat_checkpoint_config_is_migrated():
+    """Every field routed to the training options or the model's own; other models' fields,
+    at their defaults, dropped; fields that the checkpoint predates at their defaults."""
+    from pyrodgm.zoo import ADGMConfig, M2Config
+
+    config = TrainConfig.from_dict(FLAT_M2_CONFIG)
+    assert config == TrainConfig.paper("m2")
+    assert config.params == M2Config(z_dim=50, hidden=(500,), activation="softplus", alpha_factor=0.1)
+    adgm = {**FLAT_M2_CONFIG, "model": "adgm", "z_dim": 100, "a_dim": 100, "hidden": (500, 500), "activation": "relu"}
+    del adgm["auxiliary_prior"]  # older than auxiliary_prior
+    expected = ADGMConfig(z_dim=100, a_dim=100, hidden=(500, 500), activation="relu", auxiliary_prior=None)
+    assert TrainConfig.from_dict(adgm).params == expected
+    assert TrainConfig.from_dict(TrainConfig.from_dict(adgm).to_dict()).params == expected
+
+
+def test_an_old_flat_checkpoint_with_another_models_setting_is_refused():
+    with pytest.raises(ValueError, match=r"sets knn=3, a hyper-parameter of gmvae, gmvae-clustering, not of its model 'm2'"):
+        TrainConfig.from_dict({**FLAT_M2_CONFIG, "knn": 3})
+    with pytest.raises(ValueError, match="a field 'colour' that no model has"):
+        TrainConfig.from_dict({**FLAT_M2_CONFIG, "colour": "red"})
+
+
+def test_resume_accepts_an_old_flat_checkpoint_written_before_a_config_field_existed(tmp_path):
+    """A checkpoint of the flat TrainConfig resumes; a field added later (here: a_dim,
+    another model's, and label_mode, m2's own) is absent from it and compares as its default."""
     cfg = config(tmp_path, epochs=1)
     train(cfg, progress=False)
     path = Path(cfg.out) / "checkpoint.pt"
     state = load_checkpoint(path)
-    del state["format"], state["config"]["a_dim"]
+    del state["format"]
+    state["config"] = {k: v for k, v in _flat_config(cfg).items() if k not in ("a_dim", "label_mode")}
     save_checkpoint(path, state)
     metrics = train(dataclasses.replace(cfg, epochs=2), resume=True, progress=False)
     assert metrics["epochs_completed"] == 2
+    assert load_checkpoint(path)["config"]["params"]["label_mode"] == "enumerate"  # saved in the new form
+
+
+def test_new_checkpoints_save_the_composed_config(tmp_path):
+    cfg = config(tmp_path, epochs=1)
+    train(cfg, progress=False)
+    saved = load_checkpoint(Path(cfg.out) / "checkpoint.pt")["config"]
+    assert saved["params"] == dataclasses.asdict(cfg.params) and "hidden" not in saved
+    assert TrainConfig.from_dict(saved) == cfg
+
+
+def test_for_model_routes_keywords_and_refuses_another_models():
+    config = TrainConfig.for_model("adgm", epochs=5, a_dim=7, hidden=(8,))
+    assert (config.epochs, config.params.a_dim, config.params.hidden) == (5, 7, (8,))
+    with pytest.raises(TypeError, match=r"margin_C is not a hyper-parameter of adgm \(it is mmva, conv-mmva's\)"):
+        TrainConfig.for_model("adgm", margin_C=3.0)
+    with pytest.raises(TypeError, match="the params of .sdgm. must be its AuxiliaryConfig, got ADGMConfig"):
+        TrainConfig(model="sdgm", params=TrainConfig.for_model("adgm").params)
 
 
 def test_recipe_schedule_and_metrics_hooks(tmp_path, monkeypatch):
@@ -517,7 +585,7 @@ def test_authors_variants_are_off_by_default_and_reach_the_run(tmp_path):
 
     plain = optimiser(TrainConfig(), num_data=1000, labelled_per_batch=100)
     assert (plain.weight_prior_precision, plain.max_grad_norm, plain.max_grad_value) == (None, None, None)
-    config = TrainConfig(model="m2", dataset="digits", batch_size=60, labelled_per_batch=20, hidden=(8,), z_dim=2,
+    config = TrainConfig.for_model("m2", dataset="digits", batch_size=60, labelled_per_batch=20, hidden=(8,), z_dim=2,
                          out=str(tmp_path / "run"), weight_prior_std=0.5, grad_clip_norm=5.0, grad_clip_value=1.0)
     run = _prepare(config)
     num_data = len(run.batches.x_unlabelled)

@@ -8,8 +8,9 @@ from typing import Optional
 
 import torch
 
+from pyrodgm.configs import config_fields
 from pyrodgm.training import TrainConfig
-from pyrodgm.zoo import RECIPES, Recipe, defaults
+from pyrodgm.zoo import RECIPES, Recipe
 
 X_DIM, NUM_CLASSES = 64, 10  # scikit-learn's 8x8 digits, which the conv recipes' shapes come from
 
@@ -45,10 +46,9 @@ def tiny_case(name: str, batch: int = 12, num_labelled: int = 6, seed: int = 0) 
     binary batch of ``batch`` rows whose first ``num_labelled`` are labelled (every row for
     the supervised recipes; no labels for the unsupervised ones)."""
     recipe = RECIPES[name]
-    values = {**defaults(name, "digits"), "model": name, "dataset": "digits", "hidden": (16,), "z_dim": 3,
-              "top_z_dim": 2, "top_hidden": (8,), "feature_dim": 8, "end_to_end": True, "m1_hidden": (16,),
-              "m1_z_dim": 4}
-    config = TrainConfig(**values)
+    small = {"hidden": (16,), "z_dim": 3, "top_z_dim": 2, "top_hidden": (8,), "feature_dim": 8, "end_to_end": True,
+             "m1_hidden": (16,), "m1_z_dim": 4}
+    config = TrainConfig.paper(name, **{k: v for k, v in small.items() if k in config_fields(recipe.config)})
     labelled = (recipe.supervised or recipe.label_site is not None) and config.labels > 0
     if recipe.supervised:
         num_labelled = batch

@@ -1,7 +1,7 @@
 """The ``cagem`` recipe's parts (Maaløe et al. 2017): the pair, the objective of App. B,
 the KL warm-up schedule and the extra metrics, with App. C's hyper-parameters.
 
-Config fields used: ``z_dim`` (``dim(z1)``, 64), ``top_z_dim`` (``dim(z2)``, 32), ``hidden``
+Hyper-parameters (:class:`CaGeMConfig`): ``z_dim`` (``dim(z1)``, 64), ``top_z_dim`` (``dim(z2)``, 32), ``hidden``
 (networks reading or writing ``x``, 1024-1024), ``top_hidden`` (networks among the latents,
 512-512), ``num_clusters`` (``K``; ``None``: the number of classes), ``kl_warmup_epochs``
 (100), ``min_scale`` (1e-3, a floor on the Gaussian scales that the paper does not have:
@@ -20,17 +20,32 @@ class most frequent in it (any ``K``; for CaGeM-0 the only meaningful one).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 
 from pyrodgm.guides.cagem import CaGeMGuide
-from pyrodgm.models.cagem import CaGeM
+from pyrodgm.models.cagem import CaGeM, CaGeMSpec
 
+from ..configs import ClassifierConfig, ClustersConfig, TopLayerConfig, option
 from ..losses import Loss, SemiSupervisedELBO, WeightedSum
 from ..losses.cagem import cagem_objective, model_label_log_prob
 from .warmup import kl_warmup_weight
 
-__all__ = ["CAGEM_DEFAULTS", "build_cagem", "cagem_loss", "cagem_warmup", "cagem_metrics", "class_probabilities"]
+__all__ = ["CaGeMConfig", "CAGEM_DEFAULTS", "build_cagem", "cagem_loss", "cagem_warmup", "cagem_metrics", "class_probabilities"]
+
+@dataclass
+class CaGeMConfig(ClustersConfig, TopLayerConfig, ClassifierConfig):
+    """CaGeM's two stochastic layers, its clusters, its beta (``alpha_factor``) and the
+    guards of its Gaussian scales."""
+
+    gaussian_scale: Optional[str] = option(
+        None, "sigma = exp(Linear) (the paper's) or softplus(Linear)", choices=("exp", "softplus")
+    )  # None: "exp" (older checkpoints)
+    min_scale: float = option(0.0, "floor of the Gaussian scales (0: none)")  # 0 in checkpoints that predate it
+
 
 #: The latent sites whose ``log p - log q`` the warm-up weighs.
 LATENT_SITES = ("z1", "y", "z2")
@@ -46,7 +61,7 @@ CAGEM_DEFAULTS = dict(
 
 
 def _num_clusters(config, num_classes: int) -> int:
-    clusters = num_classes if config.num_clusters is None else config.num_clusters
+    clusters = num_classes if config.params.num_clusters is None else config.params.num_clusters
     if config.labels and clusters != num_classes:
         raise ValueError(
             f"cagem with labels needs --num-clusters equal to the number of classes ({num_classes}), got {clusters}; "
@@ -57,20 +72,20 @@ def _num_clusters(config, num_classes: int) -> int:
 
 def build_cagem(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """``p(z2)p(y|z2)p(z1|y,z2)p(x|y,z1)`` and ``q(z1|x)q(y|z1,x)q(z2|x,y,z1)``."""
-    kwargs = dict(
-        num_clusters=_num_clusters(config, num_classes), z1_dim=config.z_dim, z2_dim=config.top_z_dim,
-        hidden=tuple(config.hidden), latent_hidden=tuple(config.top_hidden), activation=config.activation,
-        min_scale=config.min_scale, scale=config.gaussian_scale or "exp",
+    p = config.params
+    spec = CaGeMSpec(
+        x_dim, _num_clusters(config, num_classes), p.z_dim, p.hidden, p.activation, scale=p.gaussian_scale or "exp",
+        min_scale=p.min_scale, z2_dim=p.top_z_dim, hidden2=p.top_hidden,
     )
-    return CaGeM(x_dim, likelihood=config.likelihood, **kwargs), CaGeMGuide(x_dim, **kwargs)
+    return CaGeM(spec, likelihood=p.likelihood), CaGeMGuide(spec)
 
 
 def cagem_loss(config, num_data: int, num_labels: int) -> Loss:
     """:func:`~pyrodgm.losses.cagem.cagem_objective` with ``alpha = beta N / N_l`` per
     labelled example (``N`` the training set, which includes the labelled examples), or
     the ELBO alone for ``num_labels = 0``."""
-    alpha = config.alpha_factor * num_data / num_labels if num_labels else 0.0
-    weights = {site: kl_warmup_weight(0, config.kl_warmup_epochs) for site in LATENT_SITES}
+    alpha = config.params.alpha_factor * num_data / num_labels if num_labels else 0.0
+    weights = {site: kl_warmup_weight(0, config.params.kl_warmup_epochs) for site in LATENT_SITES}
     return cagem_objective(alpha, num_particles=config.num_particles, latent_weights=weights)
 
 
@@ -85,7 +100,7 @@ def _elbo_term(loss: Loss) -> SemiSupervisedELBO:
 def cagem_warmup(config, epoch: int, model: nn.Module, guide: nn.Module, loss: Loss) -> None:
     """The recipe's ``schedule``: the weight of the ``z1``, ``y`` and ``z2`` terms (the
     "temperature on the KL-terms", App. C) for ``epoch``, a function of the epoch only."""
-    weight = kl_warmup_weight(epoch, config.kl_warmup_epochs)
+    weight = kl_warmup_weight(epoch, config.params.kl_warmup_epochs)
     _elbo_term(loss).latent_weights = {site: weight for site in LATENT_SITES}
 
 

@@ -34,12 +34,14 @@ References
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
 from pyrodgm.guides.gmvae import GMVAEGuide
-from pyrodgm.models.gmvae import GMVAE
+from pyrodgm.models.gmvae import GMVAE, GMVAESpec
 
+from ..configs import ClustersConfig, GumbelConfig, ModelConfig, option
 from ..data import IMAGE_SHAPES
 from ..losses import AssignmentLoss, LiftedStructuredLoss, Loss, SemiSupervisedELBO, WeightedSum, WithoutLabels
 
@@ -48,6 +50,7 @@ __all__ = [
     "GMVAE_CLUSTERING_DEFAULTS",
     "GMVAE_DATASETS",
     "GMVAE_DEFAULTS",
+    "GMVAEConfig",
     "TEMPERATURE_DECAYS",
     "build_gmvae",
     "gmvae_loss",
@@ -57,6 +60,22 @@ __all__ = [
 ]
 
 TEMPERATURE_DECAYS = ("exponential", "linear")
+
+@dataclass
+class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
+    """The GMVAE's networks, its Gumbel-softmax schedule and the weights of eq. 1 and 7."""
+
+    temperature_min: float = option(0.5, "final Gumbel-softmax temperature")
+    temperature_epochs: int = option(50, "epochs of temperature annealing")
+    temperature_decay: str = option("exponential", "shape of the temperature annealing", choices=TEMPERATURE_DECAYS)
+    feature_dim: int = option(100, "feature size fsz of the conv feature extractor")
+    w_gaussian: float = option(1.0, "w_G, the weight of the Gaussian KL")
+    w_categorical: float = option(1.0, "w_C, the weight of the categorical KL")
+    knn: int = option(5, "neighbours of the k-NN label assignment")
+    w_assign: float = option(1.0, "w_A, the weight of the assignment loss")
+    w_metric: float = option(1.0, "w_M, the weight of the metric embedding loss")
+    metric_margin: float = option(2.0, "margin of the lifted structured loss")
+
 
 #: Sec. 5.2 (MNIST values): Adam 1e-3, 200 epochs, batches of 200 half labelled, MSE
 #: reconstruction on [0, 1] intensities, Gumbel-softmax 1 -> 0.5 over 50 epochs, fsz 100,
@@ -115,11 +134,12 @@ def gumbel_temperature(
 
 
 def _config_temperature(config, epoch: int) -> float:
-    return gumbel_temperature(epoch, config.temperature, config.temperature_min, config.temperature_epochs, config.temperature_decay)
+    p = config.params
+    return gumbel_temperature(epoch, p.temperature, p.temperature_min, p.temperature_epochs, p.temperature_decay)
 
 
 def _num_components(config, num_classes: int) -> int:
-    clusters = getattr(config, "num_clusters", None)
+    clusters = config.params.num_clusters
     if clusters is None:
         return num_classes
     if config.labels and clusters != num_classes:
@@ -134,23 +154,24 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     image_shape = IMAGE_SHAPES[config.dataset]
     if math.prod(image_shape) != x_dim:
         raise ValueError(f"gmvae on {config.dataset} expects {math.prod(image_shape)} features per example, got {x_dim}")
-    kwargs = dict(num_classes=_num_components(config, num_classes), z_dim=config.z_dim, feature_dim=config.feature_dim)
-    model = GMVAE(image_shape, likelihood=config.likelihood, **kwargs)
+    p = config.params
+    spec = GMVAESpec(image_shape, _num_components(config, num_classes), p.z_dim, p.feature_dim)
     temperature = _config_temperature(config, max(config.epochs - 1, 0))
-    return model, GMVAEGuide(image_shape, label_mode=config.label_mode, temperature=temperature, **kwargs)
+    return GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
 
 
 def gmvae_loss(config, num_data: int, num_labels: int) -> Loss:
     """``L_var + w_A L_A + w_M L_M`` (module docstring) as a
     :class:`~pyrodgm.losses.WeightedSum` with terms ``elbo``, ``assignment``, ``metric``
     (terms of weight 0 left out); ``L_var`` alone without labels."""
-    weights = {"z": config.w_gaussian, "y": config.w_categorical}
+    p = config.params
+    weights = {"z": p.w_gaussian, "y": p.w_categorical}
     elbo = WithoutLabels(SemiSupervisedELBO(num_particles=config.num_particles, max_plate_nesting=1, latent_weights=weights))
     terms: dict = {"elbo": elbo}
-    if num_labels and config.w_assign:
-        terms["assignment"] = (config.w_assign, AssignmentLoss(k=config.knn, include_labelled=True, max_plate_nesting=1))
-    if num_labels and config.w_metric:
-        terms["metric"] = (config.w_metric, LiftedStructuredLoss(margin=config.metric_margin, k=config.knn, max_plate_nesting=1))
+    if num_labels and p.w_assign:
+        terms["assignment"] = (p.w_assign, AssignmentLoss(k=p.knn, include_labelled=True, max_plate_nesting=1))
+    if num_labels and p.w_metric:
+        terms["metric"] = (p.w_metric, LiftedStructuredLoss(margin=p.metric_margin, k=p.knn, max_plate_nesting=1))
     return WeightedSum(**terms)
 
 

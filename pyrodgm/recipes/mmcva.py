@@ -29,13 +29,16 @@ that the relative weights are the paper's whatever the batch composition.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from ..configs import ModelConfig, option
 from ..data import IMAGE_SHAPES
 from ..losses import Loss, SemiSupervisedELBO
 from ..losses.margin import max_margin_objective
 
-__all__ = ["CONV_MMCVA_DEFAULTS", "build_conv_mmcva", "conv_mmcva_loss"]
+__all__ = ["ConvMMCVAConfig", "CONV_MMCVA_DEFAULTS", "build_conv_mmcva", "conv_mmcva_loss"]
 
 #: The authors' MNIST settings (``cdgm-mnist-ssl_100.sh``): z 100, batches of 600 with 100
 #: labelled, Adam 3e-4; the weights of eq. 16 (module docstring).
@@ -43,6 +46,15 @@ CONV_MMCVA_DEFAULTS = dict(
     z_dim=100, batch_size=600, labelled_per_batch=100, lr=3e-4, betas=(0.9, 0.999), num_particles=1,
     eval_particles=1, mmcva_alpha=0.1, alpha_u=0.3, alpha_b=1e-3,
 )
+
+@dataclass
+class ConvMMCVAConfig(ModelConfig):
+    """The weights of eq. 16 (the networks are the paper's, fixed by the image shape)."""
+
+    mmcva_alpha: float = option(0.1, "alpha of eq. 16, the weight of the max-margin terms")
+    alpha_u: float = option(0.3, "alpha_U, the weight of the hat loss (the authors' script; the paper's text says 3)")
+    alpha_b: float = option(1e-3, "alpha_B, the weight of the label-balance term")
+
 
 #: The authors' weight decay of the classifier's weights lambda, inside the alpha bracket.
 WEIGHT_DECAY = 1e-4
@@ -53,14 +65,15 @@ def build_conv_mmcva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, n
     (:class:`~pyrodgm.models.mmcva.ConvMMCVA`) and its guide with the max-margin CNN
     (:class:`~pyrodgm.guides.mmcva.ConvMMCVAGuide`), ``z_dim = config.z_dim``."""
     from pyrodgm.guides.mmcva import ConvMMCVAGuide
-    from pyrodgm.models.mmcva import ConvMMCVA
+    from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 
     image_shape = IMAGE_SHAPES[config.dataset]
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmcva on {config.dataset} expects images {image_shape}, got {x_dim} features")
-    if config.likelihood != "bernoulli":
+    if config.params.likelihood != "bernoulli":
         raise ValueError("conv-mmcva has a Bernoulli likelihood (as the paper on MNIST); use --likelihood bernoulli")
-    return ConvMMCVA(image_shape, num_classes, config.z_dim), ConvMMCVAGuide(image_shape, num_classes, config.z_dim)
+    spec = ConvMMCVASpec(image_shape, num_classes, config.params.z_dim)
+    return ConvMMCVA(spec), ConvMMCVAGuide(spec)
 
 
 def conv_mmcva_loss(config, num_data: int, num_labels: int) -> Loss:
@@ -75,9 +88,9 @@ def conv_mmcva_loss(config, num_data: int, num_labels: int) -> Loss:
     elbo = SemiSupervisedELBO(num_particles=config.num_particles, alpha=0.0, max_plate_nesting=1)
     return max_margin_objective(
         elbo,
-        alpha=config.mmcva_alpha,
-        alpha_u=config.alpha_u * batch / (batch - labelled),
-        alpha_b=config.alpha_b * batch,
+        alpha=config.params.mmcva_alpha,
+        alpha_u=config.params.alpha_u * batch / (batch - labelled),
+        alpha_b=config.params.alpha_b * batch,
         C=batch / labelled,
         sigma=(2 * WEIGHT_DECAY * batch) ** -0.5,
     )

@@ -16,14 +16,18 @@ does the second step.  With no labels its checkpoint is chosen on the validation
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from torch import nn
 
+from ..configs import ActivationConfig, MLPConfig, config_fields, option
 from ..data import IMAGE_SHAPES
 from ..losses import Loss, SemiSupervisedELBO
 from ..losses.margin import WithoutLabels, margin_error, max_margin_objective
 
 __all__ = [
-    "MMVA_DEFAULTS", "CONV_MMVA_DEFAULTS", "VA_PEGASOS_DEFAULTS", "CONV_VA_PEGASOS_DEFAULTS",
+    "MarginConfig", "MMVAConfig", "ConvMMVAConfig", "MMVA_DEFAULTS", "CONV_MMVA_DEFAULTS", "VA_PEGASOS_DEFAULTS", "CONV_VA_PEGASOS_DEFAULTS",
     "build_mmva", "build_conv_mmva", "mmva_loss", "vae_loss", "margin_metrics",
 ]
 
@@ -40,8 +44,32 @@ CONV_MMVA_DEFAULTS = dict(
     z_dim=50, activation="relu", batch_size=500, lr=3e-4, margin_C=1e3, margin_cost=1.0, eval_particles=1,
 )
 
-VA_PEGASOS_DEFAULTS = dict(MMVA_DEFAULTS, labels=0, labelled_per_batch=0)
-CONV_VA_PEGASOS_DEFAULTS = dict(CONV_MMVA_DEFAULTS, labels=0, labelled_per_batch=0)
+@dataclass
+class MarginConfig:
+    """The hinge loss of eq. 4-5 (Li et al.)."""
+
+    margin_C: float = option(15.0, "C, the weight of the hinge loss")
+    margin_sigma: Optional[float] = option(None, "prior std sigma of lambda (default: no prior term)")
+    margin_cost: float = option(1.0, "the cost ell of a wrong label in the hinge loss")
+
+
+def _without_margin(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in config_fields(MarginConfig)}
+
+
+@dataclass
+class MMVAConfig(MarginConfig, MLPConfig):
+    """MMVA: MLPs and the hinge loss."""
+
+
+@dataclass
+class ConvMMVAConfig(MarginConfig, ActivationConfig):
+    """Conv-MMVA: the paper's conv layers (fixed by the image shape) and the hinge loss."""
+
+
+#: The VA+Pegasos baselines: the same VAEs, no labels and no hinge loss.
+VA_PEGASOS_DEFAULTS = dict(_without_margin(MMVA_DEFAULTS), labels=0, labelled_per_batch=0)
+CONV_VA_PEGASOS_DEFAULTS = dict(_without_margin(CONV_MMVA_DEFAULTS), labels=0, labelled_per_batch=0)
 
 
 def build_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -49,10 +77,11 @@ def build_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Modu
     with ``config.z_dim`` and ``config.hidden`` (both networks)."""
     from pyrodgm.guides.mmva import MMVAGuide
     from pyrodgm.models.mmva import MMVA
+    from pyrodgm.nets import MLPSpec
 
-    hidden = tuple(config.hidden)
-    model = MMVA(x_dim, z_dim=config.z_dim, hidden=hidden, activation=config.activation, likelihood=config.likelihood)
-    return model, MMVAGuide(x_dim, num_classes, z_dim=config.z_dim, hidden=hidden, activation=config.activation)
+    p = config.params
+    spec = MLPSpec(x_dim, num_classes, p.z_dim, p.hidden, p.activation)
+    return MMVA(spec, likelihood=p.likelihood), MMVAGuide(spec)
 
 
 def build_conv_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -61,23 +90,22 @@ def build_conv_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn
     (:func:`~pyrodgm.guides.mmva.conv_mmva_layers`)."""
     from pyrodgm.guides.mmva import ConvMMVAGuide, conv_mmva_layers
     from pyrodgm.models.mmva import ConvMMVA
+    from pyrodgm.nets import ConvMMVASpec
 
     image_shape = IMAGE_SHAPES[config.dataset]
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmva on {config.dataset} expects images {image_shape}, got {x_dim} features")
-    layers = conv_mmva_layers(image_shape)
-    kwargs = dict(z_dim=config.z_dim, layers=layers, activation=config.activation)
-    model = ConvMMVA(image_shape, likelihood=config.likelihood, **kwargs)
-    return model, ConvMMVAGuide(image_shape, num_classes, **kwargs)
+    p = config.params
+    spec = ConvMMVASpec(image_shape, num_classes, p.z_dim, conv_mmva_layers(image_shape), activation=p.activation)
+    return ConvMMVA(spec, likelihood=p.likelihood), ConvMMVAGuide(spec)
 
 
 def mmva_loss(config, num_data: int, num_labels: int) -> Loss:
     """Eq. 5 summed over the batch: the VAE's negative bound (labels withheld from it) plus
     ``C`` times the hinge losses, and the prior on lambda when ``margin_sigma`` is set."""
     elbo = WithoutLabels(SemiSupervisedELBO(num_particles=config.num_particles, max_plate_nesting=1))
-    return max_margin_objective(
-        elbo, alpha=1.0, C=config.margin_C, sigma=config.margin_sigma, num_data=num_labels or None, cost=config.margin_cost
-    )
+    p = config.params
+    return max_margin_objective(elbo, alpha=1.0, C=p.margin_C, sigma=p.margin_sigma, num_data=num_labels or None, cost=p.margin_cost)
 
 
 def vae_loss(config, num_data: int, num_labels: int) -> Loss:

@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
         config = m1_config(args)
         m1_metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
         checkpoint = str(Path(config.out) / "best.pt")
-    saved, _, _, guide, _ = build_from_checkpoint(checkpoint, args.device)
+    saved, _, _, guide, state = build_from_checkpoint(checkpoint, args.device)
+    saved_epoch = state["epoch"]  # M1's
     split_config = train_config(args.dataset, args.labels, saved.validation, args.seed, binarized=True)
     if saved.num_validation != split_config.num_validation:
         raise SystemExit(f"the M1 checkpoint holds out {saved.num_validation} validation images; the split needs the same")
@@ -120,7 +121,8 @@ def main(argv=None) -> dict:
         "history": m1_metrics["history"] if m1_metrics else [],
         "best_validation": m1_metrics["best_validation"] if m1_metrics else None,
         "train_seconds_total": m1_metrics["train_seconds_total"] if m1_metrics else None,
-        "test": {"error": classifiers["self_training_svm"]["test_error"], "num_examples": int(len(arrays.y_test))},
+        "test": {"error": classifiers["self_training_svm"]["test_error"], "num_examples": int(len(arrays.y_test)),
+                 "epoch": saved_epoch},
     }
     extra = {"m1_checkpoint": checkpoint, "labels": args.labels, "classifiers": classifiers,
              "labelled_indices": arrays.split.labelled.tolist()}

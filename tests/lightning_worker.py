@@ -44,7 +44,7 @@ def noise_free(run):
 
 
 def config(out: str, epochs: int) -> TrainConfig:
-    return TrainConfig(out=out, epochs=epochs, **SMALL)
+    return TrainConfig.for_model(out=out, epochs=epochs, **SMALL)
 
 
 def _save_first_gradients(prefix: str) -> None:

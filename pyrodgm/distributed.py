@@ -131,12 +131,25 @@ class GradientAllReduce(FusedAdam):
     :param dict optim_args: :class:`torch.optim.Adam`'s arguments, as for ``FusedAdam``.
     :param list named_params: ``(name, parameter)`` of the model's and guide's trainable
         parameters, the same names in the same order on every process.
+    :param gradient_options: ``FusedAdam``'s weight prior and clipping, applied to the sum.
     """
 
-    def __init__(self, optim_args: dict, named_params: list[tuple[str, torch.Tensor]]) -> None:
-        super().__init__(optim_args)
+    def __init__(self, optim_args: dict, named_params: list[tuple[str, torch.Tensor]], **gradient_options) -> None:
+        super().__init__(optim_args, **gradient_options)
         self.named_params = list(named_params)
         self.diverged = False
+
+    @classmethod
+    def for_processes(cls, optim: FusedAdam, named_params: list[tuple[str, torch.Tensor]], world_size: int) -> "GradientAllReduce":
+        """The all-reducing twin of one process's ``optim`` (:func:`pyrodgm.training.optimiser`),
+        for ``world_size`` processes: the sum is the gradient of ``world_size`` times the
+        rows, so the clipping thresholds (per batch row) and the weight prior's precision
+        (per unlabelled row) are ``world_size`` times one process's."""
+        scaled = {
+            name: None if getattr(optim, name) is None else getattr(optim, name) * world_size
+            for name in ("weight_prior_precision", "max_grad_norm", "max_grad_value")
+        }
+        return cls(dict(optim.pt_optim_args), named_params, **scaled)
 
     def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
         """Sum the gradients over the processes, then one Adam step of every parameter

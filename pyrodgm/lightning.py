@@ -168,7 +168,7 @@ class DGMModule(_base_module() if lightning_available() else torch.nn.Module):
         if world > 1:
             named = [(f"{owner}.{name}", p) for owner, module in (("model", run.model), ("guide", run.guide))
                      for name, p in module.named_parameters() if p.requires_grad]
-            run.optim = GradientAllReduce(dict(run.optim.pt_optim_args), named)
+            run.optim = GradientAllReduce.for_processes(run.optim, named, world)
         run.engine = {"name": "lightning", "processes": world, **dataclasses.asdict(self.options)}
         if self.resume:
             state = _resumable_state(Path(config.out) / "checkpoint.pt", config)

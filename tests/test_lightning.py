@@ -257,3 +257,20 @@ def test_the_readme_command_trains_adgm_on_two_processes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["engine"]["processes"] == 2 and metrics["config"]["labelled_per_batch"] == 100
     assert (out / "best.pt").is_file() and (out / "logs" / "version_0" / "metrics.csv").is_file()
+
+
+def test_the_all_reduce_takes_the_weight_prior_and_clipping_of_the_combined_batch():
+    """N processes with batch B sum the gradient of N·B rows: their optimiser clips and
+    weighs the prior as one process with the combined batch does (a plain
+    ``GradientAllReduce(optim_args)`` dropped both, silently)."""
+    from pyrodgm.distributed import GradientAllReduce
+    from pyrodgm.training import optimiser
+
+    options = dict(weight_prior_std=0.5, grad_clip_norm=5.0, grad_clip_value=1.0)
+    one_process = optimiser(TrainConfig(batch_size=200, labelled_per_batch=100, **options), num_data=50_000, labelled_per_batch=100)
+    combined = optimiser(TrainConfig(batch_size=600, labelled_per_batch=300, **options), num_data=50_000, labelled_per_batch=300)
+    reduced = GradientAllReduce.for_processes(one_process, [], world_size=3)
+    for name in ("weight_prior_precision", "max_grad_norm", "max_grad_value"):
+        assert getattr(reduced, name) == pytest.approx(getattr(combined, name)), name
+    plain = GradientAllReduce.for_processes(optimiser(TrainConfig(), num_data=1000, labelled_per_batch=100), [], world_size=2)
+    assert (plain.weight_prior_precision, plain.max_grad_norm, plain.max_grad_value) == (None, None, None)

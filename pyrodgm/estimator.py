@@ -50,6 +50,7 @@ from .data import SemiSupervisedBatches
 from .evaluation import posterior_mean, predict_proba as guide_predict_proba
 from .modeling import parameter_dtype
 from .nets import NormalHead
+from .plots import mean_images
 from .optim import FusedAdam
 from .training import Run, TrainConfig, TrainingDiverged, _run_epoch, learning_rate
 from .zoo import RECIPES, recipe
@@ -323,6 +324,127 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
                 X, y = _rows(X, labelled), y[labelled]
                 sample_weight = None if sample_weight is None else np.asarray(sample_weight)[labelled]
         return super().score(X, y, sample_weight=sample_weight)
+
+    def sample(self, n_samples: int = 1, *, y=None, random_state=None) -> tuple[np.ndarray, np.ndarray]:
+        """Class-conditional generation: rows of the model's ``p(x|y,z)`` with ``z`` drawn
+        from its prior and the label ``y`` fixed, in the features' own units (a Gaussian
+        likelihood's standardisation undone).  Each row is the likelihood's mean, as
+        pyrodgm's sample grids show them: pixel probabilities for a Bernoulli likelihood,
+        the Gaussian's mean otherwise.
+
+        :param int n_samples: rows to generate.
+        :param y: the class of each row: one label of ``classes_`` for all of them, or
+            ``n_samples`` labels; ``None``: classes drawn uniformly (the models' ``p(y)``).
+        :param random_state: seeds ``z`` (and the drawn classes); ``None``: fresh noise.
+        :returns: ``(X, y)``, ``(n_samples, n_features_in_)`` and the rows' labels.
+        :raises ValueError: on a label the classifier never saw, or a bad ``n_samples``."""
+        check_is_fitted(self)
+        _check_integer(n_samples, "n_samples", 1)
+        rng = check_random_state(random_state)
+        if y is None:
+            labels = self.classes_[rng.randint(len(self.classes_), size=n_samples)]
+        else:
+            labels = np.asarray(y)
+            labels = np.repeat(labels, n_samples) if labels.ndim == 0 else labels
+            if labels.shape != (n_samples,):
+                raise ValueError(f"y must be one label or {n_samples} labels (n_samples), got shape {labels.shape}")
+            unseen = _unseen(labels, self.classes_)
+            if unseen:
+                raise ValueError(f"y holds labels the classifier never saw in fit: {unseen}; it knows {_shown(self.classes_)}")
+            labels = self.classes_[np.searchsorted(self.classes_, labels)]
+        codes = torch.as_tensor(np.searchsorted(self.classes_, labels), dtype=torch.int64)
+        device = _module_device(self.model_)
+        with _isolated(int(rng.randint(np.iinfo(np.int32).max)), device), torch.no_grad():
+            means = mean_images(self.model_, y=codes.to(device)).reshape(n_samples, -1)
+        X = means.cpu().double().numpy()
+        if self.scaler_ is not None:
+            X = self.scaler_.inverse_transform(X)
+        return X, labels
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def to_checkpoint(self) -> dict:
+        """The fitted estimator as tensors and plain values, a state for
+        :func:`pyrodgm.checkpoint.save_checkpoint` (it loads with ``torch.load(...,
+        weights_only=True)``): the config, the model's and guide's state dicts and the
+        fitted preprocessing (likelihood, scaler), classes and parameters;
+        :meth:`from_checkpoint` rebuilds the estimator from it."""
+        check_is_fitted(self)
+        scaler = None
+        if self.scaler_ is not None:
+            scaler = {name: torch.from_numpy(np.array(getattr(self.scaler_, name), dtype=np.float64))
+                      for name in ("mean_", "scale_", "var_")}
+            scaler["n_samples_seen_"] = int(self.scaler_.n_samples_seen_)
+        params = self.get_params(deep=False)
+        params["device"] = str(params["device"])
+        if params["classes"] is not None:
+            params["classes"] = np.asarray(params["classes"]).tolist()
+        if not (params["random_state"] is None or isinstance(params["random_state"], numbers.Integral)):
+            params["random_state"] = None  # a RandomState object: its draws were made in fit
+        history = [{"epoch": i + 1, "train_loss_per_example": float(loss)} for i, loss in enumerate(self.loss_curve_)]
+        for record, accuracy in zip(history, self.validation_scores_):
+            record["valid_error"] = 1.0 - float(accuracy)
+        return {
+            "config": self.config_.to_dict(),
+            "epoch": int(self.n_iter_),
+            "model": _cpu(self.model_.state_dict()),
+            "guide": _cpu(self.guide_.state_dict()),
+            "history": history,
+            "best": {"epoch": int(self.best_epoch_)},
+            "estimator": {
+                "params": params,
+                "classes": self.classes_.tolist(),
+                "classes_dtype": self.classes_.dtype.str if self.classes_.dtype.kind != "O" else "O",
+                "n_features_in": int(self.n_features_in_),
+                "feature_names_in": None if not hasattr(self, "feature_names_in_") else self.feature_names_in_.tolist(),
+                "likelihood": self.likelihood_,
+                "scaler": scaler,
+                "predict_seed": int(self._predict_seed),
+                "validation_scores": [float(a) for a in self.validation_scores_],
+                "n_features_out": int(self._n_features_out),
+            },
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "SemiSupervisedClassifier":
+        """The estimator :meth:`to_checkpoint` saved (``state`` as
+        :func:`pyrodgm.checkpoint.load_checkpoint` returns it), ready to predict."""
+        import sklearn
+
+        from .training import TrainConfig
+
+        saved = state.get("estimator")
+        if not isinstance(saved, dict):
+            raise ValueError("the checkpoint holds no SemiSupervisedClassifier: it was not written by to_checkpoint "
+                             "(pyrodgm train MODEL --data PATH writes one)")
+        estimator = cls(**saved["params"])
+        scaler = None
+        if saved["scaler"] is not None:
+            scaler = StandardScaler()
+            for name in ("mean_", "scale_", "var_"):
+                setattr(scaler, name, saved["scaler"][name].numpy())
+            scaler.n_samples_seen_ = saved["scaler"]["n_samples_seen_"]
+            scaler.n_features_in_ = saved["n_features_in"]
+        fitted = {
+            "_sklearn_version": sklearn.__version__,
+            "classes_": np.asarray(saved["classes"], dtype=np.dtype(saved["classes_dtype"])),
+            "n_features_in_": saved["n_features_in"],
+            "likelihood_": saved["likelihood"],
+            "scaler_": scaler,
+            "config_": TrainConfig(**state["config"]),
+            "model_": state["model"],
+            "guide_": state["guide"],
+            "_predict_seed": saved["predict_seed"],
+            "n_iter_": state["epoch"],
+            "best_epoch_": state["best"]["epoch"],
+            "loss_curve_": [record["train_loss_per_example"] for record in state["history"]],
+            "validation_scores_": list(saved["validation_scores"]),
+            "_n_features_out": saved["n_features_out"],
+        }
+        if saved["feature_names_in"] is not None:
+            fitted["feature_names_in_"] = np.asarray(saved["feature_names_in"], dtype=object)
+        estimator.__setstate__({**estimator.__dict__, **fitted})
+        return estimator
 
     # ------------------------------------------------------------------ scikit-learn plumbing
 

@@ -533,6 +533,11 @@ def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False
 def build_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, Recipe, torch.nn.Module, torch.nn.Module, dict]:
     """Rebuild the (model, guide) pair saved at ``path``, in eval mode on ``device``."""
     state = load_checkpoint(path)
+    if "estimator" in state:  # pyrodgm train MODEL --data: rows of the user's own, no named data set
+        raise ValueError(
+            f"{path} was trained on your own data (pyrodgm train MODEL --data): `pyrodgm evaluate {path} --data PATH` "
+            f"evaluates it and `pyrodgm predict {path} --data PATH --out FILE` predicts with it"
+        )
     config = TrainConfig(**{**state["config"], "device": str(device)})
     recipe_ = recipe(config.model)
     model, guide = recipe_.build(config, math.prod(IMAGE_SHAPES[config.dataset]), 10)

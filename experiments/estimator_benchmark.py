@@ -181,7 +181,8 @@ def describe(task: str, args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=["synthetic", "digits"], choices=TASKS,
+                   help="default: synthetic digits (mnist needs --root with MNIST in it)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=4000, help="rows of the synthetic task (a quarter are test rows)")
     p.add_argument("--labelled-fraction", type=float, default=0.05, help="labelled share of the synthetic training rows")

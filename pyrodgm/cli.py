@@ -285,7 +285,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 #: The models ``pyrodgm train MODEL --data PATH`` trains (the estimator's).
-OWN_DATA_MODELS: tuple[str, ...] = ("m2", "adgm", "sdgm", "adgm-deterministic", "m1m2", "cagem")
+OWN_DATA_MODELS: tuple[str, ...] = ("m2", "adgm", "sdgm", "adgm-deterministic", "m1m2", "cagem", "conv-mmcva", "gmvae")
 
 #: ``pyrodgm train`` options that choose or split a named data set, or drive its run, and do
 #: not apply to ``--data`` (the option, and what takes its place).
@@ -330,9 +330,8 @@ def _train_own_data(args: argparse.Namespace) -> dict:
 
     if args.model not in OWN_DATA_MODELS:
         raise ValueError(
-            f"{args.model} does not train on --data: it needs a named data set's images or has no classifier of its own; "
-            f"with --data use one of {', '.join(OWN_DATA_MODELS)} (they take table rows, and images of any size and "
-            "channel count as rows of pixels)"
+            f"{args.model} does not train on --data: it is supervised, or unsupervised (no semi-supervised classifier); "
+            f"with --data use one of {', '.join(OWN_DATA_MODELS)}"
         )
     for name, (flag, instead) in _NOT_WITH_DATA.items():
         value = getattr(args, name, None)  # store_false options are None unless given
@@ -346,6 +345,9 @@ def _train_own_data(args: argparse.Namespace) -> dict:
         raise ValueError(f"{path} exists already: --overwrite replaces it, or give another --out")
     image_size = parse_image_size(args.image_size) if args.image_size else None
     data = load_data(args.data, label_column=args.label_column, unlabelled=args.unlabelled, image_size=image_size)
+    if args.model in ("conv-mmcva", "gmvae") and data.image_shape is None:
+        raise ValueError(f"{args.model} has conv networks and takes images: give --data a folder of images or a .npz of "
+                         "images (n, H, W) or (n, C, H, W); the other models take table rows")
     params = {name: getattr(args, name) for name in model_param_names(args.model) if getattr(args, name, None) is not None}
     settings = {"epochs": "max_epochs", "batch_size": "batch_size", "lr": "lr", "seed": "random_state",
                 "device": "device", "likelihood": "likelihood"}
@@ -356,7 +358,7 @@ def _train_own_data(args: argparse.Namespace) -> dict:
     classifier = SemiSupervisedClassifier(
         args.model, model_params=params or None, early_stopping=args.early_stopping,
         validation_fraction=args.validation_fraction or 0.1, n_iter_no_change=args.patience or 10,
-        classes=list(range(len(data.classes))) or None, verbose=not args.quiet, **chosen,
+        classes=list(range(len(data.classes))) or None, verbose=not args.quiet, image_shape=data.image_shape, **chosen,
     )
     started = time.perf_counter()
     classifier.fit(data.X, data.y)

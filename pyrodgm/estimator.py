@@ -55,7 +55,7 @@ from .optim import FusedAdam
 from .training import Run, TrainConfig, TrainingDiverged, _run_epoch, learning_rate
 from .zoo import RECIPES, recipe
 
-__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "UNLABELLED", "model_param_names"]
+__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "IMAGE_MODELS", "UNLABELLED", "model_param_names"]
 
 #: The label of an unlabelled row (scikit-learn's semi-supervised convention).
 UNLABELLED = -1
@@ -63,6 +63,10 @@ UNLABELLED = -1
 #: The zoo's models with a label site that take rows of any number of features (the others
 #: need images of a named data set's shape, or are supervised or unsupervised).
 TABULAR_MODELS: tuple[str, ...] = ("m2", "adgm", "sdgm", "adgm-deterministic", "m1m2", "cagem")
+
+#: The zoo's conv models with a label site: they take images of any size and channel count,
+#: as rows of ``C*H*W`` pixels with ``image_shape=(C, H, W)``.
+IMAGE_MODELS: tuple[str, ...] = ("conv-mmcva", "gmvae")
 
 #: Models whose classifier ``q(y|x)`` and latent mean are exact functions of a row (no Monte
 #: Carlo sample before the label): their predictions of a row do not depend on the other
@@ -76,7 +80,7 @@ _ESTIMATOR_FIELDS = {
     "lr": "lr", "seed": "random_state", "device": "device", "likelihood": "likelihood", "binarize": "likelihood",
     "labels": "y", "validation": "validation_fraction", "dataset": "X", "root": "X", "download": "X",
     "out": "the estimator itself (nothing is written)", "samples": "the estimator itself (nothing is written)",
-    "cuda_graph": "device", "time_limit": "max_epochs", "track_test": "X",
+    "cuda_graph": "device", "time_limit": "max_epochs", "track_test": "X", "image_shape": "image_shape",
 }
 
 #: Rows predicted at once.
@@ -142,6 +146,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         model: str = "m2",
         *,
         model_params: Optional[dict] = None,
+        image_shape=None,
         likelihood: str = "auto",
         max_epochs: int = 100,
         batch_size: int = 200,
@@ -156,6 +161,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     ) -> None:
         self.model = model
         self.model_params = model_params
+        self.image_shape = image_shape
         self.likelihood = likelihood
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -193,6 +199,11 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         self._check_parameters()
         with _numeric_features():
             X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
+        if self.image_shape is not None and X.shape[1] != math.prod(self.image_shape):
+            raise ValueError(
+                f"X has {X.shape[1]} features per row, but image_shape={tuple(self.image_shape)} has "
+                f"{math.prod(self.image_shape)} pixels: give rows of C*H*W pixels, or the images' own shape"
+            )
         labelled = ~_unlabelled_mask(y)
         if not labelled.any():
             raise ValueError(
@@ -481,10 +492,29 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     # ------------------------------------------------------------------ helpers
 
     def _check_parameters(self) -> None:
-        if not isinstance(self.model, str) or self.model not in TABULAR_MODELS:
+        if not isinstance(self.model, str) or self.model not in TABULAR_MODELS + IMAGE_MODELS:
             known = isinstance(self.model, str) and self.model in RECIPES
-            other = f" ('{self.model}' needs images of a named data set, or has no label site)" if known else ""
-            raise ValueError(f"model must be one of {', '.join(TABULAR_MODELS)}, got {self.model!r}{other}")
+            other = f" ('{self.model}' is supervised, or unsupervised: it has no semi-supervised label site)" if known else ""
+            raise ValueError(f"model must be one of {', '.join(TABULAR_MODELS + IMAGE_MODELS)}, got {self.model!r}{other}")
+        if self.image_shape is not None:
+            shape = self.image_shape
+            if not (isinstance(shape, (tuple, list)) and len(shape) == 3
+                    and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape)):
+                raise ValueError(f"image_shape must be (C, H, W), three positive integers, got {shape!r}")
+            if self.model == "gmvae":
+                from pyrodgm.models.gmvae import CONV_GEOMETRY
+
+                if tuple(shape) not in CONV_GEOMETRY:
+                    shapes = ", ".join("x".join(map(str, s)) for s in CONV_GEOMETRY)
+                    raise ValueError(
+                        f"gmvae's conv features have the authors' geometries for images of {shapes} (CxHxW) only, got "
+                        f"{'x'.join(map(str, shape))}: resize the images to one of them, or use conv-mmcva (any size)"
+                    )
+        elif self.model in IMAGE_MODELS:
+            raise ValueError(
+                f"'{self.model}' has conv networks: give the images' shape, image_shape=(C, H, W), for rows of C*H*W "
+                "pixels (channel-major, as torchvision's ToTensor flattened); any size and channel count"
+            )
         if self.model_params is not None and not isinstance(self.model_params, dict):
             raise TypeError(f"model_params must be a dict of the recipe's hyper-parameters or None, got {type(self.model_params).__name__}")
         accepted = model_param_names(self.model)
@@ -538,7 +568,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         return classes, codes
 
     def _choose_likelihood(self, X: np.ndarray) -> str:
-        if self.likelihood == "bernoulli":
+        if self.likelihood == "bernoulli" or (self.likelihood == "auto" and self.model == "conv-mmcva"):  # Bernoulli only
             if X.min() < 0 or X.max() > 1:
                 raise ValueError(
                     f"likelihood='bernoulli' needs features in [0, 1] (binary, or probabilities to binarise), found "
@@ -578,7 +608,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             model=self.model, dataset="arrays", labels=num_labelled, validation=num_validation, epochs=self.max_epochs,
             batch_size=labelled_per_batch + unlabelled_per_batch, labelled_per_batch=labelled_per_batch, lr=float(self.lr),
             seed=seed, device=str(device), likelihood=likelihood, binarize=likelihood == "bernoulli",
-            samples=False, out="",
+            samples=False, out="", image_shape=None if self.image_shape is None else tuple(int(s) for s in self.image_shape),
         )
         try:
             return TrainConfig(**settings)

@@ -109,11 +109,14 @@ class TrainConfig:
     cuda_graph: bool = False  # capture the training step in a CUDA graph (pyrodgm.graphs; --device cuda only)
     time_limit: Optional[float] = None  # seconds: start no epoch that would end after this (the run is resumable)
     track_test: bool = False  # record the test set's metrics after every epoch (a curve; never used to choose)
+    image_shape: Optional[tuple[int, int, int]] = None  # (C, H, W) of images of one's own (the estimator); None: the dataset's
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.hidden = tuple(self.hidden)
         self.m1_hidden = tuple(self.m1_hidden)
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)
         for name in ("epochs", "batch_size", "num_particles", "eval_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

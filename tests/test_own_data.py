@@ -367,7 +367,8 @@ def test_evaluate_needs_labelled_rows_and_the_right_checkpoint(csv_run, capsys):
     [
         ("all unlabelled", [], r"y has no labelled row: all 12 rows are -1 \(unlabelled\)"),
         ("one class", [], r"y has only one class among its labelled rows"),
-        ("conv model", [], r"conv-mmcva does not train on --data: .*use one of m2, adgm"),
+        ("supervised model", [], r"conv-mmva does not train on --data: it is supervised, .*use one of m2, adgm"),
+        ("conv model", [], r"conv-mmcva has conv networks and takes images: give --data a folder of images"),
         ("labels option", ["--labels", "100"], r"--labels does not apply with --data: the labels are the data's own"),
         ("dataset option", ["--dataset", "mnist"], r"--dataset does not apply with --data"),
         ("no label column", ["--label-column", "species"], r"has no label column 'species'"),
@@ -376,7 +377,7 @@ def test_evaluate_needs_labelled_rows_and_the_right_checkpoint(csv_run, capsys):
     ],
 )
 def test_train_refuses_bad_input_in_one_line(tmp_path, capsys, case, extra, message):
-    model = "conv-mmcva" if case == "conv model" else "m2"
+    model = {"conv model": "conv-mmcva", "supervised model": "conv-mmva"}.get(case, "m2")
     if case == "all unlabelled":
         _blobs_csv(tmp_path / "train.csv", n=12, labelled_every=0)
     elif case == "one class":
@@ -435,3 +436,48 @@ def test_images_of_another_size_are_refused_without_a_resize(tmp_path, capsys):
     _images(tmp_path / "new", 2, size=(8, 8))
     _one_line_error(["predict", str(out / "model.pt"), "--data", str(tmp_path / "new"), "--out", str(tmp_path / "p.csv")], capsys,
                     r"holds images of 8x8 pixels with 1 channel, the model was trained on 6x5 pixels with 1 channel: resize them to 6x5")
+
+
+# ------------------------------------------------------------------------------------------ conv models on any image size
+
+
+def test_conv_mmcva_takes_images_of_any_size_and_channel_count():
+    import pickle
+
+    rng = np.random.RandomState(0)
+    X = rng.rand(60, 3 * 7 * 5)
+    y = np.where(np.arange(60) < 20, np.arange(60) % 2, -1)
+    clf = SemiSupervisedClassifier("conv-mmcva", image_shape=(3, 7, 5), max_epochs=1, batch_size=20, random_state=0).fit(X, y)
+    assert clf.likelihood_ == "bernoulli" and clf.predict_proba(X).shape == (60, 2)
+    assert clf.sample(2, y=1, random_state=0)[0].shape == (2, 105)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(clf)).predict_proba(X), clf.predict_proba(X))
+
+
+@pytest.mark.parametrize(
+    "model, image_shape, width, message",
+    [
+        ("conv-mmcva", None, 12, r"'conv-mmcva' has conv networks: give the images' shape, image_shape=\(C, H, W\)"),
+        ("conv-mmcva", (1, 3, 3), 12, r"X has 12 features per row, but image_shape=\(1, 3, 3\) has 9 pixels"),
+        ("conv-mmcva", (1, 3), 12, r"image_shape must be \(C, H, W\), three positive integers"),
+        ("gmvae", (1, 3, 4), 12, r"gmvae's conv features have the authors' geometries for images of 1x28x28, 3x32x32, 1x8x8 "
+                                 r"\(CxHxW\) only, got 1x3x4: resize the images"),
+    ],
+)
+def test_conv_models_say_what_images_they_need(model, image_shape, width, message):
+    X = np.random.RandomState(0).rand(20, width)
+    y = np.where(np.arange(20) < 6, np.arange(20) % 2, -1)
+    with pytest.raises(ValueError, match=message):
+        SemiSupervisedClassifier(model, image_shape=image_shape, max_epochs=1).fit(X, y)
+
+
+def test_cli_trains_conv_mmcva_on_an_image_folder(tmp_path, capsys):
+    _images(tmp_path / "train" / "dark", 4, size=(7, 5), mode="RGB", value=30)
+    _images(tmp_path / "train" / "light", 4, size=(7, 5), mode="RGB", value=220)
+    _images(tmp_path / "pool", 12, size=(7, 5), mode="RGB", seed=3)
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "conv-mmcva", "--data", str(tmp_path / "train"), "--unlabelled", str(tmp_path / "pool"),
+                         "--out", str(out), "--epochs", "1", "--batch-size", "10", "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = _run(["predict", str(out / "model.pt"), "--data", str(tmp_path / "pool"), "--out", str(tmp_path / "p.csv")], capsys)
+    assert code == 0, err
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 13

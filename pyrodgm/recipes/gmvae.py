@@ -40,7 +40,7 @@ from torch import nn
 from pyrodgm.guides.gmvae import GMVAEGuide
 from pyrodgm.models.gmvae import GMVAE
 
-from ..data import IMAGE_SHAPES
+from ..data import image_shape_of
 from ..losses import AssignmentLoss, LiftedStructuredLoss, Loss, SemiSupervisedELBO, WeightedSum, WithoutLabels
 
 __all__ = [
@@ -131,7 +131,7 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     """:class:`~pyrodgm.models.gmvae.GMVAE` and :class:`~pyrodgm.guides.gmvae.GMVAEGuide`
     for ``config.dataset``'s images.  The guide's temperature is the schedule's last (what
     a checkpoint is evaluated at; a training run's schedule sets every epoch's)."""
-    image_shape = IMAGE_SHAPES[config.dataset]
+    image_shape = image_shape_of(config)
     if math.prod(image_shape) != x_dim:
         raise ValueError(f"gmvae on {config.dataset} expects {math.prod(image_shape)} features per example, got {x_dim}")
     kwargs = dict(num_classes=_num_components(config, num_classes), z_dim=config.z_dim, feature_dim=config.feature_dim)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data import IMAGE_SHAPES
+from ..data import image_shape_of
 from ..losses import Loss, SemiSupervisedELBO
 from ..losses.margin import WithoutLabels, margin_error, max_margin_objective
 
@@ -62,7 +62,7 @@ def build_conv_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn
     from pyrodgm.guides.mmva import ConvMMVAGuide, conv_mmva_layers
     from pyrodgm.models.mmva import ConvMMVA
 
-    image_shape = IMAGE_SHAPES[config.dataset]
+    image_shape = image_shape_of(config)
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmva on {config.dataset} expects images {image_shape}, got {x_dim} features")
     layers = conv_mmva_layers(image_shape)

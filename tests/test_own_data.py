@@ -481,3 +481,26 @@ def test_cli_trains_conv_mmcva_on_an_image_folder(tmp_path, capsys):
     code, _, err = _run(["predict", str(out / "model.pt"), "--data", str(tmp_path / "pool"), "--out", str(tmp_path / "p.csv")], capsys)
     assert code == 0, err
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 13
+
+
+@pytest.mark.slow
+def test_readme_cli_example_on_a_csv_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
+    """The README's bash block (write the CSVs, train, predict, evaluate) run as written:
+    the error in its comment and the first rows of predictions.csv in the block after it."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### From the command line"):]
+    script, shown = re.findall(r"```(?:bash|text)\n(.*?)```", section, flags=re.S)[:2]
+    monkeypatch.chdir(tmp_path)
+    code = re.search(r"python -c '\n(.*?)'\n", script, flags=re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    commands = [line.split("#")[0] for line in script.splitlines() if line.startswith("pyrodgm ")]
+    assert [c.split()[1] for c in commands] == ["train", "predict", "evaluate"]
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert f'"error": {report["error"]:.4f}' in script
+    assert (tmp_path / "predictions.csv").read_text().splitlines()[:3] == shown.strip().splitlines()

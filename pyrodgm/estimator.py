@@ -2,15 +2,21 @@
 
 :class:`SemiSupervisedClassifier` follows :mod:`sklearn.semi_supervised`: ``fit(X, y)`` with
 ``-1`` in ``y`` for unlabelled rows, then ``predict``, ``predict_proba``, ``score`` and
-``transform`` (the guide's posterior mean of the latent ``z``); it works in a
-:class:`~sklearn.pipeline.Pipeline`, :class:`~sklearn.model_selection.GridSearchCV` and
-:func:`~sklearn.model_selection.cross_val_score`, and pickles.  Training is pyrodgm's own:
+``transform`` (the guide's posterior mean of the latent ``z``), and ``sample``
+(class-conditional generation); it works in a :class:`~sklearn.pipeline.Pipeline`,
+:class:`~sklearn.model_selection.GridSearchCV` and
+:func:`~sklearn.model_selection.cross_val_score`, pickles, and saves to pyrodgm's checkpoint
+format (:meth:`~SemiSupervisedClassifier.to_checkpoint`, what ``pyrodgm train MODEL --data``
+writes).  Training is pyrodgm's own:
 the recipe of :data:`pyrodgm.zoo.RECIPES` builds the pair and the loss, the batches are
 :class:`pyrodgm.data.SemiSupervisedBatches` (half labelled, half unlabelled rows), and each
 epoch is :mod:`pyrodgm.training`'s (:func:`~pyrodgm.training.training_step` with
 :class:`~pyrodgm.optim.FusedAdam`, the recipe's per-epoch schedule, the divergence check).
 
-Data are 2-D arrays of numeric features.  The likelihood is chosen in ``fit`` from the data
+Data are 2-D arrays of numeric features; images of any size and channel count are rows of
+their ``C*H*W`` pixels (channel-major), which the MLP models take as they are and the conv
+models (:data:`IMAGE_MODELS`) reshape with ``image_shape=(C, H, W)``
+(:mod:`pyrodgm.owndata` reads CSVs, ``.npz`` files and image folders into such rows).  The likelihood is chosen in ``fit`` from the data
 (``likelihood="auto"``): Bernoulli when every value is 0 or 1, Gaussian otherwise; the
 preprocessing is fitted in ``fit``, stored, and applied again in ``predict``: Gaussian
 features are standardised (mean 0, variance 1 per column, as
@@ -98,12 +104,16 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     """A deep generative semi-supervised classifier (Kingma et al.'s M2 by default) with
     scikit-learn's interface.
 
-    :param str model: a model of the zoo with a label site that takes feature rows, one of
-        :data:`TABULAR_MODELS` (``pyrodgm models`` describes them).  Default ``"m2"``: its
+    :param str model: a model of the zoo with a label site, one of :data:`TABULAR_MODELS`
+        (feature rows) or :data:`IMAGE_MODELS` (images, with ``image_shape``; ``pyrodgm
+        models`` describes them).  Default ``"m2"``: its
         classifier ``q(y|x)`` and latent mean are exact functions of a row (the label is
         summed out, not sampled), so predictions need no Monte Carlo and do not depend on
         the other rows of a batch, and it is the cheapest; ``"adgm"`` averages its
         classifier over samples of the auxiliary ``a`` (``eval_particles`` of them).
+    :param image_shape: ``(C, H, W)`` when the rows are images: required by the conv models
+        (``"conv-mmcva"``: any shape; ``"gmvae"``: its authors' 1x28x28, 3x32x32 or 1x8x8),
+        checked against the rows' width by the others.  ``None``: feature rows.
     :param dict model_params: the recipe's hyper-parameters (fields of
         :class:`~pyrodgm.training.TrainConfig`: ``z_dim``, ``hidden``, ``a_dim``,
         ``activation``, ``alpha_factor``, ``num_particles``, ``eval_particles``,

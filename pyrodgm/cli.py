@@ -168,19 +168,17 @@ def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentPars
             else:
                 group.add_argument(*flags, default=None, **kwargs)
     own = parser.add_argument_group(
-        "your own data (instead of --dataset; models " + ", ".join(OWN_DATA_MODELS) + ")",
-        "train the scikit-learn estimator (pyrodgm.SemiSupervisedClassifier) on a file; writes OUT/model.pt and "
-        "OUT/metrics.json, which `pyrodgm predict` and `pyrodgm evaluate --data` read",
+        "your own data (instead of --dataset)", "the estimator on a file: OUT/model.pt for `pyrodgm predict` (models: "
+        + ", ".join(OWN_DATA_MODELS) + ")",
     )
-    own.add_argument("--data", help="a CSV with a label column (an empty cell: unlabelled), a .npz with arrays X and y "
-                     "(-1: unlabelled), or a folder of images with one sub-folder per class (torchvision's ImageFolder)")
-    own.add_argument("--label-column", default="label", help="the CSV's label column (default: label)")
-    own.add_argument("--unlabelled", help="a folder of unlabelled images, beside the --data folder of labelled ones")
-    own.add_argument("--image-size", help="resize every image to HxW pixels (default: keep their size, which must be one)")
-    own.add_argument("--early-stopping", action="store_true",
-                     help="hold out --validation-fraction of the labelled rows and keep the epoch with the lowest error on them")
-    own.add_argument("--validation-fraction", type=float, help="with --early-stopping (default 0.1)")
-    own.add_argument("--patience", type=int, help="with --early-stopping: epochs without improvement (default 10)")
+    own.add_argument("--data", metavar="PATH", help="a CSV (empty label: unlabelled), a .npz (X, y; -1: unlabelled) or an "
+                     "ImageFolder (a folder per class)")
+    own.add_argument("--label-column", metavar="NAME", default="label", help="the CSV's label column (default: label)")
+    own.add_argument("--unlabelled", metavar="FOLDER", help="unlabelled images, beside --data's labelled ones")
+    own.add_argument("--image-size", metavar="HxW", help="resize the images (default: they must share a size)")
+    own.add_argument("--early-stopping", action="store_true", help="stop on the error of held-out labelled rows")
+    own.add_argument("--validation-fraction", metavar="F", type=float, help="share held out (default 0.1)")
+    own.add_argument("--patience", metavar="N", type=int, help="epochs without improvement (default 10)")
     run = parser.add_argument_group("run control")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")

@@ -8,7 +8,8 @@ Two tasks (issue 18's benchmark):
   the rest (stratified, at least one per class) is labelled, the other training rows
   unlabelled.  Every method sees the training rows standardised (the estimator
   standardises them itself; the peers get a ``StandardScaler`` in a pipeline).
-* ``digits``: scikit-learn's 8x8 digits with 100 labels on pyrodgm's own split
+* ``digits`` (and ``mnist``, from ``--root``, never downloaded: 50,000 training images, the
+  10,000 validation images unused, the 10,000 test images): scikit-learn's 8x8 digits with 100 labels on pyrodgm's own split
   (``semi_supervised_split`` with the seed: 1,200 training images, 300 held out for
   validation and unused here, the 297 test images), exactly as ``baselines.py`` makes it;
   the peers are ``baselines.py``'s own run (50 PCA components, fit time without the PCA),
@@ -23,6 +24,7 @@ Results: ``results/estimator_benchmark_TASK.json``, errors per seed with mean ±
 
     python experiments/estimator_benchmark.py --tasks synthetic digits --seeds 0 1 2 --threads 1
     python experiments/estimator_benchmark.py --tasks digits --models m2 --hidden 500 --z-dim 50 --lr 1e-3 --suffix _m2_paper_size
+    python experiments/estimator_benchmark.py --tasks mnist --root /work/shared/data --seeds 0 --models m2 --epochs 10
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from pyrodgm.data import load_dataset
 from pyrodgm.estimator import TABULAR_MODELS, SemiSupervisedClassifier
 from pyrodgm.training import _cpu_name
 
-TASKS = ("synthetic", "digits")
+TASKS = ("synthetic", "digits", "mnist")
 #: The peers, as in baselines.py (its METHODS' keys).
 PEERS = tuple(FITS)
 
@@ -123,8 +125,9 @@ def run_estimator(model: str, args: argparse.Namespace, seed: int, x_fit, y_fit,
 
 def run_task(task: str, args: argparse.Namespace) -> dict:
     per_seed = {}
-    if task == "digits":
-        train, test = load_dataset("digits"), load_dataset("digits", train=False)
+    if task in ("digits", "mnist"):
+        train = load_dataset(task, root=args.root, download=False)
+        test = load_dataset(task, root=args.root, train=False, download=False)
     for seed in args.seeds:
         if task == "synthetic":
             split = synthetic_split(args.samples, args.labelled_fraction, seed)
@@ -132,7 +135,8 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
             x_fit, y_fit, x_test, y_test = split["x_fit"], split["y_fit"], split["x_test"], split["y_test"]
             sizes = {"num_fit": len(x_fit), "num_labelled": split["labelled"], "num_test": len(x_test)}
         else:
-            config = train_config("digits", args.digits_labels, None, seed, binarized=False)
+            labels = args.digits_labels if task == "digits" else args.mnist_labels
+            config = train_config(task, labels, None, seed, binarized=False)
             p = problem(train, test, config)
             x_fit, y_fit, x_test, y_test = p.x_fit, p.y_fit, p.x_test, p.y_test
             baseline = run_seed(train, test, config)  # baselines.py's own run: PCA 50, then each peer
@@ -170,16 +174,21 @@ def describe(task: str, args: argparse.Namespace) -> str:
     if task == "synthetic":
         return (f"make_classification(n_samples={args.samples}, n_features=20, n_informative=10, n_classes=3, "
                 f"random_state=seed); 25% test (stratified), {100 * args.labelled_fraction:g}% of the rest labelled")
+    if task == "mnist":
+        return f"MNIST, {args.mnist_labels} labels on pyrodgm's split (50,000 training images, 10,000 test), grey pixels"
     return f"digits, {args.digits_labels} labels on pyrodgm's split (1,200 training images, 297 test), grey pixels"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=["synthetic", "digits"], choices=TASKS,
+                   help="default: synthetic digits (mnist needs --root with MNIST in it)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=4000, help="rows of the synthetic task (a quarter are test rows)")
     p.add_argument("--labelled-fraction", type=float, default=0.05, help="labelled share of the synthetic training rows")
     p.add_argument("--digits-labels", type=int, default=100)
+    p.add_argument("--mnist-labels", type=int, default=100)
+    p.add_argument("--root", default=None, help="the folder holding MNIST in torchvision's layout (never downloaded)")
     p.add_argument("--models", nargs="+", default=["m2", "adgm"], choices=TABULAR_MODELS)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -1,8 +1,11 @@
 """Print the results tables of README.md from experiments/results/*.json, so that every
 number in the README comes from a recorded run: training runs (written by the experiment
 scripts), IWAE evaluations (``pyrodgm evaluate ... --output``), speed benchmarks
-(``bench_speed.py``, ``lightning_throughput.py``), GPU kit runs (``gpu_kit.py collect``) and the classical baselines on the
-runs' own splits (``baselines.py``), whose errors also stand beside each semi-supervised run.
+(``bench_speed.py``, ``lightning_throughput.py``), GPU kit runs (``gpu_kit.py collect``), the
+classical baselines on the runs' own splits (``baselines.py``), whose errors also stand
+beside each semi-supervised run, the same command over seeds (``seeds.py``), and the
+scikit-learn estimator against scikit-learn's semi-supervised classifiers
+(``estimator_benchmark.py``).
 
     python experiments/results_table.py            # print the markdown tables
     python experiments/results_table.py --write    # replace them in README.md
@@ -255,6 +258,51 @@ def baseline_rows(results: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def _estimator_settings(settings: dict, model: str) -> str:
+    """The estimator's networks and schedule, as the benchmark ran them."""
+    hidden = ",".join(str(h) for h in settings["hidden"])
+    parts = [f"hidden {hidden}", f"z {settings['z_dim']}"]
+    if model in ("adgm", "sdgm", "adgm-deterministic"):
+        parts.append(f"a {settings['a_dim']}")
+    if model not in ("m2", "adgm-deterministic"):
+        parts.append(f"{settings['eval_particles']} classifier samples")
+    parts += [f"{settings['epochs']} epochs", f"lr {settings['lr']:g}", f"likelihood {settings.get('likelihood', 'auto')}"]
+    return ", ".join(parts)
+
+
+def estimator_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """One row per method of every ``estimator_benchmark.py`` result: the task, test error
+    per seed, mean ± sd, mean fit seconds (the estimator's whole ``fit``; the image tasks'
+    peers as ``baselines.py`` times them, prediction included, the PCA apart)."""
+    lines = [
+        "| task | method | test error by seed | mean ± sd | fit seconds (mean) | settings | hardware | date | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    found = [result for _, result in results if str(result.get("experiment", "")).startswith("estimator_benchmark_")]
+    shown = set()  # a peer's row appears once per task and seeds, not again beside every run of the estimator
+    for result in sorted(found, key=lambda r: (r["task"], r["experiment"])):
+        pca = "pca_seconds" in next(iter(result["sizes"].values()))
+        for name, method in result["methods"].items():
+            if name.startswith("pyrodgm_"):
+                model = name[len("pyrodgm_"):]
+                label, settings = f"pyrodgm.SemiSupervisedClassifier('{model}')", _estimator_settings(result["estimator_settings"], model)
+            else:
+                key = (result["task"], name, tuple(method["test_error"].items()))
+                if key in shown:
+                    continue
+                shown.add(key)
+                label = BASELINE_METHODS[name] if pca else BASELINE_METHODS[name].replace("images", "rows")
+                settings = "50 PCA components, as baselines.py" if pca else "standardised features (StandardScaler)"
+            errors = ", ".join(f"{seed}: {_percent(error)}" for seed, error in method["test_error"].items())
+            spread = "" if method["sd"] is None else f" ± {_percent(method['sd'])}"
+            seconds = list(method["fit_seconds"].values())
+            lines.append(
+                f"| {result['task']} | {label} | {errors} | {_percent(method['mean'])}{spread} | {sum(seconds) / len(seconds):.2f} "
+                f"| {settings} | {result['device']} | {result['date']} | `{result['command']}` |"
+            )
+    return lines
+
+
 def iwae_rows(results: list[tuple[str, dict]]) -> list[str]:
     lines = [
         "| model | test images | k | IWAE log p(x) | PSIS k-hat mean (share > 0.7) | ESS mean | test error | active units | time | hardware | date | command |",
@@ -405,6 +453,8 @@ def tables(results_dir: Path) -> list[str]:
         ("Training runs (MNIST)", training_rows(results)),
         ("One command over seeds (experiments/seeds.py)", seed_rows(results)),
         ("Classical baselines on the runs' splits (scikit-learn, experiments/baselines.py)", baseline_rows(results)),
+        ("Your own data: SemiSupervisedClassifier against scikit-learn's semi-supervised classifiers (experiments/estimator_benchmark.py)",
+         estimator_rows(results)),
         ("Importance-weighted log-likelihood", iwae_rows(results)),
         ("Active stochastic units (threshold 0.01)", active_unit_rows(results)),
         ("Missing-data imputation (Li et al., Tables 4-5)", imputation_rows(results)),

@@ -1,4 +1,4 @@
-"""The ``pyrodgm`` command: ``train``, ``evaluate``, ``plot`` and ``models``.
+"""The ``pyrodgm`` command: ``train``, ``evaluate``, ``predict``, ``plot``, ``impute`` and ``models``.
 
 Examples::
 
@@ -9,6 +9,9 @@ Examples::
     pyrodgm evaluate runs/m2/best.pt            # IWAE-100: seconds
     pyrodgm evaluate runs/m2/best.pt --paper    # IWAE-5000, as the papers report (minutes)
     pyrodgm models                              # a table; --json for JSON
+    pyrodgm train m2 --data train.csv --label-column label --out runs/mine   # your own data
+    pyrodgm predict runs/mine/model.pt --data new.csv --out predictions.csv
+    pyrodgm evaluate runs/mine/model.pt --data test.csv
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentPars
             flag, kwargs = option_flag(config_class, field), option_kwargs(config_class, field)
             kwargs["help"] += _default_text(field, name, config_class)
             if field == "dataset":
-                group.add_argument(flag, choices=DATASETS, default="digits", **{**kwargs, "help": kwargs["help"] + " (default: digits)"})
+                group.add_argument(flag, choices=DATASETS, default=None, **{**kwargs, "help": kwargs["help"] + " (default: digits)"})
             else:
                 group.add_argument(flag, default=None, **kwargs)
     engine = parser.add_argument_group('data-parallel (pip install "pyrodgm[lightning]")')
@@ -95,6 +98,18 @@ def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentPars
     engine.add_argument("--num-nodes", type=int, metavar="M", help="lightning: machines (default 1)")
     engine.add_argument("--strategy", choices=("ddp", "ddp_spawn"), help="lightning: how processes start (default ddp)")
     engine.add_argument("--precision", choices=("32-true", "bf16-mixed"), help="lightning: float32, or bf16 autocast (default 32-true)")
+    own = parser.add_argument_group(
+        "your own data (instead of --dataset)", "the estimator on a file: OUT/model.pt for `pyrodgm predict` (models: "
+        + ", ".join(OWN_DATA_MODELS) + ")",
+    )
+    own.add_argument("--data", metavar="PATH", help="a CSV (empty label: unlabelled), a .npz (X, y; -1: unlabelled) or an "
+                     "ImageFolder (a folder per class)")
+    own.add_argument("--label-column", metavar="NAME", default="label", help="the CSV's label column (default: label)")
+    own.add_argument("--unlabelled", metavar="FOLDER", help="unlabelled images, beside --data's labelled ones")
+    own.add_argument("--image-size", metavar="HxW", help="resize the images (default: they must share a size)")
+    own.add_argument("--early-stopping", action="store_true", help="stop on the error of held-out labelled rows")
+    own.add_argument("--validation-fraction", metavar="F", type=float, help="share held out (default 0.1)")
+    own.add_argument("--patience", metavar="N", type=int, help="epochs without improvement (default 10)")
     run = parser.add_argument_group("run control")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (its checkpoints, metrics, samples)")
@@ -134,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--output", help="write the results as JSON here too")
     evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument("--data", help="a model trained with --data: its error, log-loss and uncertainty on the labelled "
+                          "rows of this CSV, .npz or image folder (instead of the IWAE bound on a test set)")
+    evaluate.add_argument("--label-column", help="the CSV's label column (default: the one the model was trained with)")
+
+    predict = commands.add_parser(
+        "predict", parents=[debug], help="predict labels of your own data (a model trained with --data), as CSV",
+        description="Write one row per example: its predicted label, the probability of every class (p_CLASS) and the "
+                    "entropy of those probabilities in nats (the classifier's uncertainty: 0 when sure, log K at most).",
+    )
+    predict.add_argument("checkpoint", help="OUT/model.pt of `pyrodgm train MODEL --data ...`")
+    predict.add_argument("--data", required=True, help="a CSV (the training features, any label column ignored), a .npz "
+                         "with X, or a folder of images (flat, or in class sub-folders)")
+    predict.add_argument("--out", required=True, help="the predictions CSV to write")
+    predict.add_argument("--label-column", help="the CSV's label column, if it has one (default: the training's)")
+    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     plot = commands.add_parser("plot", parents=[debug], help="class-conditional samples and 2-D latent manifolds as PNGs")
     plot.add_argument("checkpoint")
@@ -169,7 +200,7 @@ def _train_config(args: argparse.Namespace):
 
     fields = train_options(TrainConfig) + train_options(recipe(args.model).config)
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return TrainConfig.paper(args.model, **{"out": f"runs/{args.model}", **given})
+    return TrainConfig.paper(args.model, **{"out": f"runs/{args.model}", **given, "dataset": args.dataset or "digits"})
 
 
 #: ``pyrodgm train``'s options for ``--engine lightning`` (:class:`pyrodgm.lightning.LightningOptions`' fields).
@@ -180,6 +211,11 @@ def _train(args: argparse.Namespace) -> dict:
     from .training import train
 
     lightning = {name: getattr(args, name) for name in LIGHTNING_OPTIONS if getattr(args, name) is not None}
+    if args.data is not None:
+        if args.engine != "native" or lightning:
+            raise ValueError("--engine lightning trains a named data set; --data trains the estimator in one process")
+        return _train_own_data(args)
+    _refuse_data_options(args)
     if args.engine == "native":
         if lightning:
             flags = ", ".join("--" + name.replace("_", "-") for name in lightning)
@@ -193,10 +229,176 @@ def _train(args: argparse.Namespace) -> dict:
     return result if "rank" in result or not args.baseline else add_baseline(result)
 
 
+#: The models ``pyrodgm train MODEL --data PATH`` trains (the estimator's).
+OWN_DATA_MODELS: tuple[str, ...] = ("m2", "adgm", "sdgm", "adgm-deterministic", "m1m2", "cagem", "conv-mmcva", "gmvae")
+
+#: ``pyrodgm train`` options that choose or split a named data set, or drive its run, and do
+#: not apply to ``--data`` (the option, and what takes its place).
+_NOT_WITH_DATA = {
+    "dataset": ("--dataset", "--data is the data set"),
+    "root": ("--root", "--data is the data set"),
+    "download": ("--no-download", "--data is read, never downloaded"),
+    "labels": ("--labels", "the labels are the data's own: its unlabelled rows have an empty label cell"),
+    "validation": ("--validation", "use --early-stopping --validation-fraction F"),
+    "binarize": ("--no-binarize", "--likelihood gaussian keeps values as they are"),
+    "labelled_per_batch": ("--labelled-per-batch", "half of every --batch-size is labelled"),
+    "samples": ("--no-samples", "no sample grids are written"),
+    "cuda_graph": ("--cuda-graph", "the estimator's step is not captured"),
+    "time_limit": ("--time-limit", "use --epochs or --early-stopping"),
+    "track_test": ("--track-test", "evaluate the model on a test file with `pyrodgm evaluate --data`"),
+    "resume": ("--resume", "a --data run is not resumable: train it again"),
+}
+
+#: Options of the own-data group that a named data set does not take.
+_DATA_ONLY = {
+    "unlabelled": "--unlabelled", "image_size": "--image-size", "early_stopping": "--early-stopping",
+    "validation_fraction": "--validation-fraction", "patience": "--patience",
+}
+
+
+def _refuse_data_options(args: argparse.Namespace) -> None:
+    for name, flag in _DATA_ONLY.items():
+        if getattr(args, name) not in (None, False):
+            raise ValueError(f"{flag} goes with --data (your own data), not with --dataset")
+    if args.label_column != "label":
+        raise ValueError("--label-column goes with --data (your own data), not with --dataset")
+
+
+def _train_own_data(args: argparse.Namespace) -> dict:
+    """``pyrodgm train MODEL --data PATH``: :class:`pyrodgm.SemiSupervisedClassifier` on the
+    file's rows, saved as ``OUT/model.pt`` (:func:`pyrodgm.owndata.save_model`) with
+    ``OUT/metrics.json``."""
+    import numpy as np
+
+    from .estimator import SemiSupervisedClassifier, model_param_names
+    from .owndata import MODEL_FILE, data_info, load_data, parse_image_size, save_model
+
+    if args.model not in OWN_DATA_MODELS:
+        raise ValueError(
+            f"{args.model} does not train on --data: it is supervised, or unsupervised (no semi-supervised classifier); "
+            f"with --data use one of {', '.join(OWN_DATA_MODELS)}"
+        )
+    for name, (flag, instead) in _NOT_WITH_DATA.items():
+        value = getattr(args, name, None)  # store_false options are None unless given
+        if value is not None and (value is not False or name in ("download", "binarize", "samples")):
+            raise ValueError(f"{flag} does not apply with --data: {instead}")
+    out = Path(args.out or f"runs/{args.model}")
+    path = out / MODEL_FILE
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: give a folder for the model")
+    if path.exists() and not args.overwrite:
+        raise ValueError(f"{path} exists already: --overwrite replaces it, or give another --out")
+    image_size = parse_image_size(args.image_size) if args.image_size else None
+    data = load_data(args.data, label_column=args.label_column, unlabelled=args.unlabelled, image_size=image_size)
+    if args.model in ("conv-mmcva", "gmvae") and data.image_shape is None:
+        raise ValueError(f"{args.model} has conv networks and takes images: give --data a folder of images or a .npz of "
+                         "images (n, H, W) or (n, C, H, W); the other models take table rows")
+    params = {name: getattr(args, name) for name in model_param_names(args.model) if getattr(args, name, None) is not None}
+    settings = {"epochs": "max_epochs", "batch_size": "batch_size", "lr": "lr", "seed": "random_state",
+                "device": "device", "likelihood": "likelihood"}
+    chosen = {key: getattr(args, name) for name, key in settings.items() if getattr(args, name, None) is not None}
+    chosen.setdefault("random_state", 0)
+    if (args.validation_fraction is not None or args.patience is not None) and not args.early_stopping:
+        raise ValueError("--validation-fraction and --patience go with --early-stopping")
+    classifier = SemiSupervisedClassifier(
+        args.model, model_params=params or None, early_stopping=args.early_stopping,
+        validation_fraction=args.validation_fraction or 0.1, n_iter_no_change=args.patience or 10,
+        classes=list(range(len(data.classes))) or None, verbose=not args.quiet, image_shape=data.image_shape, **chosen,
+    )
+    started = time.perf_counter()
+    classifier.fit(data.X, data.y)
+    seconds = time.perf_counter() - started
+    labelled = data.y != -1
+    training_error = float(np.mean(classifier.predict(data.X[labelled]) != data.y[labelled]))
+    info = data_info(data, image_size=image_size, label_column=args.label_column if data.feature_names is not None else None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(path, classifier, info)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": args.command_line,
+        "out": str(path),
+        "data": data.summary(),
+        "model": args.model,
+        "estimator": {key: (value if isinstance(value, (str, int, float, bool, type(None))) else repr(value))
+                      for key, value in classifier.get_params(deep=False).items()},
+        "likelihood": classifier.likelihood_,
+        "epochs": classifier.n_iter_,
+        "best_epoch": classifier.best_epoch_,
+        "fit_seconds": seconds,
+        "training_error": training_error,
+        "train_loss_per_example": classifier.loss_curve_,
+        "validation_accuracy": classifier.validation_scores_,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def _predict(args: argparse.Namespace) -> dict:
+    """``pyrodgm predict CHECKPOINT --data PATH --out FILE``."""
+    from .owndata import entropy, load_model, read_like_training, write_predictions
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the CSV file to write")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists already: --overwrite replaces it, or give another --out")
+    classifier, info = load_model(args.checkpoint, args.device)
+    data, _ = read_like_training(args.data, info, label_column=args.label_column)
+    probabilities = classifier.predict_proba(data.X)
+    write_predictions(out, data, probabilities, info["class_names"])
+    predicted = probabilities.argmax(1)
+    return {
+        "out": str(out),
+        "rows": int(len(data.X)),
+        "predicted": {name: int((predicted == i).sum()) for i, name in enumerate(info["class_names"])},
+        "mean_entropy": float(entropy(probabilities).mean()),
+    }
+
+
+def _evaluate_own_data(args: argparse.Namespace) -> dict:
+    """``pyrodgm evaluate CHECKPOINT --data PATH``: the classifier on the labelled rows."""
+    import numpy as np
+    from sklearn.metrics import log_loss
+
+    from .owndata import entropy, load_model, read_like_training
+
+    if args.iwae_k is not None or args.paper or args.limit is not None or args.root is not None:
+        raise ValueError("--iwae-k, --paper, --limit and --root evaluate a named data set's test set; with --data the "
+                         "report is the classifier's error on the file's labelled rows")
+    classifier, info = load_model(args.checkpoint, args.device)
+    data, y = read_like_training(args.data, info, label_column=args.label_column, require_labels=True)
+    labelled = y != -1
+    if not labelled.any():
+        raise ValueError(f"{args.data} has no labelled row to evaluate: every label is empty; `pyrodgm predict` predicts them")
+    probabilities = classifier.predict_proba(data.X[labelled])
+    truth, predicted = y[labelled], probabilities.argmax(1)
+    names = info["class_names"]
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": args.command_line,
+        "checkpoint": str(args.checkpoint),
+        "data": str(args.data),
+        "rows": int(len(data.X)),
+        "labelled_rows": int(labelled.sum()),
+        "error": float(np.mean(predicted != truth)),
+        "log_loss": float(log_loss(truth, probabilities, labels=list(range(len(names))))),
+        "mean_entropy": float(entropy(probabilities).mean()),
+        "error_by_class": {name: float(np.mean(predicted[truth == i] != i)) for i, name in enumerate(names) if (truth == i).any()},
+    }
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
+    return report
+
+
 def _evaluate(args: argparse.Namespace) -> dict:
     from .evaluation import active_units, classification_error, continuous_latent_sites, iwae_evaluate, iwae_seconds_estimate
     from .training import build_from_checkpoint, device_description, load_test_data
 
+    if args.data is not None:
+        return _evaluate_own_data(args)
+    if args.label_column is not None:
+        raise ValueError("--label-column goes with --data")
     config, recipe_, model, guide, state = build_from_checkpoint(args.checkpoint, args.device)
     test = load_test_data(config, args.device, root=args.root, limit=args.limit)
     x = test.flat()
@@ -376,7 +578,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(_unknown_options_message(args, unknown))
     args.command_line = "pyrodgm " + " ".join(sys.argv[1:] if argv is None else argv)
     tune_glibc_malloc()  # an application's choice: freed CPU tensor memory stays in the process
-    handler = {"train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute}[args.command]
+    handler = {
+        "train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute, "predict": _predict,
+    }[args.command]
     try:
         result = handler(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:  # the input's problem
@@ -392,6 +596,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     if args.command == "train" and "rank" in result:
         pass  # a data-parallel run's other processes: process 0 reports
+    elif args.command == "train" and "data" in result:
+        print(json.dumps({key: result[key] for key in ("out", "data", "epochs", "fit_seconds", "training_error")}, indent=2,
+                         ensure_ascii=False))
     elif args.command == "train":
         summary = {"out": result["config"]["out"], "best_validation": result["best_validation"], "test": result.get("test")}
         if "baseline" in result:

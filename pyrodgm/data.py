@@ -57,6 +57,7 @@ from pyrodgm.validation import (
 __all__ = [
     "DATASETS",
     "IMAGE_SHAPES",
+    "image_shape_of",
     "ImageData",
     "SemiSupervisedBatches",
     "SemiSupervisedSplit",
@@ -78,6 +79,21 @@ IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
     "fashion-mnist": (1, 28, 28),
     "svhn": (3, 32, 32),
 }
+
+def image_shape_of(config) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` a run's conv networks are built for: ``config.image_shape`` for
+    images of one's own (:class:`pyrodgm.SemiSupervisedClassifier`), else the named data
+    set's (:data:`IMAGE_SHAPES`)."""
+    shape = getattr(config, "image_shape", None)
+    if shape is not None:
+        return tuple(int(s) for s in shape)  # type: ignore[return-value]
+    if config.dataset not in IMAGE_SHAPES:
+        raise ValueError(
+            f"'{config.model}' builds conv networks for images, but {config.dataset!r} names no image data set: "
+            "give the images' shape (image_shape=(C, H, W))"
+        )
+    return IMAGE_SHAPES[config.dataset]
+
 
 #: Number of scikit-learn digits images used for training; the rest is test.
 DIGITS_NUM_TRAIN: int = 1500

@@ -2,15 +2,21 @@
 
 :class:`SemiSupervisedClassifier` follows :mod:`sklearn.semi_supervised`: ``fit(X, y)`` with
 ``-1`` in ``y`` for unlabelled rows, then ``predict``, ``predict_proba``, ``score`` and
-``transform`` (the guide's posterior mean of the latent ``z``); it works in a
-:class:`~sklearn.pipeline.Pipeline`, :class:`~sklearn.model_selection.GridSearchCV` and
-:func:`~sklearn.model_selection.cross_val_score`, and pickles.  Training is pyrodgm's own:
+``transform`` (the guide's posterior mean of the latent ``z``), and ``sample``
+(class-conditional generation); it works in a :class:`~sklearn.pipeline.Pipeline`,
+:class:`~sklearn.model_selection.GridSearchCV` and
+:func:`~sklearn.model_selection.cross_val_score`, pickles, and saves to pyrodgm's checkpoint
+format (:meth:`~SemiSupervisedClassifier.to_checkpoint`, what ``pyrodgm train MODEL --data``
+writes).  Training is pyrodgm's own:
 the recipe of :data:`pyrodgm.zoo.RECIPES` builds the pair and the loss, the batches are
 :class:`pyrodgm.data.SemiSupervisedBatches` (half labelled, half unlabelled rows), and each
 epoch is :mod:`pyrodgm.training`'s (:func:`~pyrodgm.training.training_step` with
 :class:`~pyrodgm.optim.FusedAdam`, the recipe's per-epoch schedule, the divergence check).
 
-Data are 2-D arrays of numeric features.  The likelihood is chosen in ``fit`` from the data
+Data are 2-D arrays of numeric features; images of any size and channel count are rows of
+their ``C*H*W`` pixels (channel-major), which the MLP models take as they are and the conv
+models (:data:`IMAGE_MODELS`) reshape with ``image_shape=(C, H, W)``
+(:mod:`pyrodgm.owndata` reads CSVs, ``.npz`` files and image folders into such rows).  The likelihood is chosen in ``fit`` from the data
 (``likelihood="auto"``): Bernoulli when every value is 0 or 1, Gaussian otherwise; the
 preprocessing is fitted in ``fit``, stored, and applied again in ``predict``: Gaussian
 features are standardised (mean 0, variance 1 per column, as
@@ -50,12 +56,13 @@ from .data import SemiSupervisedBatches
 from .evaluation import posterior_mean, predict_proba as guide_predict_proba
 from .modeling import parameter_dtype
 from .nets import NormalHead
+from .plots import mean_images
 from .optim import FusedAdam
 from .configs import config_fields
 from .training import Run, TrainConfig, TrainingDiverged, _run_epoch, learning_rate
 from .zoo import RECIPES, recipe
 
-__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "UNLABELLED", "model_param_names"]
+__all__ = ["SemiSupervisedClassifier", "TABULAR_MODELS", "IMAGE_MODELS", "UNLABELLED", "model_param_names"]
 
 #: The label of an unlabelled row (scikit-learn's semi-supervised convention).
 UNLABELLED = -1
@@ -63,6 +70,10 @@ UNLABELLED = -1
 #: The zoo's models with a label site that take rows of any number of features (the others
 #: need images of a named data set's shape, or are supervised or unsupervised).
 TABULAR_MODELS: tuple[str, ...] = ("m2", "adgm", "sdgm", "adgm-deterministic", "m1m2", "cagem")
+
+#: The zoo's conv models with a label site: they take images of any size and channel count,
+#: as rows of ``C*H*W`` pixels with ``image_shape=(C, H, W)``.
+IMAGE_MODELS: tuple[str, ...] = ("conv-mmcva", "gmvae")
 
 #: Models whose classifier ``q(y|x)`` and latent mean are exact functions of a row (no Monte
 #: Carlo sample before the label): their predictions of a row do not depend on the other
@@ -76,7 +87,7 @@ _ESTIMATOR_FIELDS = {
     "lr": "lr", "seed": "random_state", "device": "device", "likelihood": "likelihood", "binarize": "likelihood",
     "labels": "y", "validation": "validation_fraction", "dataset": "X", "root": "X", "download": "X",
     "out": "the estimator itself (nothing is written)", "samples": "the estimator itself (nothing is written)",
-    "cuda_graph": "device", "time_limit": "max_epochs", "track_test": "X",
+    "cuda_graph": "device", "time_limit": "max_epochs", "track_test": "X", "image_shape": "image_shape",
 }
 
 #: Rows predicted at once.
@@ -94,12 +105,16 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     """A deep generative semi-supervised classifier (Kingma et al.'s M2 by default) with
     scikit-learn's interface.
 
-    :param str model: a model of the zoo with a label site that takes feature rows, one of
-        :data:`TABULAR_MODELS` (``pyrodgm models`` describes them).  Default ``"m2"``: its
+    :param str model: a model of the zoo with a label site, one of :data:`TABULAR_MODELS`
+        (feature rows) or :data:`IMAGE_MODELS` (images, with ``image_shape``; ``pyrodgm
+        models`` describes them).  Default ``"m2"``: its
         classifier ``q(y|x)`` and latent mean are exact functions of a row (the label is
         summed out, not sampled), so predictions need no Monte Carlo and do not depend on
         the other rows of a batch, and it is the cheapest; ``"adgm"`` averages its
         classifier over samples of the auxiliary ``a`` (``eval_particles`` of them).
+    :param image_shape: ``(C, H, W)`` when the rows are images: required by the conv models
+        (``"conv-mmcva"``: any shape; ``"gmvae"``: its authors' 1x28x28, 3x32x32 or 1x8x8),
+        checked against the rows' width by the others.  ``None``: feature rows.
     :param dict model_params: the recipe's hyper-parameters (the fields of its
         :attr:`~pyrodgm.zoo.Recipe.config`: ``z_dim``, ``hidden``, ``a_dim``,
         ``activation``, ``alpha_factor``, ``label_mode``, ...; and ``num_particles``,
@@ -144,6 +159,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         model: str = "m2",
         *,
         model_params: Optional[dict] = None,
+        image_shape=None,
         likelihood: str = "auto",
         max_epochs: int = 100,
         batch_size: int = 200,
@@ -158,6 +174,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     ) -> None:
         self.model = model
         self.model_params = model_params
+        self.image_shape = image_shape
         self.likelihood = likelihood
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -195,6 +212,11 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         self._check_parameters()
         with _numeric_features():
             X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
+        if self.image_shape is not None and X.shape[1] != math.prod(self.image_shape):
+            raise ValueError(
+                f"X has {X.shape[1]} features per row, but image_shape={tuple(self.image_shape)} has "
+                f"{math.prod(self.image_shape)} pixels: give rows of C*H*W pixels, or the images' own shape"
+            )
         labelled = ~_unlabelled_mask(y)
         if not labelled.any():
             raise ValueError(
@@ -328,6 +350,129 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
                 sample_weight = None if sample_weight is None else np.asarray(sample_weight)[labelled]
         return super().score(X, y, sample_weight=sample_weight)
 
+    def sample(self, n_samples: int = 1, *, y=None, random_state=None) -> tuple[np.ndarray, np.ndarray]:
+        """Class-conditional generation: rows of the model's ``p(x|y,z)`` with ``z`` drawn
+        from its prior and the label ``y`` fixed, in the features' own units (a Gaussian
+        likelihood's standardisation undone).  Each row is the likelihood's mean, as
+        pyrodgm's sample grids show them: pixel probabilities for a Bernoulli likelihood,
+        the Gaussian's mean otherwise.
+
+        :param int n_samples: rows to generate.
+        :param y: the class of each row: one label of ``classes_`` for all of them, or
+            ``n_samples`` labels; ``None``: classes drawn uniformly (the models' ``p(y)``).
+        :param random_state: seeds ``z`` (and the drawn classes); ``None``: fresh noise.
+        :returns: ``(X, y)``, ``(n_samples, n_features_in_)`` and the rows' labels.
+        :raises ValueError: on a label the classifier never saw, or a bad ``n_samples``."""
+        check_is_fitted(self)
+        _check_integer(n_samples, "n_samples", 1)
+        rng = check_random_state(random_state)
+        if y is None:
+            labels = self.classes_[rng.randint(len(self.classes_), size=n_samples)]
+        else:
+            labels = np.asarray(y)
+            labels = np.repeat(labels, n_samples) if labels.ndim == 0 else labels
+            if labels.shape != (n_samples,):
+                raise ValueError(f"y must be one label or {n_samples} labels (n_samples), got shape {labels.shape}")
+            unseen = _unseen(labels, self.classes_)
+            if unseen:
+                raise ValueError(f"y holds labels the classifier never saw in fit: {unseen}; it knows {_shown(self.classes_)}")
+            labels = self.classes_[np.searchsorted(self.classes_, labels)]
+        codes = torch.as_tensor(np.searchsorted(self.classes_, labels), dtype=torch.int64)
+        device = _module_device(self.model_)
+        with _isolated(int(rng.randint(np.iinfo(np.int32).max)), device), torch.no_grad():
+            means = mean_images(self.model_, y=codes.to(device)).reshape(n_samples, -1)
+        X = means.cpu().double().numpy()
+        if self.scaler_ is not None:
+            X = self.scaler_.inverse_transform(X)
+        return X, labels
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def to_checkpoint(self) -> dict:
+        """The fitted estimator as tensors and plain values, a state for
+        :func:`pyrodgm.checkpoint.save_checkpoint` (it loads with ``torch.load(...,
+        weights_only=True)``): the config, the model's and guide's state dicts and the
+        fitted preprocessing (likelihood, scaler), classes and parameters;
+        :meth:`from_checkpoint` rebuilds the estimator from it."""
+        check_is_fitted(self)
+        scaler = None
+        if self.scaler_ is not None:
+            scaler = {name: torch.from_numpy(np.array(getattr(self.scaler_, name), dtype=np.float64))
+                      for name in ("mean_", "scale_", "var_")}
+            scaler["n_samples_seen_"] = int(self.scaler_.n_samples_seen_)
+        params = self.get_params(deep=False)
+        params["device"] = str(params["device"])
+        if params["classes"] is not None:
+            params["classes"] = np.asarray(params["classes"]).tolist()
+        if not (params["random_state"] is None or isinstance(params["random_state"], numbers.Integral)):
+            params["random_state"] = None  # a RandomState object: its draws were made in fit
+        history = [{"epoch": i + 1, "train_loss_per_example": float(loss)} for i, loss in enumerate(self.loss_curve_)]
+        for record, accuracy in zip(history, self.validation_scores_):
+            record["valid_error"] = 1.0 - float(accuracy)
+        return {
+            "config": self.config_.to_dict(),
+            "epoch": int(self.n_iter_),
+            "model": _cpu(self.model_.state_dict()),
+            "guide": _cpu(self.guide_.state_dict()),
+            "history": history,
+            "best": {"epoch": int(self.best_epoch_)},
+            "estimator": {
+                "params": params,
+                "classes": self.classes_.tolist(),
+                "classes_dtype": self.classes_.dtype.str if self.classes_.dtype.kind != "O" else "O",
+                "n_features_in": int(self.n_features_in_),
+                "feature_names_in": None if not hasattr(self, "feature_names_in_") else self.feature_names_in_.tolist(),
+                "likelihood": self.likelihood_,
+                "scale_floor": float(self.scale_floor_),
+                "scaler": scaler,
+                "predict_seed": int(self._predict_seed),
+                "validation_scores": [float(a) for a in self.validation_scores_],
+                "n_features_out": int(self._n_features_out),
+            },
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "SemiSupervisedClassifier":
+        """The estimator :meth:`to_checkpoint` saved (``state`` as
+        :func:`pyrodgm.checkpoint.load_checkpoint` returns it), ready to predict."""
+        import sklearn
+
+        from .training import TrainConfig
+
+        saved = state.get("estimator")
+        if not isinstance(saved, dict):
+            raise ValueError("the checkpoint holds no SemiSupervisedClassifier: it was not written by to_checkpoint "
+                             "(pyrodgm train MODEL --data PATH writes one)")
+        estimator = cls(**saved["params"])
+        scaler = None
+        if saved["scaler"] is not None:
+            scaler = StandardScaler()
+            for name in ("mean_", "scale_", "var_"):
+                setattr(scaler, name, saved["scaler"][name].numpy())
+            scaler.n_samples_seen_ = saved["scaler"]["n_samples_seen_"]
+            scaler.n_features_in_ = saved["n_features_in"]
+        fitted = {
+            "_sklearn_version": sklearn.__version__,
+            "classes_": np.asarray(saved["classes"], dtype=np.dtype(saved["classes_dtype"])),
+            "n_features_in_": saved["n_features_in"],
+            "likelihood_": saved["likelihood"],
+            "scale_floor_": saved["scale_floor"],
+            "scaler_": scaler,
+            "config_": TrainConfig.from_dict(state["config"]),
+            "model_": state["model"],
+            "guide_": state["guide"],
+            "_predict_seed": saved["predict_seed"],
+            "n_iter_": state["epoch"],
+            "best_epoch_": state["best"]["epoch"],
+            "loss_curve_": [record["train_loss_per_example"] for record in state["history"]],
+            "validation_scores_": list(saved["validation_scores"]),
+            "_n_features_out": saved["n_features_out"],
+        }
+        if saved["feature_names_in"] is not None:
+            fitted["feature_names_in_"] = np.asarray(saved["feature_names_in"], dtype=object)
+        estimator.__setstate__({**estimator.__dict__, **fitted})
+        return estimator
+
     # ------------------------------------------------------------------ scikit-learn plumbing
 
     def __sklearn_tags__(self):
@@ -363,10 +508,29 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
     # ------------------------------------------------------------------ helpers
 
     def _check_parameters(self) -> None:
-        if not isinstance(self.model, str) or self.model not in TABULAR_MODELS:
+        if not isinstance(self.model, str) or self.model not in TABULAR_MODELS + IMAGE_MODELS:
             known = isinstance(self.model, str) and self.model in RECIPES
-            other = f" ('{self.model}' needs images of a named data set, or has no label site)" if known else ""
-            raise ValueError(f"model must be one of {', '.join(TABULAR_MODELS)}, got {self.model!r}{other}")
+            other = f" ('{self.model}' is supervised, or unsupervised: it has no semi-supervised label site)" if known else ""
+            raise ValueError(f"model must be one of {', '.join(TABULAR_MODELS + IMAGE_MODELS)}, got {self.model!r}{other}")
+        if self.image_shape is not None:
+            shape = self.image_shape
+            if not (isinstance(shape, (tuple, list)) and len(shape) == 3
+                    and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape)):
+                raise ValueError(f"image_shape must be (C, H, W), three positive integers, got {shape!r}")
+            if self.model == "gmvae":
+                from pyrodgm.models.gmvae import CONV_GEOMETRY
+
+                if tuple(shape) not in CONV_GEOMETRY:
+                    shapes = ", ".join("x".join(map(str, s)) for s in CONV_GEOMETRY)
+                    raise ValueError(
+                        f"gmvae's conv features have the authors' geometries for images of {shapes} (CxHxW) only, got "
+                        f"{'x'.join(map(str, shape))}: resize the images to one of them, or use conv-mmcva (any size)"
+                    )
+        elif self.model in IMAGE_MODELS:
+            raise ValueError(
+                f"'{self.model}' has conv networks: give the images' shape, image_shape=(C, H, W), for rows of C*H*W "
+                "pixels (channel-major, as torchvision's ToTensor flattened); any size and channel count"
+            )
         if self.model_params is not None and not isinstance(self.model_params, dict):
             raise TypeError(f"model_params must be a dict of the recipe's hyper-parameters or None, got {type(self.model_params).__name__}")
         accepted = model_param_names(self.model)
@@ -420,7 +584,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
         return classes, codes
 
     def _choose_likelihood(self, X: np.ndarray) -> str:
-        if self.likelihood == "bernoulli":
+        if self.likelihood == "bernoulli" or (self.likelihood == "auto" and self.model == "conv-mmcva"):  # Bernoulli only
             if X.min() < 0 or X.max() > 1:
                 raise ValueError(
                     f"likelihood='bernoulli' needs features in [0, 1] (binary, or probabilities to binarise), found "
@@ -467,7 +631,7 @@ class SemiSupervisedClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin,
             model=self.model, dataset="arrays", labels=num_labelled, validation=num_validation, epochs=self.max_epochs,
             batch_size=labelled_per_batch + unlabelled_per_batch, labelled_per_batch=labelled_per_batch, lr=float(self.lr),
             seed=seed, device=str(device), likelihood=likelihood, binarize=likelihood == "bernoulli",
-            samples=False, out="",
+            samples=False, out="", image_shape=None if self.image_shape is None else tuple(int(s) for s in self.image_shape),
         )
         try:
             return TrainConfig.for_model(**settings)

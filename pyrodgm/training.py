@@ -88,10 +88,15 @@ class TrainConfig:
         False, "record the test set's metrics after every epoch (a curve; the checkpoint is still chosen on validation)"
     )
     params: Optional[ModelConfig] = option(None, "the model's own hyper-parameters", cli=False)
+    image_shape: Optional[tuple[int, int, int]] = option(
+        None, "(C, H, W) of images of one's own (the estimator, --data); None: the data set's", cli=False
+    )
 
     def __post_init__(self) -> None:
         self.params = _model_params(self.model, self.params)
         self.betas = tuple(self.betas)
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)
         for name in ("epochs", "batch_size", "num_particles", "eval_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -669,6 +674,11 @@ def _write_metrics(out: Path, run: Run, wall_seconds: float, final: bool = False
 def build_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, Recipe, torch.nn.Module, torch.nn.Module, dict]:
     """Rebuild the (model, guide) pair saved at ``path``, in eval mode on ``device``."""
     state = load_checkpoint(path)
+    if "estimator" in state:  # pyrodgm train MODEL --data: rows of the user's own, no named data set
+        raise ValueError(
+            f"{path} was trained on your own data (pyrodgm train MODEL --data): `pyrodgm evaluate {path} --data PATH` "
+            f"evaluates it and `pyrodgm predict {path} --data PATH --out FILE` predicts with it"
+        )
     config = TrainConfig.from_dict(state["config"], device=str(device))
     recipe_ = recipe(config.model)
     model, guide = recipe_.build(config, math.prod(IMAGE_SHAPES[config.dataset]), 10)

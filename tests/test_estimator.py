@@ -315,7 +315,7 @@ BAD_INPUTS = {
     "declared class without a labelled row": (ValueError, r"declared class\(es\) \[3\] have no labelled row"),
     "label outside the declared classes": (ValueError, r"not among the declared classes \[0, 1\]: \[2\]"),
     "continuous labels": (ValueError, "Unknown label type: continuous"),
-    "image-only model": (ValueError, "'gmvae' needs images"),
+    "image-only model": (ValueError, r"'gmvae' has conv networks: give the images' shape, image_shape=\(C, H, W\)"),
     "unknown model_params key": (ValueError, r"'hiden' is not a hyper-parameter of 'm2' \(unknown hyper-parameter\); 'm2' takes z_dim"),
     "another model's hyper-parameter": (ValueError, r"'a_dim' is not a hyper-parameter of 'm2' \(it is a hyper-parameter of adgm, sdgm"),
     "model_params key the estimator sets": (ValueError, "may not set 'epochs': the estimator sets it from max_epochs"),

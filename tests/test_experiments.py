@@ -159,6 +159,25 @@ def test_results_table_puts_the_baseline_of_the_same_split_beside_a_run():
     assert results_table._baseline_cell(supervised, baselines) == "n/a"
 
 
+def test_results_table_renders_the_estimator_benchmark_once_per_peer():
+    results_table = _import_experiment("results_table")
+
+    def result(suffix, models, pca):
+        methods = {name: {"test_error": {"0": 0.25}, "mean": 0.25, "sd": None, "fit_seconds": {"0": 1.0}}
+                   for name in [*results_table.BASELINE_METHODS, *(f"pyrodgm_{m}" for m in models)]}
+        settings = {"hidden": [8], "z_dim": 2, "a_dim": 2, "epochs": 1, "lr": 0.01, "eval_particles": 2, "batch_size": 200}
+        return (f"estimator_benchmark_digits{suffix}.json",
+                {"experiment": f"estimator_benchmark_digits{suffix}", "task": "digits", "methods": methods, "device": "cpu",
+                 "estimator_settings": settings, "sizes": {"0": {"pca_seconds": 0.1} if pca else {}}, "date": "d",
+                 "command": f"python estimator_benchmark.py{suffix}"})
+
+    rows = results_table.estimator_rows([result("", ["m2", "adgm"], True), result("_big", ["m2"], True)])[2:]
+    assert len(rows) == 3 + 2 + 1  # the peers once, then every estimator run
+    assert "| 50 PCA components, as baselines.py |" in rows[0] and "25.00%" in rows[0]
+    assert "pyrodgm.SemiSupervisedClassifier('adgm')" in rows[4] and "hidden 8, z 2, a 2, 2 classifier samples" in rows[4]
+    assert "likelihood auto" in rows[5] and "estimator_benchmark.py_big" in rows[5]
+
+
 def test_readme_results_table_is_generated_from_the_results_json():
     results_table = _import_experiment("results_table")
     readme = (EXPERIMENTS.parent / "README.md").read_text()

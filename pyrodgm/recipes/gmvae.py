@@ -42,7 +42,7 @@ from pyrodgm.guides.gmvae import GMVAEGuide
 from pyrodgm.models.gmvae import GMVAE, GMVAESpec
 
 from ..configs import ClustersConfig, GumbelConfig, ModelConfig, option
-from ..data import IMAGE_SHAPES
+from ..data import image_shape_of
 from ..losses import AssignmentLoss, LiftedStructuredLoss, Loss, SemiSupervisedELBO, WeightedSum, WithoutLabels
 
 __all__ = [
@@ -151,7 +151,7 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     """:class:`~pyrodgm.models.gmvae.GMVAE` and :class:`~pyrodgm.guides.gmvae.GMVAEGuide`
     for ``config.dataset``'s images.  The guide's temperature is the schedule's last (what
     a checkpoint is evaluated at; a training run's schedule sets every epoch's)."""
-    image_shape = IMAGE_SHAPES[config.dataset]
+    image_shape = image_shape_of(config)
     if math.prod(image_shape) != x_dim:
         raise ValueError(f"gmvae on {config.dataset} expects {math.prod(image_shape)} features per example, got {x_dim}")
     p = config.params

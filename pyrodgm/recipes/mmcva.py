@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..configs import ModelConfig, option
-from ..data import IMAGE_SHAPES
+from ..data import image_shape_of
 from ..losses import Loss, SemiSupervisedELBO
 from ..losses.margin import max_margin_objective
 
@@ -67,7 +67,7 @@ def build_conv_mmcva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, n
     from pyrodgm.guides.mmcva import ConvMMCVAGuide
     from pyrodgm.models.mmcva import ConvMMCVA, ConvMMCVASpec
 
-    image_shape = IMAGE_SHAPES[config.dataset]
+    image_shape = image_shape_of(config)
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmcva on {config.dataset} expects images {image_shape}, got {x_dim} features")
     if config.params.likelihood != "bernoulli":

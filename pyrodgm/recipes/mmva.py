@@ -22,7 +22,7 @@ from typing import Optional
 from torch import nn
 
 from ..configs import ActivationConfig, MLPConfig, config_fields, option
-from ..data import IMAGE_SHAPES
+from ..data import image_shape_of
 from ..losses import Loss, SemiSupervisedELBO
 from ..losses.margin import WithoutLabels, margin_error, max_margin_objective
 
@@ -92,7 +92,7 @@ def build_conv_mmva(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn
     from pyrodgm.models.mmva import ConvMMVA
     from pyrodgm.nets import ConvMMVASpec
 
-    image_shape = IMAGE_SHAPES[config.dataset]
+    image_shape = image_shape_of(config)
     if x_dim != image_shape[0] * image_shape[1] * image_shape[2]:
         raise ValueError(f"conv-mmva on {config.dataset} expects images {image_shape}, got {x_dim} features")
     p = config.params

@@ -104,6 +104,8 @@ def name(args) -> str:
         f"_{flag}" for flag, on in (("prior", args.weight_prior_std), ("clip", args.grad_clip_norm or args.grad_clip_value),
                                     ("fixed_a", args.fixed_auxiliary)) if on
     )
+    if args.alpha_factor is not None:
+        suffix += f"_alpha{args.alpha_factor:g}"
     return f"{args.model}_{args.mc}mc_100_labels{suffix}"
 
 

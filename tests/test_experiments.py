@@ -383,6 +383,7 @@ def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_togeth
     assert config.params.alpha_factor == 2.0 and plain.params.alpha_factor == 0.1
     assert adgm.config_for(adgm.parse_args(["--authors-code", "--alpha-factor", "0.5"])).params.alpha_factor == 0.5
     assert adgm.name(together) == "adgm_1mc_100_labels_authors_code"
+    assert adgm.name(adgm.parse_args(["--authors-code", "--alpha-factor", "0.1"])) == "adgm_1mc_100_labels_authors_code_alpha0.1"
     one = adgm.parse_args(["--grad-clip-norm", "5", "--validation", "100"])
     config = adgm.config_for(one)
     assert (config.grad_clip_norm, config.weight_prior_std, config.params.fixed_auxiliary, config.validation) == (5.0, None, False, 100)

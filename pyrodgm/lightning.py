@@ -40,12 +40,12 @@ import pyro
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .checkpoint import copy_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .distributed import GradientAllReduce, ShardedBatches, process_seed
 from .training import (
-    Run, TrainConfig, TrainingDiverged, _check_finite, _check_run_folder, _checkpoint_state, _cuda_devices,
-    _format_record, _is_better, _prepare, _remove_run_files, _restore, _resumable_state, _save_learning_curve,
-    _save_samples, _write_metrics, learning_rate, train, training_step, validation_metrics,
+    Run, TrainConfig, TrainingDiverged, _check_finite, _check_run_folder, _format_record, _prepare, _remove_run_files,
+    _restore, _resumable_state, _save_learning_curve, _write_metrics, end_epoch, epoch_validation, learning_rate, train,
+    training_step,
 )
 
 __all__ = ["LightningOptions", "DGMModule", "train_lightning", "PRECISIONS", "STRATEGIES", "lightning_available",
@@ -221,8 +221,7 @@ class DGMModule(_base_module() if lightning_available() else torch.nn.Module):
         total = self._sum_over_processes(self._epoch_total)
         train_loss = total / max(self._epoch_steps, 1) / (config.batch_size * world)
         zero = self.trainer.is_global_zero
-        site = run.recipe.classifier_site(config)
-        metrics = validation_metrics(run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics) if zero and run.validation is not None else {}
+        metrics = epoch_validation(run) if zero else {}
         run.epoch += 1
         rngs = self._gather(rng_state())
         if zero:
@@ -233,20 +232,8 @@ class DGMModule(_base_module() if lightning_available() else torch.nn.Module):
 
     def _end_of_epoch(self, train_loss: float, metrics: dict, rngs: list) -> None:
         """Process 0: the epoch's record, checkpoint, best checkpoint, samples, logs, metrics."""
-        run, config, out = self.run, self.run.config, Path(self.run.config.out)
-        record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
-        record["epoch_seconds"] = time.perf_counter() - self._epoch_start
-        record["train_seconds"] = sum(r["epoch_seconds"] for r in run.history) + record["epoch_seconds"]
-        run.history.append(record)
-        if _is_better(metrics, run.best):
-            run.best = {"epoch": run.epoch, **metrics}
-        state = {**_checkpoint_state(run), "rng_ranks": rngs}
-        save_checkpoint(out / "checkpoint.pt", state, keep_previous=True)
-        if run.best["epoch"] == run.epoch:
-            copy_checkpoint(out / "checkpoint.pt", out / "best.pt")
-        if config.samples:
-            with torch.random.fork_rng(devices=_cuda_devices(run.device)):
-                _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")
+        run, out = self.run, Path(self.run.config.out)
+        record = end_epoch(run, out, train_loss, metrics, self._epoch_start, extra_state={"rng_ranks": rngs})
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
         for logger in self.loggers:
             logger.log_metrics(numbers, step=run.epoch)

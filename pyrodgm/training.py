@@ -511,7 +511,7 @@ def add_baseline(metrics: dict) -> dict:
     (:func:`pyrodgm.baselines.run_baseline`); unchanged for a run without a label site."""
     config = TrainConfig.from_dict(metrics["config"])
     recipe_ = recipe(config.model)
-    if not config.labels or recipe_.label_site is None or recipe_.supervised:
+    if recipe_.classifier_site(config) is None or recipe_.supervised:
         return metrics
     from .baselines import run_baseline
 
@@ -560,7 +560,7 @@ def _resumable_state(path: Path, config: TrainConfig) -> dict:
 
 def _train_epochs(run: Run, out: Path, progress: bool) -> dict:
     """The epochs left of ``run.config``'s schedule, each checkpointed in ``out``."""
-    config, checkpoint = run.config, out / "checkpoint.pt"
+    config = run.config
     started = time.perf_counter()
     longest_epoch, stopped_early = 0.0, False
     while run.epoch < config.epochs:
@@ -569,26 +569,9 @@ def _train_epochs(run: Run, out: Path, progress: bool) -> dict:
             stopped_early = True  # the next epoch would end after the limit
             break
         train_loss = _run_epoch(run, progress)
-        site = run.recipe.classifier_site(config)
-        metrics = {} if run.validation is None else validation_metrics(
-            run.model, run.guide, site, config.eval_particles, run.validation, run.recipe.metrics
-        )
+        metrics = epoch_validation(run)
         run.epoch += 1
-        record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
-        record["epoch_seconds"] = time.perf_counter() - epoch_start
-        record["train_seconds"] = sum(r["epoch_seconds"] for r in run.history) + record["epoch_seconds"]
-        if run.test is not None:
-            record.update(_test_curve_point(run, site))
-        run.history.append(record)
-        if _is_better(metrics, run.best):
-            run.best = {"epoch": run.epoch, **metrics}
-        state = _checkpoint_state(run)
-        save_checkpoint(checkpoint, state, keep_previous=True)
-        if run.best["epoch"] == run.epoch:
-            copy_checkpoint(checkpoint, out / "best.pt")
-        if config.samples:
-            with torch.random.fork_rng(devices=_cuda_devices(run.device)):  # resume stays exact
-                _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")
+        record = end_epoch(run, out, train_loss, metrics, epoch_start)
         if progress:
             tqdm.write(_format_record(record))
         _write_metrics(out, run, wall_seconds=time.perf_counter() - started)
@@ -596,6 +579,37 @@ def _train_epochs(run: Run, out: Path, progress: bool) -> dict:
     metrics = _write_metrics(out, run, wall_seconds=time.perf_counter() - started, final=True, stopped_early=stopped_early)
     _save_learning_curve(run, out / LEARNING_CURVE)
     return metrics
+
+
+def epoch_validation(run: Run) -> dict:
+    """The validation metrics after an epoch (none for a run without a validation set)."""
+    if run.validation is None:
+        return {}
+    site = run.recipe.classifier_site(run.config)
+    return validation_metrics(run.model, run.guide, site, run.config.eval_particles, run.validation, run.recipe.metrics)
+
+
+def end_epoch(run: Run, out: Path, train_loss: float, metrics: dict, epoch_start: float, extra_state: Optional[dict] = None) -> dict:
+    """What follows epoch ``run.epoch`` (already counted) in either training loop: its
+    record (with the test curve's point under ``track_test``) in the history, the best
+    epoch, the checkpoint (with ``extra_state``), ``best.pt`` and the sample grid; returns
+    the record."""
+    record = {"epoch": run.epoch, "train_loss_per_example": train_loss, **{f"valid_{k}": v for k, v in metrics.items()}}
+    record["epoch_seconds"] = time.perf_counter() - epoch_start
+    record["train_seconds"] = sum(r["epoch_seconds"] for r in run.history) + record["epoch_seconds"]
+    if run.test is not None:
+        record.update(_test_curve_point(run, run.recipe.classifier_site(run.config)))
+    run.history.append(record)
+    if _is_better(metrics, run.best):
+        run.best = {"epoch": run.epoch, **metrics}
+    checkpoint = out / "checkpoint.pt"
+    save_checkpoint(checkpoint, {**_checkpoint_state(run), **(extra_state or {})}, keep_previous=True)
+    if run.best["epoch"] == run.epoch:
+        copy_checkpoint(checkpoint, out / "best.pt")
+    if run.config.samples:
+        with torch.random.fork_rng(devices=_cuda_devices(run.device)):  # resume stays exact
+            _save_samples(run, out / "samples" / f"epoch_{run.epoch:04d}.png")
+    return record
 
 
 def _test_curve_point(run: Run, site: Optional[str]) -> dict:

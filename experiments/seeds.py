@@ -32,6 +32,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--results", default=str(RESULTS), help="folder for the results JSON")
     p.add_argument("--resume", action="store_true", help="continue each seed's run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the runs already there")
+    p.add_argument("--suffix", default="", help="appended to the results file's name (e.g. _authors_code), so that variants of one model keep their own files")
     p.add_argument("train", nargs=argparse.REMAINDER, help="-- MODEL [pyrodgm train options]")
     args = p.parse_args(argv)
     command = args.train[1:] if args.train[:1] == ["--"] else args.train
@@ -46,6 +47,15 @@ def seed_config(command: list[str], seed: int, out: Path):
     return _train_config(args)
 
 
+def refuse_other_command(path: Path, train_command: str) -> None:
+    """Stop before training when ``path`` holds the result of another command: a variant of
+    a model needs its own ``--suffix`` rather than silently replacing the other's numbers."""
+    if path.exists():
+        recorded = json.loads(path.read_text()).get("train_command")
+        if recorded != train_command:
+            raise SystemExit(f"{path} holds the result of another command ({recorded!r}); give this one a --suffix")
+
+
 def _summary(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
 
@@ -56,6 +66,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     configs = [seed_config(command, seed, Path(args.out)) for seed in args.seeds]
+    first = configs[0]
+    path = Path(args.results) / f"seeds_{first.model}_{first.labels}_labels{args.suffix}_{first.dataset}.json"
+    refuse_other_command(path, "pyrodgm train " + shlex.join(command))
     per_seed = {}
     for seed, config in zip(args.seeds, configs):
         metrics = train(config, resume=args.resume, progress=False, overwrite=args.overwrite, baseline=True)
@@ -63,9 +76,8 @@ def main(argv=None) -> dict:
             "test_error": metrics["test"]["error"], "epoch": metrics["test"]["epoch"],
             "baseline_test_error": metrics["baseline"]["test_error"], "train_seconds": metrics["train_seconds_total"],
         }
-    first = configs[0]
     result = {
-        "experiment": f"seeds_{first.model}_{first.labels}_labels",
+        "experiment": f"seeds_{first.model}_{first.labels}_labels{args.suffix}",
         "date": datetime.date.today().isoformat(),
         "device": device_description(torch.device(first.device)),
         "dataset": first.dataset,
@@ -79,7 +91,6 @@ def main(argv=None) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "command": command_line(),
     }
-    path = Path(args.results) / f"{result['experiment']}_{first.dataset}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("experiment", "test_error", "baseline_test_error")}, indent=2))

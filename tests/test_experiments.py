@@ -437,6 +437,13 @@ def test_seeds_script_repeats_a_train_command_with_the_baseline_of_each_seed(tmp
     table = _import_experiment("results_table")
     (row,) = table.seed_rows(table._load(tmp_path))[2:]
     assert row.startswith("| `pyrodgm train m2 --dataset digits") and f"0: {table._percent(errors[0])}" in row
+    other = ["--seeds", "0", "--out", str(tmp_path / "other"), "--results", str(tmp_path),
+             "--", "m2", "--dataset", "digits", "--labels", "100", "--epochs", "1", "--hidden", "8", "--z-dim", "4"]
+    with pytest.raises(SystemExit, match="another command"):
+        seeds.main(other)
+    seeds.main(["--suffix", "_narrow", *other])
+    assert json.loads((tmp_path / "seeds_m2_100_labels_digits.json").read_text())["train_command"] == result["train_command"]
+    assert json.loads((tmp_path / "seeds_m2_100_labels_narrow_digits.json").read_text())["experiment"] == "seeds_m2_100_labels_narrow"
 
 
 @pytest.mark.slow

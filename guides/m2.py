@@ -19,7 +19,7 @@ import torch
 
 from pyrodgm.labels import RelaxableLabel
 from pyrodgm.modeling import PlatedGuide, one_hot
-from pyrodgm.nets import CategoricalHead, MLPSpec
+from pyrodgm.nets import CategoricalHead, MLPSpec, init_weights_
 
 
 class M2Guide(RelaxableLabel, PlatedGuide):
@@ -38,6 +38,7 @@ class M2Guide(RelaxableLabel, PlatedGuide):
         self.classifier_head = CategoricalHead(self.classifier.out_features, spec.num_classes)
         self.encoder = spec.mlp(spec.x_dim + spec.num_classes)
         self.encoder_head = spec.normal_head(self.encoder.out_features, spec.z_dim)
+        init_weights_(self, spec.init)
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, names: tuple[str, str] = ("y", "z")) -> torch.Tensor:
         """The sites ``y, z`` under the given names; ``y`` is sampled (enumerated) only when

@@ -26,7 +26,7 @@ import torch
 from pyrodgm.distributions import StandardNormal
 from pyrodgm.labels import LabelPrior
 from pyrodgm.modeling import PlatedModel, one_hot
-from pyrodgm.nets import MLPSpec, likelihood_head
+from pyrodgm.nets import MLPSpec, init_weights_, likelihood_head
 
 
 class M2(PlatedModel):
@@ -47,6 +47,7 @@ class M2(PlatedModel):
         self.likelihood = likelihood_head(likelihood, self.decoder.out_features, spec.x_dim)
         self.register_buffer("y_logits", torch.zeros(spec.num_classes))
         self.register_buffer("z_loc", torch.zeros(spec.z_dim))
+        init_weights_(self, spec.init)
 
     def generate(
         self,

@@ -47,8 +47,10 @@ __all__ = [
     "conv_layers_fit",
     "GaussianHead",
     "GaussianMLP",
+    "INITS",
     "MLP",
     "NormalHead",
+    "SMALL_NORMAL_STD",
     "activation",
     "batch_shape",
     "broadcast_cat",
@@ -67,7 +69,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
 }
 
-_INITS = ("default", "xavier")
+#: Initialisations accepted by :func:`init_weights_`.
+INITS: tuple[str, ...] = ("default", "xavier", "small-normal")
+
+#: Standard deviation of the ``"small-normal"`` initial weights (Kingma et al.'s code).
+SMALL_NORMAL_STD = 1e-3
 
 
 def activation(name: str) -> nn.Module:
@@ -97,18 +103,23 @@ def init_weights_(module: nn.Module, init: str = "default") -> nn.Module:
     :param torch.nn.Module module: the module whose sub-layers to initialise.
     :param str init: ``"default"`` keeps PyTorch's initialisation;
         ``"xavier"`` uses Glorot/Xavier-uniform weights and zero biases
-        (as in the ADGM paper).
+        (as in the ADGM paper); ``"small-normal"`` draws the weights from
+        N(0, :data:`SMALL_NORMAL_STD` ²) with zero biases (as in Kingma et al.'s code).
     :returns: ``module``.
     :raises ValueError: if ``init`` is unknown.
     """
-    if init not in _INITS:
-        raise ValueError(f"Unknown init {init!r}; expected one of {list(_INITS)}")
-    if init == "xavier":
-        for layer in module.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+    if init not in INITS:
+        raise ValueError(f"Unknown init {init!r}; expected one of {list(INITS)}")
+    if init == "default":
+        return module
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            if init == "xavier":
                 nn.init.xavier_uniform_(layer.weight)
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+            else:
+                nn.init.normal_(layer.weight, 0.0, SMALL_NORMAL_STD)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
     return module
 
 
@@ -810,7 +821,7 @@ class MLPSpec:
     :param hidden: hidden widths of the MLPs.
     :param str activation: hidden activation (:data:`ACTIVATIONS`).
     :param bool batch_norm: batch normalisation in the hidden layers.
-    :param str init: ``"default"`` (PyTorch's) or ``"xavier"`` (:func:`init_weights_`).
+    :param str init: one of :data:`INITS` (:func:`init_weights_`).
     :param str scale: Gaussian scale parameterisation, ``"softplus"`` or ``"exp"``.
     :param float min_scale: floor of the Gaussian scales (0: none).
     """

@@ -6,7 +6,7 @@ A :class:`Recipe` builds the (model, guide) pair and the loss for a data set and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from torch import nn
@@ -15,7 +15,7 @@ from pyrodgm.guides import M1M2Guide, M2Guide, VAEGuide
 from pyrodgm.guides.adgm import ADGMGuide
 from pyrodgm.models import M1M2, M2, VAE
 from pyrodgm.models.adgm import ADGM, SDGM
-from pyrodgm.nets import AuxiliarySpec, MLPSpec
+from pyrodgm.nets import INITS, AuxiliarySpec, MLPSpec
 from .configs import ActivationConfig, ClassifierConfig, GumbelConfig, MLPConfig, ModelConfig, config_fields, option
 from .recipes.mmva import (  # MMVA, Conv-MMVA and VA+Pegasos
     CONV_MMVA_DEFAULTS, CONV_VA_PEGASOS_DEFAULTS, MMVA_DEFAULTS, VA_PEGASOS_DEFAULTS, ConvMMVAConfig, MMVAConfig,
@@ -129,6 +129,10 @@ class Recipe:
 class M2Config(GumbelConfig, ClassifierConfig):
     """M2 (Kingma et al. 2014): z 50, one layer of 500 softplus units, alpha 0.1 N."""
 
+    init: str = option(
+        "default", "initial weights: PyTorch's, Glorot's, or N(0, 0.001^2) as in Kingma et al.'s code", choices=INITS
+    )
+
 
 @dataclass
 class M1M2Config(ClassifierConfig):
@@ -169,7 +173,8 @@ def build_m1(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module
 
 
 def build_m2(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    p, spec = config.params, _mlp_spec(config, x_dim, num_classes)
+    p = config.params
+    spec = replace(_mlp_spec(config, x_dim, num_classes), init=p.init)
     guide = M2Guide(spec, label_mode=p.label_mode, temperature=p.temperature)  # first: the initialisation's order
     return M2(spec, likelihood=p.likelihood), guide
 

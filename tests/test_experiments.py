@@ -390,6 +390,7 @@ def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_togeth
     assert adgm.name(one) == "adgm_1mc_100_labels_clip"
     m2 = adgm.config_for(adgm.parse_args(["--model", "m2", "--authors-code"]))
     assert not hasattr(m2.params, "fixed_auxiliary") and m2.weight_prior_std == 1.0  # M2 has no q(a|x)
+    assert m2.params.init == "xavier"  # Glorot, like the ADGM (the paper's "Implementation details")
 
 
 def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, tmp_path):

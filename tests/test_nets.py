@@ -130,6 +130,35 @@ def test_mlp_xavier_init():
         MLP(3, [4], init="he")
 
 
+def test_small_normal_init_draws_every_weight_of_m2_and_its_guide_from_kingmas_normal():
+    from pyrodgm.guides import M2Guide
+    from pyrodgm.models import M2
+    from pyrodgm.nets import SMALL_NORMAL_STD, MLPSpec
+
+    torch.manual_seed(0)
+    spec = MLPSpec(x_dim=300, num_classes=10, z_dim=20, hidden=(400,), init="small-normal")
+    layers = [m for net in (M2(spec), M2Guide(spec)) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 7  # decoder, likelihood head; classifier, its head, encoder, loc and scale heads
+    weights = torch.cat([layer.weight.reshape(-1) for layer in layers])
+    assert weights.std().item() == pytest.approx(SMALL_NORMAL_STD, rel=0.01)
+    assert weights.mean().abs().item() < 1e-5
+    assert all(torch.count_nonzero(layer.bias) == 0 for layer in layers)
+
+
+def test_default_init_leaves_pytorchs_weights_and_the_random_stream_alone():
+    from pyrodgm.nets import init_weights_
+
+    torch.manual_seed(3)
+    net = MLP(10, [20], 5)
+    before = [p.clone() for p in net.parameters()]
+    state = torch.random.get_rng_state()
+    init_weights_(net, "default")
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert torch.equal(state, torch.random.get_rng_state())
+    with pytest.raises(ValueError, match="Unknown init 'he'"):
+        init_weights_(net, "he")
+
+
 def test_mlp_float32_default_and_gradients():
     net = MLP(5, [6, 6], 3, batch_norm=True, dropout=0.1)
     out = net(torch.randn(2, 4, 5))

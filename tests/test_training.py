@@ -501,6 +501,14 @@ def test_for_model_routes_keywords_and_refuses_another_models():
         TrainConfig(model="sdgm", params=TrainConfig.for_model("adgm").params)
 
 
+def test_the_m2_recipe_builds_its_networks_with_the_configured_initialisation():
+    config = TrainConfig.for_model("m2", init="small-normal", hidden=(300,), z_dim=4)
+    model, guide = recipe("m2").build(config, 200, 10)
+    assert model.spec.init == guide.spec.init == "small-normal"
+    assert guide.classifier_head.logits_layer.weight.std().item() == pytest.approx(1e-3, rel=0.1)
+    assert TrainConfig.from_dict(dataclasses.asdict(config)).params.init == "small-normal"
+
+
 def test_recipe_schedule_and_metrics_hooks(tmp_path, monkeypatch):
     """A recipe's schedule runs before every epoch with the 0-based epoch (also after a
     resume), and its metrics join the validation record and the test metrics."""

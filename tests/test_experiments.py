@@ -159,6 +159,28 @@ def test_results_table_puts_the_baseline_of_the_same_split_beside_a_run():
     assert results_table._baseline_cell(supervised, baselines) == "n/a"
 
 
+def test_results_table_notes_why_each_run_above_the_baseline_stays_there():
+    table = _import_experiment("results_table")
+    history = [{"epoch": e, "test_error": err} for e, err in [(1, 0.3), (2, 0.25), (3, 0.2), (4, 0.22), (5, 0.18), (6, 0.19), (7, 0.17)]]
+
+    def run(name, error, spreading, history=None):
+        return (name, {"experiment": name, "dataset": "mnist", "seed": 0, "epochs_completed": 7, "train_seconds": 600.0,
+                       "test": {"error": error, "epoch": 7}, "paper": {"test_error": 0.02}, "history": history,
+                       "baseline": {"test_error": spreading, "pixels": "binarised"}})
+
+    notes = table.above_baseline_notes([run("adgm_1mc_100_labels_x", 0.17, 0.1, history), run("m2_100_labels", 0.05, 0.1),
+                                        run("sdgm_1mc_100_labels", 0.3, 0.1)])
+    assert len(notes) == 4 and notes[0].startswith("Runs above LabelSpreading")
+    adgm, sdgm = notes[2:]
+    assert adgm.startswith("- adgm_1mc_100_labels_x (mnist, seed 0): 17.00% against LabelSpreading's 10.00% after 7 epochs (10 CPU-minutes)")
+    assert "test error 30.00% at epoch 1, 17.00% at epoch 7 (its lowest); it fell over the last 5 epochs (25.00% at epoch 2)" in adgm
+    assert adgm.endswith("the paper's test error 2.00% comes after its full schedule.")  # the authors' curve starts at epoch 20
+    late = run("adgm_1mc_100_labels_x", 0.17, 0.1, history)[1] | {"test": {"error": 0.17, "epoch": 20}}
+    assert table.above_baseline_notes([("x", late)])[2].endswith("the authors' code was at 17.00% (epoch 20).")
+    assert "no per-epoch record" in sdgm and "the paper's test error 2.00% comes after its full schedule" in sdgm
+    assert table.above_baseline_notes([run("m2_100_labels", 0.05, 0.1)]) == []
+
+
 def test_results_table_renders_the_estimator_benchmark_once_per_peer():
     results_table = _import_experiment("results_table")
 

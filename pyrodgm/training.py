@@ -68,6 +68,7 @@ class TrainConfig:
     betas: tuple[float, float] = option((0.9, 0.999), "Adam's betas", cli=False)
     lr_decay: float = option(1.0, "learning-rate factor every --lr-decay-every epochs")
     lr_decay_every: int = option(0, "epochs between learning-rate decays (0: none)")
+    lr_decay_start: int = option(0, "epochs before the decays start (Conv-MMCVA: 1499)", metavar="E")
     seed: int = option(0, "seed of the split, the initialisation and the noise")
     num_particles: int = option(1, "Monte Carlo samples per step (vectorised)")
     eval_particles: int = option(10, "samples the classifier is averaged over when evaluating")
@@ -284,10 +285,12 @@ def optimiser(config: TrainConfig, num_data: int, labelled_per_batch: int) -> Fu
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """``lr * lr_decay ** (epoch // lr_decay_every)`` (ADGM: x0.75 every 200 epochs)."""
+    """``lr * lr_decay ** (max(0, epoch - lr_decay_start) // lr_decay_every)`` for the
+    0-based ``epoch`` (ADGM: x0.75 every 200 epochs; the Conv-MMCVA authors' code: x0.995
+    after every epoch from the 1500th of 3000 on, ``lr_decay_start`` 1499)."""
     if config.lr_decay_every <= 0:
         return config.lr
-    return config.lr * config.lr_decay ** (epoch // config.lr_decay_every)
+    return config.lr * config.lr_decay ** (max(0, epoch - config.lr_decay_start) // config.lr_decay_every)
 
 
 @dataclass

@@ -415,6 +415,21 @@ def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_togeth
     assert m2.params.init == "xavier"  # Glorot, like the ADGM (the paper's "Implementation details")
 
 
+def test_conv_mmcva_experiment_takes_the_authors_code_options():
+    conv = _import_experiment("conv_mmcva_mnist")
+    plain = conv.config_for(conv.parse_args(["--epochs", "4"]))
+    assert (plain.params.straight_through, plain.validation, plain.lr_decay_every) == (0.0, None, 0)
+    together = conv.parse_args(["--authors-code"])
+    config = conv.config_for(together)
+    assert (config.batch_size, config.labelled_per_batch, config.lr, config.validation) == (600, 100, 3e-4, 0)
+    assert config.params.straight_through == 3e-4 and (config.params.alpha_u, config.params.alpha_b) == (0.3, 1e-3)
+    assert (config.lr_decay_every, config.lr_decay_start) == (1, 1499) and config.lr_decay == pytest.approx(0.995)
+    assert conv.name(together) == "conv_mmcva_100_labels_authors_code" != conv.name(conv.parse_args([]))
+    short = conv.config_for(conv.parse_args(["--authors-code", "--epochs", "100", "--straight-through", "0", "--validation", "50"]))
+    assert (short.lr_decay_start, short.params.straight_through, short.validation) == (49, 0.0, 50)  # the flags win
+    assert short.lr_decay ** 50 == pytest.approx(0.995 ** 1500)  # the same final factor over the second half
+
+
 def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, tmp_path):
     """``pyrodgm.baselines.run_baseline`` (what ``pyrodgm train`` prints) computes the
     LabelSpreading row of ``experiments/baselines.py`` on the same split and pixels."""

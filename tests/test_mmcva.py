@@ -219,3 +219,105 @@ def test_trains_one_step_on_digits_and_error_is_the_classifiers_argmax():
     scores_argmax = guide.classifier(x).argmax(-1)
     assert torch.equal(predict_proba(guide, x).argmax(-1), scores_argmax)
     assert classification_error(guide, x, data.y[:60]) == pytest.approx(margin_error(guide, x, data.y[:60]))
+
+
+# --------------------------------------------------------------------------------------
+# the authors' straight-through gradient from the bound into the classifier
+# --------------------------------------------------------------------------------------
+def _grads(module):
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def _loss_and_grads(loss, model, guide, x, y, seed=5):
+    pyro.set_rng_seed(seed)
+    for p in [*model.parameters(), *guide.parameters()]:
+        p.grad = None
+    value = loss.differentiable_loss(model, guide, x, y=y)
+    value.backward()
+    return value.detach(), _grads(guide.classifier), _grads(guide.encoder) + _grads(model)
+
+
+def _hand_straight_through(model, guide, x, y, scale, seed=5):
+    """``scale * d/dtheta sum_nk g_nk softmax(F(x_n))_k`` with ``g = dL_G/dy`` at the one-hot
+    labels (given, else the argmax), by autograd on the bound written out: the authors'
+    ``grad_one_hot_y`` and ``cla_loss_gen``.  The noise of z is read from the guide's runs
+    in the loss's order (labelled rows, then unlabelled)."""
+    labelled = y >= 0
+    pyro.set_rng_seed(seed)
+    z_l = poutine.trace(guide).get_trace(x[labelled], y[labelled]).nodes["z"]["value"]
+    z_u = poutine.trace(guide).get_trace(x[~labelled]).nodes["z"]["value"]
+    scores = guide.classifier(x)
+    y_one_hot = torch.where(labelled[:, None], F.one_hot(y.clamp(min=0), K), F.one_hot(scores.argmax(-1), K))
+    y_leaf = y_one_hot.to(x.dtype).requires_grad_()
+    z = torch.empty(x.shape[0], Z, dtype=x.dtype)
+    z[labelled], z[~labelled] = z_l, z_u
+    loc, sd = guide.encoder(x, y_one_hot.to(x.dtype))
+    eps = ((z - loc) / sd).detach()
+    loc, sd = guide.encoder(x, y_leaf)
+    z_of_y = loc + sd * eps  # the reparameterised z depends on y too
+    bound = _hand_elbo_at(model, guide, x, y_leaf, z_of_y, loc, sd).sum()
+    (g,) = torch.autograd.grad(-bound, y_leaf)
+    surrogate = (g.detach() * scores.softmax(-1)).sum()
+    return [scale * d for d in torch.autograd.grad(surrogate, list(guide.classifier.parameters()), allow_unused=True, materialize_grads=True)]
+
+
+def _hand_elbo_at(model, guide, x, y_one_hot, z, loc, scale):
+    logits = model.decoder(z, y_one_hot)
+    return bernoulli_log_prob(x, logits) + math.log(1 / K) + normal_log_prob(z, torch.zeros(Z), torch.ones(Z)) - normal_log_prob(z, loc, scale)
+
+
+def test_straight_through_adds_scale_times_the_bounds_gradient_through_the_softmax():
+    from pyrodgm.losses import StraightThroughELBO
+
+    model, guide = make_pair()
+    model.eval(), guide.eval()  # no dropout, fixed batch-norm: every run of the nets is the same function
+    x, y = binary(8), torch.tensor([0, 1, 2, 3, -1, -1, -1, -1])
+    elbo = SemiSupervisedELBO(analytic_kl=False, max_plate_nesting=1)
+    value_0, classifier_0, others_0 = _loss_and_grads(StraightThroughELBO(elbo, 0.0), model, guide, x, y)
+    assert all(not g.any() for g in classifier_0)  # scale 0: no gradient into the classifier, as before
+    scale = 0.25
+    value_s, classifier_s, others_s = _loss_and_grads(StraightThroughELBO(elbo, scale), model, guide, x, y)
+    assert torch.equal(value_s, value_0)  # the same number: only the classifier's gradient changes
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(others_s, others_0))
+    hand = _hand_straight_through(model, guide, x, y, scale)
+    assert any(h.abs().sum() > 0 for h in hand)
+    for got, want in zip(classifier_s, hand):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-12)
+
+
+def test_straight_through_reaches_the_classifier_from_labelled_rows_too():
+    from pyrodgm.losses import StraightThroughELBO
+
+    model, guide = make_pair()
+    model.eval(), guide.eval()
+    x, y = binary(4), torch.tensor([0, 1, 2, 3])
+    elbo = SemiSupervisedELBO(analytic_kl=False, max_plate_nesting=1)
+    _, classifier, _ = _loss_and_grads(StraightThroughELBO(elbo, 0.5), model, guide, x, y)
+    for got, want in zip(classifier, _hand_straight_through_labelled(model, guide, x, y, 0.5)):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-12)
+
+
+def _hand_straight_through_labelled(model, guide, x, y, scale, seed=5):
+    pyro.set_rng_seed(seed)
+    z = poutine.trace(guide).get_trace(x, y).nodes["z"]["value"]
+    y_leaf = F.one_hot(y, K).to(x.dtype).requires_grad_()
+    loc, sd = guide.encoder(x, y_leaf.detach())
+    eps = ((z - loc) / sd).detach()
+    loc, sd = guide.encoder(x, y_leaf)
+    z_of_y = loc + sd * eps
+    (g,) = torch.autograd.grad(-_hand_elbo_at(model, guide, x, y_leaf, z_of_y, loc, sd).sum(), y_leaf)
+    surrogate = (g * guide.classifier(x).softmax(-1)).sum()
+    return [scale * d for d in torch.autograd.grad(surrogate, list(guide.classifier.parameters()), allow_unused=True, materialize_grads=True)]
+
+
+def test_recipe_adds_the_straight_through_gradient_only_when_asked():
+    from pyrodgm.losses import StraightThroughELBO
+
+    base = {**defaults("conv-mmcva", "mnist"), "model": "conv-mmcva", "dataset": "mnist"}
+    plain = recipe("conv-mmcva").loss(TrainConfig.for_model(**base), num_data=49900, num_labels=100)
+    assert isinstance(plain.terms["generative"].loss, SemiSupervisedELBO)
+    config = TrainConfig.for_model(**base, straight_through=3e-4)
+    wrapped = recipe("conv-mmcva").loss(config, num_data=49900, num_labels=100).terms["generative"].loss
+    assert isinstance(wrapped, StraightThroughELBO) and wrapped.scale == 3e-4
+    with pytest.raises(ValueError, match="scale"):
+        StraightThroughELBO(SemiSupervisedELBO(), -1.0)

@@ -619,3 +619,15 @@ def test_without_a_validation_set_the_last_epoch_is_kept_and_evaluated(tmp_path)
     from pyrodgm.plots import learning_curve_panels
 
     assert learning_curve_panels(metrics["history"]) == [("train_loss_per_example",), ("test_error",)]
+
+
+def test_learning_rate_decays_from_lr_decay_start_on():
+    from pyrodgm.training import learning_rate
+
+    adgm = TrainConfig.for_model(model="m2", lr=1.0, lr_decay=0.5, lr_decay_every=2)
+    assert [learning_rate(adgm, e) for e in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]  # start 0: as before
+    # the Conv-MMCVA authors' lr *= 0.995 after every epoch from the 1500th (1-based) on: with
+    # start 1499, 0-based epoch 1500 (their 1501st) runs at 0.995 and epoch 1499 still at 1
+    authors = TrainConfig.for_model(model="conv-mmcva", lr=1.0, lr_decay=0.995, lr_decay_every=1, lr_decay_start=1499)
+    assert learning_rate(authors, 1499) == 1.0 and learning_rate(authors, 1500) == 0.995
+    assert learning_rate(authors, 2999) == pytest.approx(0.995 ** 1500)

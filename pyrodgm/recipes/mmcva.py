@@ -17,6 +17,11 @@ cross-entropy term: the guide's label site is the point estimate ``argmax_y F(y;
 ordinary ELBO is eq. 10.  The max-margin terms come from
 :func:`~pyrodgm.losses.margin.max_margin_objective`, which sums over the batch's rows.
 
+Straight-through gradient.  The authors' code also passes the bound's gradient at the
+one-hot label to the classifier through its softmax, scaled by ``-alpha_straight_through``
+(3e-4 in their MNIST script; :mod:`pyrodgm.losses.straight_through`).  The paper does not
+mention it; ``straight_through`` (default 0: none) adds it.
+
 Scaling.  The authors' code averages each part over its rows (the bound over the whole
 batch of ``B`` rows, the hinge loss over the ``B_L`` labelled rows, the hat loss over the
 ``B_U`` unlabelled ones) and adds a weight decay ``1e-4 ||lambda||^2`` inside the
@@ -35,7 +40,7 @@ from torch import nn
 
 from ..configs import ModelConfig, option
 from ..data import image_shape_of
-from ..losses import Loss, SemiSupervisedELBO
+from ..losses import Loss, SemiSupervisedELBO, StraightThroughELBO
 from ..losses.margin import max_margin_objective
 
 __all__ = ["ConvMMCVAConfig", "CONV_MMCVA_DEFAULTS", "build_conv_mmcva", "conv_mmcva_loss"]
@@ -54,6 +59,9 @@ class ConvMMCVAConfig(ModelConfig):
     mmcva_alpha: float = option(0.1, "alpha of eq. 16, the weight of the max-margin terms")
     alpha_u: float = option(0.3, "alpha_U, the weight of the hat loss (the authors' script; the paper's text says 3)")
     alpha_b: float = option(1e-3, "alpha_B, the weight of the label-balance term")
+    straight_through: float = option(
+        0.0, "scale of the straight-through gradient from the bound into the classifier (authors' code: 3e-4; 0: none)"
+    )
 
 
 #: The authors' weight decay of the classifier's weights lambda, inside the alpha bracket.
@@ -85,7 +93,9 @@ def conv_mmcva_loss(config, num_data: int, num_labels: int) -> Loss:
             f"conv-mmcva needs both labelled and unlabelled rows in every batch: labelled_per_batch must lie in "
             f"[1, {batch - 1}], got {labelled}"
         )
-    elbo = SemiSupervisedELBO(num_particles=config.num_particles, alpha=0.0, max_plate_nesting=1)
+    elbo: Loss = SemiSupervisedELBO(num_particles=config.num_particles, alpha=0.0, max_plate_nesting=1)
+    if config.params.straight_through:
+        elbo = StraightThroughELBO(elbo, config.params.straight_through)
     return max_margin_objective(
         elbo,
         alpha=config.params.mmcva_alpha,

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrodgm", description="Deep generative models for semi-supervised learning, in Pyro.")
     commands = parser.add_subparsers(dest="command", required=True)
     debug = argparse.ArgumentParser(add_help=False)  # every command takes --debug
-    debug.add_argument("--debug", action="store_true", help="show the whole traceback of an error instead of one line")
+    debug.add_argument("--debug", action="store_true", help="show an error's whole traceback, not one line")
 
     train = commands.add_parser(
         "train", help="train a model (writes checkpoints, metrics.json, sample grids, a learning curve)",

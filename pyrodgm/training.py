@@ -57,7 +57,7 @@ class TrainConfig:
     dataset: str = option("digits", "the data set (torchvision)")
     root: Optional[str] = option(None, "data folder (torchvision layout); downloads there unless --no-download")
     download: bool = option(True, "do not download a missing data set")
-    labels: int = option(100, "labelled examples, balanced over classes")
+    labels: int = option(100, "labelled examples, balanced by class")
     validation: Optional[int] = option(None, "validation examples carved from the training set (default: the data set's; 0: none, the last epoch is kept)")
     binarize: bool = option(True, "keep grey pixels (with --likelihood gaussian: a Bernoulli model refuses them)")
     # optimisation

@@ -496,3 +496,21 @@ def test_authors_code_options_reach_the_networks_and_train_a_step():
     value.backward()
     assert torch.isfinite(value) and model.decoder.label_linear.weight.grad.abs().sum() > 0
     assert guide.encoder.loc_layer.weight.grad.abs().sum() > 0
+
+
+def test_cross_entropy_likelihood_is_the_binary_cross_entropy_of_grey_pixels():
+    """The authors' ``bce`` reconstruction: ``-log p(x|z) = -sum [x log s + (1 - x) log(1 - s)]``
+    with ``s = sigmoid(f(z))`` and ``x`` grey, which a Bernoulli likelihood refuses."""
+    model, _ = make_pair(likelihood="cross-entropy")
+    x, z = images(4), torch.randn(4, Z)
+    trace = poutine.trace(poutine.condition(model, data={"z": z})).get_trace(x, y=torch.tensor([0, 1, 2, 0]))
+    s = torch.sigmoid(model.decoder(z))
+    expected = (x * s.log() + (1 - x) * (1 - s).log()).sum(-1)
+    assert torch.allclose(trace.nodes["x"]["fn"].log_prob(x), expected, atol=1e-4)
+    bernoulli, _ = make_pair(likelihood="bernoulli")
+    with pytest.raises(ValueError):
+        bernoulli(x, y=torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError):
+        model(x + 1.0, y=torch.tensor([0, 1, 2, 0]))  # still [0, 1] intensities
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "likelihood": "cross-entropy"})
+    assert not config.binarize and build_gmvae(config, 64, 10)[0].likelihood_kind == "cross-entropy"

@@ -20,7 +20,8 @@ Objective (eq. 1, 7): :math:`\mathcal L_{var} + \mathcal L_{aux}` with
 
 Where the authors' released code (``model/SSVAE.py``, ``networks/CatVAENetwork.py``,
 ``utils/assignment.py``) differs from the paper, an option of :class:`GMVAEConfig` follows
-it: the k-NN vote (``knn_weighting="uniform"``, a majority), the networks (``z_prior``,
+it: the k-NN vote (``knn_weighting="uniform"``, a majority), the reconstruction term
+(``likelihood="cross-entropy"``, the binary cross-entropy of grey pixels), the networks (``z_prior``,
 ``z_encoder``, ``classifier_layers``, ``conv_activation``, ``decoder_head``:
 :class:`~pyrodgm.models.gmvae.GMVAESpec`); ``experiments/gmvae_mnist_100.py
 --authors-code`` sets all of them with the values of its ``run.sh``.
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from pyrodgm.guides.gmvae import GMVAEGuide
-from pyrodgm.models.gmvae import DECODER_HEADS, GMVAE, Z_ENCODERS, Z_PRIORS, GMVAESpec
+from pyrodgm.models.gmvae import DECODER_HEADS, GMVAE, LIKELIHOODS, Z_ENCODERS, Z_PRIORS, GMVAESpec
 
 from ..configs import ClustersConfig, GumbelConfig, ModelConfig, option
 from ..data import image_shape_of
@@ -73,6 +74,7 @@ TEMPERATURE_DECAYS = ("exponential", "linear")
 class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
     """The GMVAE's networks, its Gumbel-softmax schedule and the weights of eq. 1 and 7."""
 
+    likelihood: str = option("bernoulli", "p(x|z); cross-entropy: of grey pixels (authors' code)", choices=LIKELIHOODS)
     temperature_min: float = option(0.5, "final Gumbel-softmax temperature")
     temperature_epochs: int = option(50, "epochs of temperature annealing")
     temperature_decay: str = option("exponential", "shape of the temperature annealing", choices=TEMPERATURE_DECAYS)

@@ -45,13 +45,14 @@ TARGETS = {
 #: exp(-0.00693) an epoch, reaching 0.5 at epoch 100; every training image trained on (no
 #: validation set: the last epoch is evaluated); and its networks: p(z) = N(0, I) with a
 #: decoder of z and y, q(z|x_hat) linear, logits linear in x_hat, ReLU convolutions, a dense
-#: output layer; and the binary cross-entropy of the grey pixels as reconstruction loss.  It
-#: trains 100 epochs (:data:`AUTHORS_EPOCHS`).
+#: output layer; the binary cross-entropy of the grey pixels as reconstruction loss; and
+#: TensorFlow's Glorot-uniform weights and batch-norm (momentum 0.99, eps 1e-3).  It trains
+#: 100 epochs (:data:`AUTHORS_EPOCHS`).
 AUTHORS_CODE = dict(
     lr=1e-2, lr_decay=0.5, lr_decay_every=30, w_gaussian=1.1, w_categorical=1.2, w_assign=4.7, w_metric=0.85,
     knn=7, knn_weighting="uniform", metric_margin=0.5, feature_dim=200, z_dim=150, temperature_epochs=100, validation=0,
     z_prior="standard", z_encoder="linear", classifier_layers=0, conv_activation="relu", decoder_head="dense",
-    likelihood="cross-entropy",
+    likelihood="cross-entropy", weight_init="xavier", batch_norm="tensorflow",
 )
 AUTHORS_EPOCHS = 100
 

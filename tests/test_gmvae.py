@@ -514,3 +514,34 @@ def test_cross_entropy_likelihood_is_the_binary_cross_entropy_of_grey_pixels():
         model(x + 1.0, y=torch.tensor([0, 1, 2, 0]))  # still [0, 1] intensities
     config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "likelihood": "cross-entropy"})
     assert not config.binarize and build_gmvae(config, 64, 10)[0].likelihood_kind == "cross-entropy"
+
+
+def test_tensorflow_batch_norm_keeps_a_hundredth_of_each_batch_and_eps_1e3():
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT, "batch_norm": "tensorflow"})
+    model, guide = build_gmvae(config, 64, K)
+    layers = [m for m in (*model.modules(), *guide.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    assert layers and all((m.momentum, m.eps) == (0.01, 1e-3) for m in layers)
+    first = guide.features.convs[1]
+    x = images(16)
+    pre = guide.features.convs[0](x.reshape(16, *SHAPE))
+    guide.features(x)
+    assert torch.allclose(first.running_mean, 0.01 * pre.mean((0, 2, 3)), atol=1e-6)
+    plain, _ = build_gmvae(TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT}), 64, K)
+    assert all((m.momentum, m.eps) == (0.1, 1e-5) for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_xavier_weight_init_is_glorot_uniform_with_zero_biases_and_default_is_untouched():
+    values = {**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT}
+    torch.manual_seed(0)
+    model, guide = build_gmvae(TrainConfig.for_model(**values, weight_init="xavier"), 64, K)
+    layers = [m for m in (*model.modules(), *guide.modules()) if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    for layer in layers:
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        assert layer.weight.abs().max() <= math.sqrt(6 / (fan_in + fan_out)) and not layer.bias.any()
+    torch.manual_seed(0)
+    default = build_gmvae(TrainConfig.for_model(**values), 64, K)
+    torch.manual_seed(0)
+    spec = GMVAESpec(SHAPE, K, Z, FEAT)
+    reference = GMVAE(spec), GMVAEGuide(spec, label_mode="relaxed")
+    for built, plain in zip(default, reference):
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), plain.state_dict().values()))

@@ -21,7 +21,8 @@ Objective (eq. 1, 7): :math:`\mathcal L_{var} + \mathcal L_{aux}` with
 Where the authors' released code (``model/SSVAE.py``, ``networks/CatVAENetwork.py``,
 ``utils/assignment.py``) differs from the paper, an option of :class:`GMVAEConfig` follows
 it: the k-NN vote (``knn_weighting="uniform"``, a majority), the reconstruction term
-(``likelihood="cross-entropy"``, the binary cross-entropy of grey pixels), the networks (``z_prior``,
+(``likelihood="cross-entropy"``, the binary cross-entropy of grey pixels), TensorFlow's
+initialisation and batch-norm (``weight_init="xavier"``, ``batch_norm="tensorflow"``), the networks (``z_prior``,
 ``z_encoder``, ``classifier_layers``, ``conv_activation``, ``decoder_head``:
 :class:`~pyrodgm.models.gmvae.GMVAESpec`); ``experiments/gmvae_mnist_100.py
 --authors-code`` sets all of them with the values of its ``run.sh``.
@@ -46,6 +47,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pyrodgm.nets import init_weights_
+
 from pyrodgm.guides.gmvae import GMVAEGuide
 from pyrodgm.models.gmvae import DECODER_HEADS, GMVAE, LIKELIHOODS, Z_ENCODERS, Z_PRIORS, GMVAESpec
 
@@ -60,15 +63,22 @@ __all__ = [
     "GMVAE_DATASETS",
     "GMVAE_DEFAULTS",
     "GMVAEConfig",
+    "BATCH_NORMS",
     "TEMPERATURE_DECAYS",
     "build_gmvae",
     "gmvae_loss",
     "gmvae_metrics",
     "gmvae_schedule",
     "gumbel_temperature",
+    "set_batch_norm",
 ]
 
 TEMPERATURE_DECAYS = ("exponential", "linear")
+
+#: Batch-norm's running-average momentum and epsilon, in PyTorch's convention (the new
+#: batch's share): PyTorch's defaults, or TensorFlow's ``tf.layers.batch_normalization``
+#: (``momentum=0.99`` for the old average, ``epsilon=1e-3``), the authors' code's.
+BATCH_NORMS: dict[str, tuple[float, float]] = {"torch": (0.1, 1e-5), "tensorflow": (0.01, 1e-3)}
 
 @dataclass
 class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
@@ -91,6 +101,8 @@ class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
     classifier_layers: int = option(1, "hidden layers of q(y|x_hat), of width fsz (authors' code: 0)")
     conv_activation: str = option("leaky_relu", "activation of the feature convolutions (authors' code: relu)", choices=("leaky_relu", "relu"))
     decoder_head: str = option("deconv", "decoder ends with a transposed conv (the paper) or a dense layer (authors' code)", choices=DECODER_HEADS)
+    weight_init: str = option("default", "PyTorch's initialisation or Glorot-uniform, zero biases (authors' TensorFlow)", choices=("default", "xavier"))
+    batch_norm: str = option("torch", "batch-norm momentum and eps: PyTorch's (0.1, 1e-5) or TensorFlow's (0.01, 1e-3)", choices=tuple(BATCH_NORMS))
 
 
 #: Sec. 5.2 (MNIST values): Adam 1e-3, 200 epochs, batches of 200 half labelled, MSE
@@ -176,7 +188,20 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
         z_prior=p.z_prior, z_encoder=p.z_encoder, classifier_layers=p.classifier_layers, decoder_head=p.decoder_head,
     )
     temperature = _config_temperature(config, max(config.epochs - 1, 0))
-    return GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
+    model, guide = GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
+    for module in (model, guide):
+        set_batch_norm(init_weights_(module, p.weight_init), p.batch_norm)
+    return model, guide
+
+
+def set_batch_norm(module: nn.Module, kind: str) -> nn.Module:
+    """Every batch-norm layer of ``module`` with the momentum and epsilon of
+    :data:`BATCH_NORMS` ``[kind]``; returns ``module``."""
+    momentum, eps = BATCH_NORMS[kind]
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.momentum, layer.eps = momentum, eps
+    return module
 
 
 def gmvae_loss(config, num_data: int, num_labels: int) -> Loss:

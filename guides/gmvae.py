@@ -12,6 +12,11 @@ for the auxiliary losses (:class:`~pyrodgm.losses.AssignmentLoss`,
 "relaxed"``, the default here); ``"enumerate"`` sums over the classes exactly and
 ``"straight-through"`` uses hard samples (:mod:`pyrodgm.labels`).
 
+The authors' released code (``networks/CatVAENetwork.py``) reads ``z`` from the features
+alone, ``q(z|x_hat)`` with one linear map each for the mean and the log-variance
+(``GMVAESpec.z_encoder="linear"``), and its logits are linear in ``x_hat``
+(``classifier_layers=0``).
+
 References
 
 [1] `Semi-Supervised Learning using Deep Generative Models and Auxiliary Tasks`,
@@ -30,7 +35,7 @@ import torch
 from pyrodgm.labels import RelaxableLabel
 from pyrodgm.modeling import PlatedGuide, one_hot, record
 from pyrodgm.models.gmvae import ConvFeatures, GMVAESpec
-from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP
+from pyrodgm.nets import MLP, CategoricalHead, GaussianMLP, NormalHead
 
 __all__ = ["GMVAEGuide"]
 
@@ -50,11 +55,15 @@ class GMVAEGuide(RelaxableLabel, PlatedGuide):
         super().__init__()
         self.label_mode, self.temperature = label_mode, temperature
         self.spec, self.image_shape, feature_dim = spec, spec.image_shape, spec.feature_dim
-        self.features = ConvFeatures(self.image_shape, feature_dim, spec.geometry)
+        self.features = ConvFeatures(self.image_shape, feature_dim, spec.geometry, spec.activation)
         self.x_dim, self.num_classes, self.z_dim = math.prod(self.image_shape), spec.num_classes, spec.z_dim
-        self.classifier = MLP(feature_dim, (feature_dim,), activation="leaky_relu")
+        self.classifier = MLP(feature_dim, (feature_dim,) * spec.classifier_layers, activation="leaky_relu")
         self.classifier_head = CategoricalHead(feature_dim, spec.num_classes)
-        self.encoder = GaussianMLP(feature_dim + spec.num_classes, (spec.z_dim, spec.z_dim), spec.z_dim, activation="leaky_relu", init="default")
+        self.reads_label = spec.z_encoder == "mlp"
+        if self.reads_label:
+            self.encoder = GaussianMLP(feature_dim + spec.num_classes, (spec.z_dim, spec.z_dim), spec.z_dim, activation="leaky_relu", init="default")
+        else:
+            self.encoder = NormalHead(feature_dim, spec.z_dim, scale="exp")
 
     def infer(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sites ``features`` (deterministic), ``y`` (when no labels are given) and ``z``."""
@@ -64,7 +73,7 @@ class GMVAEGuide(RelaxableLabel, PlatedGuide):
             y = self.sample_label("y", self.classifier_head(self.classifier(features)))
         else:
             y = one_hot(y, self.num_classes, features)
-        return pyro.sample("z", self.encoder.distribution(features, y))
+        return pyro.sample("z", self.encoder.distribution(features, y) if self.reads_label else self.encoder.distribution(features))
 
     def label_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """The classifier ``q(y|g(x))`` as a one-hot categorical."""

@@ -184,7 +184,8 @@ class PlatedModel(nn.Module):
     ) -> torch.Tensor:
         self.register()
         bernoulli = self.likelihood_kind == "bernoulli"
-        check_model_input(x, self.x_dim, bernoulli, dtype=parameter_dtype(self), binary=bernoulli)
+        unit_interval = self.likelihood_kind != "gaussian"  # "cross-entropy": grey values in [0, 1]
+        check_model_input(x, self.x_dim, unit_interval, dtype=parameter_dtype(self), binary=bernoulli)
         with pyro.plate("data", data_size(x, y, batch_size)):
             return self.generate(x, y)
 

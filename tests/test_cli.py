@@ -434,7 +434,7 @@ class _ReadFields:
 
 #: Hyper-parameters a recipe reads only away from its defaults: the clustering GMVAE's
 #: assignment and metric losses are weighted 0 unless --w-assign / --w-metric are given.
-UNREAD_BY_DEFAULT = {"gmvae-clustering": {"knn", "metric_margin"}}
+UNREAD_BY_DEFAULT = {"gmvae-clustering": {"knn", "knn_weighting", "metric_margin"}}  # its w_A = w_M = 0: no k-NN
 
 
 @pytest.mark.parametrize("dataset", ["digits", "mnist"])

@@ -430,6 +430,37 @@ def test_conv_mmcva_experiment_takes_the_authors_code_options():
     assert short.lr_decay ** 50 == pytest.approx(0.995 ** 1500)  # the same final factor over the second half
 
 
+
+def test_gmvae_experiment_takes_the_authors_code_settings():
+    gmvae = _import_experiment("gmvae_mnist_100")
+    authors = gmvae.parse_args(["--dataset", "digits", "--authors-code"])
+    config = gmvae.config_for(authors)
+    for key, value in gmvae.AUTHORS_CODE.items():
+        assert getattr(config.params if hasattr(config.params, key) else config, key) == value, key
+    assert (config.lr, config.lr_decay, config.lr_decay_every, config.validation, config.epochs) == (1e-2, 0.5, 30, 0, 100)
+    p = config.params
+    assert (p.w_gaussian, p.w_categorical, p.w_assign, p.w_metric, p.knn, p.knn_weighting, p.metric_margin) == (1.1, 1.2, 4.7, 0.85, 7, "uniform", 0.5)
+    assert (p.z_prior, p.z_encoder, p.classifier_layers, p.conv_activation, p.decoder_head) == ("standard", "linear", 0, "relu", "dense")
+    assert p.likelihood == "cross-entropy" and not config.binarize and (p.weight_init, p.batch_norm) == ("xavier", "tensorflow")
+    plain = gmvae.config_for(gmvae.parse_args(["--dataset", "digits"]))
+    assert (plain.lr, plain.params.knn, plain.params.knn_weighting, plain.params.z_prior, plain.validation, plain.epochs) == (
+        3e-3, 5, "distance", "mixture", None, 200)
+    assert gmvae.name(authors) == "gmvae_100_labels_authors_code" and gmvae.name(gmvae.parse_args([])) == "gmvae_100_labels"
+    tiny = gmvae.config_for(gmvae.parse_args(["--dataset", "digits", "--authors-code", "--epochs", "1", "--validation", "300"]))
+    assert (tiny.epochs, tiny.validation, tiny.params.knn, tiny.lr) == (1, 300, 7, 1e-2)  # explicit flags win
+
+
+@pytest.mark.slow
+def test_gmvae_experiment_with_the_authors_code_writes_its_own_results(tmp_path):
+    args = [sys.executable, str(EXPERIMENTS / "gmvae_mnist_100.py"), "--dataset", "digits", "--authors-code", "--epochs", "1",
+            "--threads", "1", "--embedding", "pca", "--device", "cpu", "--out", str(tmp_path / "run"),
+            "--results", str(tmp_path / "results"), "--quiet"]
+    subprocess.run(args, check=True, cwd=tmp_path, timeout=600)
+    (result_file,) = (tmp_path / "results").glob("*.json")
+    assert result_file.name == "gmvae_100_labels_authors_code_digits_seed0.json"
+    result = json.loads(result_file.read_text())
+    assert result["authors_code_options"]["knn"] == 7 and result["epochs_completed"] == 1
+
 def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, tmp_path):
     """``pyrodgm.baselines.run_baseline`` (what ``pyrodgm train`` prints) computes the
     LabelSpreading row of ``experiments/baselines.py`` on the same split and pixels."""

@@ -337,3 +337,211 @@ def test_clustering_experiment_runs_and_writes_results(tmp_path):
     assert 0.0 <= result["test"]["cluster_acc"] <= 1.0 and 0.0 <= result["test"]["nmi"] <= 1.0
     assert result["paper"]["cluster_acc"] == pytest.approx(0.9246)
     assert (tmp_path / "results" / result_file.with_suffix(".png").name).exists()
+
+
+# --------------------------------------------------------------------------------------
+# the authors' code's networks and k-NN vote (issue 15)
+# --------------------------------------------------------------------------------------
+AUTHORS_NETWORKS = dict(z_prior="standard", z_encoder="linear", classifier_layers=0, activation="relu", decoder_head="dense")
+
+
+def authors_pair(label_mode="relaxed", **overrides):
+    spec = GMVAESpec(SHAPE, K, Z, FEAT, **{**AUTHORS_NETWORKS, **overrides})
+    return GMVAE(spec), GMVAEGuide(spec, label_mode=label_mode, temperature=0.7)
+
+
+def test_standard_prior_is_unit_normal_and_the_decoder_reads_the_label():
+    model, _ = authors_pair()
+    z = torch.randn(4, Z)
+    trace = poutine.trace(poutine.condition(model, data={"z": z})).get_trace(images(4), y=torch.tensor([0, 1, 2, 0]))
+    expected = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    assert torch.allclose(trace.nodes["z"]["fn"].log_prob(z), expected)
+    assert model.prior is None and "z_loc" in dict(model.named_buffers())
+    model.eval()
+    one, two = torch.eye(K)[[0] * 4], torch.eye(K)[[1] * 4]
+    assert not torch.allclose(model.decoder(z, one), model.decoder(z, two))
+    with pytest.raises(ValueError, match="reads a label"):
+        model.decoder(z)
+    mixture, _ = make_pair()
+    assert mixture.decoder.label_linear is None and "z_loc" not in dict(mixture.named_buffers())
+
+
+def test_standard_prior_decoder_is_a_sum_of_linear_maps_of_z_and_y():
+    """``f(z, y)`` starts from ``W_z z + W_y y`` (the authors' ``dense(z) + dense(y)``):
+    the first map is affine in ``y`` for a fixed ``z``."""
+    model, _ = authors_pair()
+    decoder = model.decoder
+    z, a, b = torch.randn(5, Z), torch.softmax(torch.randn(5, K), -1), torch.softmax(torch.randn(5, K), -1)
+    captured = []
+    handle = decoder.deconvs.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].flatten(1)))
+    decoder(z, a), decoder(z, b), decoder(z, 0.5 * (a + b))
+    handle.remove()
+    assert torch.allclose(captured[2], 0.5 * (captured[0] + captured[1]), atol=1e-6)
+    assert torch.allclose(captured[0], decoder.linear(z) + decoder.label_linear(a), atol=1e-6)
+
+
+def test_linear_z_encoder_reads_the_features_alone():
+    _, guide = authors_pair()
+    x = images(6)
+    features = guide.features(x)
+    z_given = {}
+    for label in (0, 1):
+        trace = poutine.trace(guide).get_trace(x, y=torch.full((6,), label))
+        z_given[label] = trace.nodes["z"]["fn"]
+    loc = guide.encoder.loc_layer(features)
+    scale = guide.encoder.scale_layer(features).exp()
+    for fn in z_given.values():
+        assert torch.allclose(fn.base_dist.loc, loc, atol=1e-6) and torch.allclose(fn.base_dist.scale, scale, atol=1e-6)
+    _, paper = make_pair("relaxed")
+    paper_locs = [poutine.trace(paper).get_trace(x, y=torch.full((6,), label)).nodes["z"]["fn"].base_dist.loc for label in (0, 1)]
+    assert not torch.allclose(*paper_locs)
+
+
+def test_classifier_without_hidden_layers_has_logits_linear_in_the_features():
+    _, guide = authors_pair()
+    x = images(5)
+    features = guide.features(x)
+    head = guide.classifier_head.logits_layer
+    logits = guide.label_distribution(x).logits
+    assert torch.allclose(logits, (features @ head.weight.T + head.bias).log_softmax(-1), atol=1e-6)
+    _, paper = make_pair("relaxed")
+    assert len(paper.classifier.hidden_layers) == 1 and len(guide.classifier.hidden_layers) == 0
+
+
+def test_relu_features_are_non_negative_and_leaky_ones_are_not():
+    x = images(20)
+    _, relu = authors_pair()
+    _, leaky = make_pair("relaxed")
+    assert relu.features(x).min() >= 0 and leaky.features(x).min() < 0
+    assert isinstance(relu.features.convs[2], torch.nn.ReLU) and isinstance(leaky.features.convs[2], torch.nn.LeakyReLU)
+
+
+def test_dense_decoder_head_is_an_affine_map_of_a_rectified_image():
+    model, _ = authors_pair()
+    decoder = model.decoder
+    assert isinstance(decoder.deconvs[-1], torch.nn.ReLU) and isinstance(decoder.deconvs[-2], torch.nn.BatchNorm2d)
+    z, y = torch.randn(4, Z), torch.eye(K)[[0, 1, 2, 0]]
+    rectified = []
+    handle = decoder.deconvs.register_forward_hook(lambda module, inputs, out: rectified.append(out.flatten(1)))
+    out = decoder(z, y)
+    handle.remove()
+    assert rectified[0].min() >= 0
+    assert torch.allclose(out, rectified[0] @ decoder.dense.weight.T + decoder.dense.bias, atol=1e-6)
+    paper, _ = make_pair()
+    assert isinstance(paper.decoder.deconvs[-1], torch.nn.ConvTranspose2d) and isinstance(paper.decoder.dense, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("bad", [dict(z_prior="gaussian"), dict(z_encoder="conv"), dict(decoder_head="sigmoid"), dict(classifier_layers=-1)])
+def test_bad_network_options_error(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        GMVAESpec(SHAPE, K, Z, FEAT, **bad)
+
+
+def _majority_assignment(features, labels, k):
+    """The authors' ``assign_labels_semisupervised``: a majority vote of the k nearest
+    labelled rows, ties to the smallest class."""
+    labelled = labels >= 0
+    distances = torch.cdist(features[~labelled], features[labelled])
+    nearest = labels[labelled][distances.topk(k, largest=False).indices]
+    votes = torch.nn.functional.one_hot(nearest, K).sum(-2)
+    targets = labels.clone()
+    targets[~labelled] = votes.argmax(-1)
+    return targets
+
+
+def _distance_assignment(features, labels, k):
+    labelled = labels >= 0
+    distances = torch.cdist(features[~labelled], features[labelled])
+    nearest, index = distances.topk(k, largest=False)
+    votes = torch.zeros(int((~labelled).sum()), K).scatter_add_(-1, labels[labelled][index], nearest.reciprocal())
+    targets = labels.clone()
+    targets[~labelled] = votes.argmax(-1)
+    return targets
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "distance"])
+def test_knn_weighting_decides_the_recipes_assignment_loss(weighting):
+    """The recipe's ``L_A`` is ``-sum log q(y = t|x_hat)`` with ``t`` the true labels of the
+    labelled rows and the (majority or 1/distance) k-NN vote of the unlabelled ones."""
+    torch.manual_seed(3)
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "knn": 3, "z_dim": Z, "feature_dim": FEAT, "knn_weighting": weighting})
+    model, guide = build_gmvae(config, 64, K)
+    x, y = images(40), torch.tensor([0, 1, 2] * 2 + [-1] * 34)
+    term = gmvae_loss(config, num_data=100, num_labels=6).terms["assignment"]
+    assert term.loss.weighting == weighting
+    features = guide.features(x).detach()
+    log_q = guide.label_distribution(x).logits.detach()
+    majority, weighted = _majority_assignment(features, y, 3), _distance_assignment(features, y, 3)
+    assert not torch.equal(majority, weighted)  # the batch tells the two votes apart
+    targets = majority if weighting == "uniform" else weighted
+    expected = -log_q.gather(-1, targets.unsqueeze(-1)).sum()
+    assert torch.allclose(term.loss.differentiable_loss(model, guide, x, y=y), expected, atol=1e-4)
+
+
+def test_authors_code_options_reach_the_networks_and_train_a_step():
+    from pyrodgm.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "gmvae", "--dataset", "digits", "--knn-weighting", "uniform", "--z-prior", "standard", "--z-encoder", "linear",
+         "--classifier-layers", "0", "--conv-activation", "relu", "--decoder-head", "dense", "--feature-dim", "6", "--z-dim", "3", "--knn", "2"]
+    )
+    config = _train_config(args)
+    model, guide = build_gmvae(config, 64, 10)
+    assert (guide.spec.z_prior, guide.spec.z_encoder, guide.spec.classifier_layers, guide.spec.activation, guide.spec.decoder_head) == (
+        "standard", "linear", 0, "relu", "dense")
+    loss = gmvae_loss(config, num_data=100, num_labels=6)
+    assert loss.terms["metric"].loss.weighting == "uniform"
+    x, y = images(12), torch.tensor([0, 1, 2, 3, 4, 5] + [-1] * 6)
+    value = loss.differentiable_loss(model, guide, x, y=y)
+    value.backward()
+    assert torch.isfinite(value) and model.decoder.label_linear.weight.grad.abs().sum() > 0
+    assert guide.encoder.loc_layer.weight.grad.abs().sum() > 0
+
+
+def test_cross_entropy_likelihood_is_the_binary_cross_entropy_of_grey_pixels():
+    """The authors' ``bce`` reconstruction: ``-log p(x|z) = -sum [x log s + (1 - x) log(1 - s)]``
+    with ``s = sigmoid(f(z))`` and ``x`` grey, which a Bernoulli likelihood refuses."""
+    model, _ = make_pair(likelihood="cross-entropy")
+    x, z = images(4), torch.randn(4, Z)
+    trace = poutine.trace(poutine.condition(model, data={"z": z})).get_trace(x, y=torch.tensor([0, 1, 2, 0]))
+    s = torch.sigmoid(model.decoder(z))
+    expected = (x * s.log() + (1 - x) * (1 - s).log()).sum(-1)
+    assert torch.allclose(trace.nodes["x"]["fn"].log_prob(x), expected, atol=1e-4)
+    bernoulli, _ = make_pair(likelihood="bernoulli")
+    with pytest.raises(ValueError):
+        bernoulli(x, y=torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError):
+        model(x + 1.0, y=torch.tensor([0, 1, 2, 0]))  # still [0, 1] intensities
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "likelihood": "cross-entropy"})
+    assert not config.binarize and build_gmvae(config, 64, 10)[0].likelihood_kind == "cross-entropy"
+
+
+def test_tensorflow_batch_norm_keeps_a_hundredth_of_each_batch_and_eps_1e3():
+    config = TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT, "batch_norm": "tensorflow"})
+    model, guide = build_gmvae(config, 64, K)
+    layers = [m for m in (*model.modules(), *guide.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    assert layers and all((m.momentum, m.eps) == (0.01, 1e-3) for m in layers)
+    first = guide.features.convs[1]
+    x = images(16)
+    pre = guide.features.convs[0](x.reshape(16, *SHAPE))
+    guide.features(x)
+    assert torch.allclose(first.running_mean, 0.01 * pre.mean((0, 2, 3)), atol=1e-6)
+    plain, _ = build_gmvae(TrainConfig.for_model(**{**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT}), 64, K)
+    assert all((m.momentum, m.eps) == (0.1, 1e-5) for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_xavier_weight_init_is_glorot_uniform_with_zero_biases_and_default_is_untouched():
+    values = {**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT}
+    torch.manual_seed(0)
+    model, guide = build_gmvae(TrainConfig.for_model(**values, weight_init="xavier"), 64, K)
+    layers = [m for m in (*model.modules(), *guide.modules()) if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    for layer in layers:
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        assert layer.weight.abs().max() <= math.sqrt(6 / (fan_in + fan_out)) and not layer.bias.any()
+    torch.manual_seed(0)
+    default = build_gmvae(TrainConfig.for_model(**values), 64, K)
+    torch.manual_seed(0)
+    spec = GMVAESpec(SHAPE, K, Z, FEAT)
+    reference = GMVAE(spec), GMVAEGuide(spec, label_mode="relaxed")
+    for built, plain in zip(default, reference):
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), plain.state_dict().values()))

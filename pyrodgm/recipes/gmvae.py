@@ -18,6 +18,15 @@ Objective (eq. 1, 7): :math:`\mathcal L_{var} + \mathcal L_{aux}` with
 * :math:`\mathcal L_M`: :class:`~pyrodgm.losses.LiftedStructuredLoss` over all rows, the
   unlabelled ones with their k-NN assignments ("applied after the assignment process").
 
+Where the authors' released code (``model/SSVAE.py``, ``networks/CatVAENetwork.py``,
+``utils/assignment.py``) differs from the paper, an option of :class:`GMVAEConfig` follows
+it: the k-NN vote (``knn_weighting="uniform"``, a majority), the reconstruction term
+(``likelihood="cross-entropy"``, the binary cross-entropy of grey pixels), TensorFlow's
+initialisation and batch-norm (``weight_init="xavier"``, ``batch_norm="tensorflow"``), the networks (``z_prior``,
+``z_encoder``, ``classifier_layers``, ``conv_activation``, ``decoder_head``:
+:class:`~pyrodgm.models.gmvae.GMVAESpec`); ``experiments/gmvae_mnist_100.py
+--authors-code`` sets all of them with the values of its ``run.sh``.
+
 All terms are sums over the rows of a batch (the paper's batch means times the batch size),
 so the weights keep the paper's meaning.  The clustering recipe trains :math:`\mathcal
 L_{var}` alone (no labels, ``w_G = 5``, batches of 64, binary cross-entropy), its
@@ -38,12 +47,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pyrodgm.nets import init_weights_
+
 from pyrodgm.guides.gmvae import GMVAEGuide
-from pyrodgm.models.gmvae import GMVAE, GMVAESpec
+from pyrodgm.models.gmvae import DECODER_HEADS, GMVAE, LIKELIHOODS, Z_ENCODERS, Z_PRIORS, GMVAESpec
 
 from ..configs import ClustersConfig, GumbelConfig, ModelConfig, option
 from ..data import image_shape_of
 from ..losses import AssignmentLoss, LiftedStructuredLoss, Loss, SemiSupervisedELBO, WeightedSum, WithoutLabels
+from ..losses.metric import WEIGHTINGS
 
 __all__ = [
     "GMVAE_CLUSTERING_DATASETS",
@@ -51,20 +63,28 @@ __all__ = [
     "GMVAE_DATASETS",
     "GMVAE_DEFAULTS",
     "GMVAEConfig",
+    "BATCH_NORMS",
     "TEMPERATURE_DECAYS",
     "build_gmvae",
     "gmvae_loss",
     "gmvae_metrics",
     "gmvae_schedule",
     "gumbel_temperature",
+    "set_batch_norm",
 ]
 
 TEMPERATURE_DECAYS = ("exponential", "linear")
+
+#: Batch-norm's running-average momentum and epsilon, in PyTorch's convention (the new
+#: batch's share): PyTorch's defaults, or TensorFlow's ``tf.layers.batch_normalization``
+#: (``momentum=0.99`` for the old average, ``epsilon=1e-3``), the authors' code's.
+BATCH_NORMS: dict[str, tuple[float, float]] = {"torch": (0.1, 1e-5), "tensorflow": (0.01, 1e-3)}
 
 @dataclass
 class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
     """The GMVAE's networks, its Gumbel-softmax schedule and the weights of eq. 1 and 7."""
 
+    likelihood: str = option("bernoulli", "p(x|z); cross-entropy: of grey pixels (authors' code)", choices=LIKELIHOODS)
     temperature_min: float = option(0.5, "final Gumbel-softmax temperature")
     temperature_epochs: int = option(50, "epochs of temperature annealing")
     temperature_decay: str = option("exponential", "shape of the temperature annealing", choices=TEMPERATURE_DECAYS)
@@ -72,9 +92,17 @@ class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
     w_gaussian: float = option(1.0, "w_G, the weight of the Gaussian KL")
     w_categorical: float = option(1.0, "w_C, the weight of the categorical KL")
     knn: int = option(5, "neighbours of the k-NN label assignment")
+    knn_weighting: str = option("distance", "k-NN vote: 1/distance (the paper) or a majority (authors' code)", choices=WEIGHTINGS)
     w_assign: float = option(1.0, "w_A, the weight of the assignment loss")
     w_metric: float = option(1.0, "w_M, the weight of the metric embedding loss")
     metric_margin: float = option(2.0, "margin of the lifted structured loss")
+    z_prior: str = option("mixture", "learned p(z|y) (the paper) or N(0, I) and a decoder of z and y (authors' code)", choices=Z_PRIORS)
+    z_encoder: str = option("mlp", "q(z|x_hat, y) an MLP (the paper) or q(z|x_hat) linear (authors' code)", choices=Z_ENCODERS)
+    classifier_layers: int = option(1, "hidden layers of q(y|x_hat), of width fsz (authors' code: 0)")
+    conv_activation: str = option("leaky_relu", "activation of the feature convolutions (authors' code: relu)", choices=("leaky_relu", "relu"))
+    decoder_head: str = option("deconv", "decoder ends with a transposed conv (the paper) or a dense layer (authors' code)", choices=DECODER_HEADS)
+    weight_init: str = option("default", "PyTorch's initialisation or Glorot-uniform, zero biases (authors' TensorFlow)", choices=("default", "xavier"))
+    batch_norm: str = option("torch", "batch-norm momentum and eps: PyTorch's (0.1, 1e-5) or TensorFlow's (0.01, 1e-3)", choices=tuple(BATCH_NORMS))
 
 
 #: Sec. 5.2 (MNIST values): Adam 1e-3, 200 epochs, batches of 200 half labelled, MSE
@@ -155,9 +183,25 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     if math.prod(image_shape) != x_dim:
         raise ValueError(f"gmvae on {config.dataset} expects {math.prod(image_shape)} features per example, got {x_dim}")
     p = config.params
-    spec = GMVAESpec(image_shape, _num_components(config, num_classes), p.z_dim, p.feature_dim)
+    spec = GMVAESpec(
+        image_shape, _num_components(config, num_classes), p.z_dim, p.feature_dim, activation=p.conv_activation,
+        z_prior=p.z_prior, z_encoder=p.z_encoder, classifier_layers=p.classifier_layers, decoder_head=p.decoder_head,
+    )
     temperature = _config_temperature(config, max(config.epochs - 1, 0))
-    return GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
+    model, guide = GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
+    for module in (model, guide):
+        set_batch_norm(init_weights_(module, p.weight_init), p.batch_norm)
+    return model, guide
+
+
+def set_batch_norm(module: nn.Module, kind: str) -> nn.Module:
+    """Every batch-norm layer of ``module`` with the momentum and epsilon of
+    :data:`BATCH_NORMS` ``[kind]``; returns ``module``."""
+    momentum, eps = BATCH_NORMS[kind]
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.momentum, layer.eps = momentum, eps
+    return module
 
 
 def gmvae_loss(config, num_data: int, num_labels: int) -> Loss:
@@ -169,9 +213,11 @@ def gmvae_loss(config, num_data: int, num_labels: int) -> Loss:
     elbo = WithoutLabels(SemiSupervisedELBO(num_particles=config.num_particles, max_plate_nesting=1, latent_weights=weights))
     terms: dict = {"elbo": elbo}
     if num_labels and p.w_assign:
-        terms["assignment"] = (p.w_assign, AssignmentLoss(k=p.knn, include_labelled=True, max_plate_nesting=1))
+        assignment = AssignmentLoss(k=p.knn, weighting=p.knn_weighting, include_labelled=True, max_plate_nesting=1)
+        terms["assignment"] = (p.w_assign, assignment)
     if num_labels and p.w_metric:
-        terms["metric"] = (p.w_metric, LiftedStructuredLoss(margin=p.metric_margin, k=p.knn, max_plate_nesting=1))
+        metric = LiftedStructuredLoss(margin=p.metric_margin, k=p.knn, weighting=p.knn_weighting, max_plate_nesting=1)
+        terms["metric"] = (p.w_metric, metric)
     return WeightedSum(**terms)
 
 

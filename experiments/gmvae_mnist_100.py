@@ -52,7 +52,7 @@ AUTHORS_CODE = dict(
     lr=1e-2, lr_decay=0.5, lr_decay_every=30, w_gaussian=1.1, w_categorical=1.2, w_assign=4.7, w_metric=0.85,
     knn=7, knn_weighting="uniform", metric_margin=0.5, feature_dim=200, z_dim=150, temperature_epochs=100, validation=0,
     z_prior="standard", z_encoder="linear", classifier_layers=0, conv_activation="relu", decoder_head="dense",
-    likelihood="cross-entropy", weight_init="xavier", batch_norm="tensorflow",
+    likelihood="cross-entropy", init="xavier", batch_norm="tensorflow",
 )
 AUTHORS_EPOCHS = 100
 

@@ -441,7 +441,7 @@ def test_gmvae_experiment_takes_the_authors_code_settings():
     p = config.params
     assert (p.w_gaussian, p.w_categorical, p.w_assign, p.w_metric, p.knn, p.knn_weighting, p.metric_margin) == (1.1, 1.2, 4.7, 0.85, 7, "uniform", 0.5)
     assert (p.z_prior, p.z_encoder, p.classifier_layers, p.conv_activation, p.decoder_head) == ("standard", "linear", 0, "relu", "dense")
-    assert p.likelihood == "cross-entropy" and not config.binarize and (p.weight_init, p.batch_norm) == ("xavier", "tensorflow")
+    assert p.likelihood == "cross-entropy" and not config.binarize and (p.init, p.batch_norm) == ("xavier", "tensorflow")
     plain = gmvae.config_for(gmvae.parse_args(["--dataset", "digits"]))
     assert (plain.lr, plain.params.knn, plain.params.knn_weighting, plain.params.z_prior, plain.validation, plain.epochs) == (
         3e-3, 5, "distance", "mixture", None, 200)

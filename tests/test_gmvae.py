@@ -533,7 +533,7 @@ def test_tensorflow_batch_norm_keeps_a_hundredth_of_each_batch_and_eps_1e3():
 def test_xavier_weight_init_is_glorot_uniform_with_zero_biases_and_default_is_untouched():
     values = {**defaults("gmvae", "digits"), "model": "gmvae", "z_dim": Z, "feature_dim": FEAT}
     torch.manual_seed(0)
-    model, guide = build_gmvae(TrainConfig.for_model(**values, weight_init="xavier"), 64, K)
+    model, guide = build_gmvae(TrainConfig.for_model(**values, init="xavier"), 64, K)
     layers = [m for m in (*model.modules(), *guide.modules()) if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     for layer in layers:
         fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)

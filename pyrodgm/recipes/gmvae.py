@@ -22,7 +22,7 @@ Where the authors' released code (``model/SSVAE.py``, ``networks/CatVAENetwork.p
 ``utils/assignment.py``) differs from the paper, an option of :class:`GMVAEConfig` follows
 it: the k-NN vote (``knn_weighting="uniform"``, a majority), the reconstruction term
 (``likelihood="cross-entropy"``, the binary cross-entropy of grey pixels), TensorFlow's
-initialisation and batch-norm (``weight_init="xavier"``, ``batch_norm="tensorflow"``), the networks (``z_prior``,
+initialisation and batch-norm (``init="xavier"``, ``batch_norm="tensorflow"``), the networks (``z_prior``,
 ``z_encoder``, ``classifier_layers``, ``conv_activation``, ``decoder_head``:
 :class:`~pyrodgm.models.gmvae.GMVAESpec`); ``experiments/gmvae_mnist_100.py
 --authors-code`` sets all of them with the values of its ``run.sh``.
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pyrodgm.nets import init_weights_
+from pyrodgm.nets import INITS, init_weights_
 
 from pyrodgm.guides.gmvae import GMVAEGuide
 from pyrodgm.models.gmvae import DECODER_HEADS, GMVAE, LIKELIHOODS, Z_ENCODERS, Z_PRIORS, GMVAESpec
@@ -101,7 +101,7 @@ class GMVAEConfig(ClustersConfig, GumbelConfig, ModelConfig):
     classifier_layers: int = option(1, "hidden layers of q(y|x_hat), of width fsz (authors' code: 0)")
     conv_activation: str = option("leaky_relu", "activation of the feature convolutions (authors' code: relu)", choices=("leaky_relu", "relu"))
     decoder_head: str = option("deconv", "decoder ends with a transposed conv (the paper) or a dense layer (authors' code)", choices=DECODER_HEADS)
-    weight_init: str = option("default", "PyTorch's initialisation or Glorot-uniform, zero biases (authors' TensorFlow)", choices=("default", "xavier"))
+    init: str = option("default", "initial weights: PyTorch's, Glorot-uniform with zero biases (the authors' TensorFlow), or N(0, 0.001^2)", choices=INITS)
     batch_norm: str = option("torch", "batch-norm momentum and eps: PyTorch's (0.1, 1e-5) or TensorFlow's (0.01, 1e-3)", choices=tuple(BATCH_NORMS))
 
 
@@ -190,7 +190,7 @@ def build_gmvae(config, x_dim: int, num_classes: int) -> tuple[nn.Module, nn.Mod
     temperature = _config_temperature(config, max(config.epochs - 1, 0))
     model, guide = GMVAE(spec, likelihood=p.likelihood), GMVAEGuide(spec, label_mode=p.label_mode, temperature=temperature)
     for module in (model, guide):
-        set_batch_norm(init_weights_(module, p.weight_init), p.batch_norm)
+        set_batch_norm(init_weights_(module, p.init), p.batch_norm)
     return model, guide
 
 

@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=config.labels > 0)
     _, _, model, guide, _ = build_from_checkpoint(Path(config.out) / "best.pt", args.device)
     test = load_test_data(config, args.device)
     subset = test.flat()[: args.iwae_images]

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
     extra = {"config": metrics["config"], "authors_code_options": authors_code_options(args)}
     path = write_result(args, name(args), metrics, TARGETS[args.labels], started, extra)
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))

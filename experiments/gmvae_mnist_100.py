@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     args.epochs = epochs(args)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
     target = TARGETS.get(args.dataset, TARGETS["mnist"])
     stem = result_stem(args, name(args))
     figures = save_figures(Path(config.out) / "best.pt", stem, args.embedding, args.embedding_limit, args.device)

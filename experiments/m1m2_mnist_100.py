@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     stack = TrainConfig.for_model(model="m1m2", labels=100, batch_size=200, labelled_per_batch=100, epochs=args.epochs,
                                   z_dim=50, hidden=(500,), alpha_factor=0.1, eval_particles=10, m1_checkpoint=m1_checkpoint,
                                   end_to_end=args.end_to_end, out=f"{base}/m1m2", **common, **run_options(args))
-    metrics = train(stack, resume=args.resume and _started(stack.out), progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(stack, resume=args.resume and _started(stack.out), progress=not args.quiet, overwrite=args.overwrite, baseline=True)
     extra = {"m1_epochs_completed": m1_metrics["epochs_completed"] if m1_metrics else None,
              "m1_train_seconds": m1_metrics["train_seconds_total"] if m1_metrics else None,
              "m1_best_validation": m1_metrics["best_validation"] if m1_metrics else None,

@@ -21,7 +21,7 @@ def main(argv=None) -> dict:
         lr=3e-4, seed=args.seed, device=args.device, out=out, z_dim=50, hidden=(500,),
         activation="softplus", alpha_factor=0.1, eval_particles=1, **run_options(args),
     )
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
     write_result(args, "m2_100_labels", metrics, {"test_error": 0.1197, "std": 0.0171, "source": "Kingma et al. 2014, Table 1"}, started)
     return metrics
 

@@ -24,6 +24,8 @@ SCRIPTS = {
     "cagem_mnist.py": ["--epochs", "1", "--iwae-k", "10", "--iwae-images", "20", "--eval-particles", "2", "--threads", "1"],
 }
 
+#: The semi-supervised scripts: each runs LabelSpreading on its split (``train(baseline=True)``).
+WITH_BASELINE = {"m2_mnist_100.py", "m1m2_mnist_100.py", "adgm_mnist_100.py", "conv_mmcva_mnist.py", "gmvae_mnist_100.py", "cagem_mnist.py"}
 
 # helpers imported by the scripts and the tests below, and scripts with a test of their own
 NOT_TRAINING_SCRIPTS = {"common.py", "seeds.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py",
@@ -57,6 +59,8 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     assert 0.0 <= result["test"]["error"] <= 1.0
     assert (result["paper"].get("test_error") or result["paper"].get("p_error")) > 0
     assert result["command"].startswith(f"python {EXPERIMENTS / script}")
+    if script in WITH_BASELINE:  # LabelSpreading on the run's own split, beside its error
+        assert 0.0 <= result["baseline"]["test_error"] <= 1.0 and result["baseline"]["pixels"] in ("binarised", "grey")
 
 
 @pytest.mark.parametrize("seed", [0, 3])

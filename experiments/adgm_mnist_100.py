@@ -24,7 +24,7 @@ error against epoch and training seconds (``_test_curve.png``), beside the autho
 
 from common import parser, run_options, setup, write_result
 
-from pyrodgm.plots import plot_history, plot_test_curve
+from pyrodgm.plots import plot_history
 from pyrodgm.training import TrainConfig, train
 from pyrodgm.zoo import ADGM_DEFAULTS
 
@@ -135,11 +135,9 @@ def main(argv=None) -> dict:
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
         "alpha_factor": config.params.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),
     }
-    path = write_result(args, name(args), metrics, target(args.model, args.mc), started, extra)
+    path = write_result(args, name(args), metrics, target(args.model, args.mc), started, extra,
+                        reference=AUTHORS_CURVES.get((args.model, args.mc)))
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))
-    if args.track_test:
-        curve = path.with_name(path.stem + "_test_curve.png")
-        plot_test_curve(metrics["history"], curve, reference=AUTHORS_CURVES.get((args.model, args.mc)))
     return metrics
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pyrodgm.allocator import tune_glibc_malloc
+from pyrodgm.plots import plot_test_curve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,8 +61,17 @@ def command_line() -> str:
     return f"python {Path(sys.argv[0]).as_posix()} {shlex.join(sys.argv[1:])}".rstrip()
 
 
-def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dict, started: float, extra: dict | None = None) -> Path:
-    """Write ``results/NAME_DATASET_seedS.json`` and return its path."""
+def write_result(
+    args: argparse.Namespace, name: str, metrics: dict, target: dict, started: float, extra: dict | None = None,
+    reference: dict | None = None,
+) -> Path:
+    """Write ``results/NAME_DATASET_seedS.json`` and return its path.  A run that recorded
+    its test error every epoch (``--track-test``) also gets ``NAME_DATASET_seedS_test_curve.png``:
+    that error against the epoch and the training seconds, beside ``reference`` (the
+    authors' published curve, ``{"label": ..., "points": [(epoch, error), ...]}``) if any."""
+    path = Path(args.results) / f"{name}_{args.dataset}_seed{args.seed}.json"
+    history = metrics.get("history") or []
+    curve = path.with_name(path.stem + "_test_curve.png") if any(h.get("test_error") is not None for h in history) else None
     result = {
         "experiment": name,
         "date": datetime.date.today().isoformat(),
@@ -79,10 +89,13 @@ def write_result(args: argparse.Namespace, name: str, metrics: dict, target: dic
         "baseline": metrics.get("baseline"),  # LabelSpreading on the run's split (train(baseline=True))
         "paper": target,
         "command": command_line(),
+        "test_curve_png": curve and curve.name,
+        "authors_curve": reference,
         **(extra or {}),
     }
-    path = Path(args.results) / f"{name}_{args.dataset}_seed{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+    if curve:
+        plot_test_curve(history, curve, reference=reference)
     print(json.dumps({k: result[k] for k in ("experiment", "device", "epochs_completed", "test")}, indent=2))
     return path

@@ -1,11 +1,15 @@
 """Kingma et al. (2014), Table 1, M2 with 100 labels on MNIST (paper: 11.97% +- 1.71 test
 error).  Paper architecture: z 50, one hidden layer of 500 softplus units, alpha = 0.1 N;
 batches of 200 with 100 labelled (the ADGM recipe), Adam 3e-4, dynamic binarisation.
-The test error is that of the checkpoint with the best validation error.
+The test error is that of the checkpoint with the best validation error.  With
+``--track-test`` the test error by epoch and by training second is drawn beside the M2
+curve of the ADGM authors' code (``_test_curve.png``; no curve of Kingma et al.'s own code
+was published).
 
     python experiments/m2_mnist_100.py --root ../shared/data --no-download --epochs 1000
 """
 
+from adgm_mnist_100 import AUTHORS_CURVES
 from common import parser, run_options, setup, write_result
 
 from pyrodgm.training import TrainConfig, train
@@ -22,7 +26,8 @@ def main(argv=None) -> dict:
         activation="softplus", alpha_factor=0.1, eval_particles=1, **run_options(args),
     )
     metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
-    write_result(args, "m2_100_labels", metrics, {"test_error": 0.1197, "std": 0.0171, "source": "Kingma et al. 2014, Table 1"}, started)
+    write_result(args, "m2_100_labels", metrics, {"test_error": 0.1197, "std": 0.0171, "source": "Kingma et al. 2014, Table 1"}, started,
+                 reference=AUTHORS_CURVES[("m2", 1)])
     return metrics
 
 

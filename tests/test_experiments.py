@@ -10,7 +10,7 @@ import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCRIPTS = {
-    "m2_mnist_100.py": ["--epochs", "1"],
+    "m2_mnist_100.py": ["--epochs", "1", "--track-test"],
     "m1m2_mnist_100.py": ["--epochs", "1", "--m1-epochs", "1"],
     "m1_svm_mnist.py": ["--epochs", "1", "--threads", "1"],
     "adgm_mnist_100.py": ["--epochs", "1", "--eval-particles", "10", "--threads", "1"],
@@ -59,6 +59,11 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     assert 0.0 <= result["test"]["error"] <= 1.0
     assert (result["paper"].get("test_error") or result["paper"].get("p_error")) > 0
     assert result["command"].startswith(f"python {EXPERIMENTS / script}")
+    if "--track-test" in SCRIPTS[script]:  # the test error by epoch, drawn beside the authors' curve
+        assert (tmp_path / "results" / result["test_curve_png"]).stat().st_size > 0 and result["authors_curve"]["points"]
+        assert [h["test_error"] is not None for h in result["history"]] == [True]
+    else:
+        assert result.get("test_curve_png") is None
     if script in WITH_BASELINE:  # LabelSpreading on the run's own split, beside its error
         assert 0.0 <= result["baseline"]["test_error"] <= 1.0 and result["baseline"]["pixels"] in ("binarised", "grey")
 

@@ -470,6 +470,15 @@ def test_gmvae_experiment_with_the_authors_code_writes_its_own_results(tmp_path)
     result = json.loads(result_file.read_text())
     assert result["authors_code_options"]["knn"] == 7 and result["epochs_completed"] == 1
 
+def test_m2_experiment_takes_kingmas_code_options():
+    m2 = _import_experiment("m2_mnist_100")
+    plain, authors = m2.config_for(m2.parse_args([])), m2.config_for(m2.parse_args(["--authors-code"]))
+    assert (plain.params.init, plain.weight_prior_std, plain.batch_size, plain.labelled_per_batch) == ("default", None, 200, 100)
+    assert (authors.params.init, authors.weight_prior_std, authors.batch_size, authors.labelled_per_batch) == ("small-normal", 1.0, 500, 1)
+    assert (authors.params.hidden, authors.params.z_dim, authors.params.alpha_factor) == ((500,), 50, 0.1)  # the paper's
+    assert m2.name(m2.parse_args(["--authors-code"])) == "m2_100_labels_authors_code" and plain.out != authors.out
+
+
 def test_the_library_baseline_is_the_experiments_label_spreading(single_thread, tmp_path):
     """``pyrodgm.baselines.run_baseline`` (what ``pyrodgm train`` prints) computes the
     LabelSpreading row of ``experiments/baselines.py`` on the same split and pixels."""

@@ -262,8 +262,13 @@ def above_baseline_notes(results: list[tuple[str, dict]]) -> list[str]:
         name, history = result["experiment"], result.get("history") or []
         trend = _trend(history) if history else "no per-epoch record (recorded before the scripts kept the history)"
         curve = _curve_cell(result, curves)
-        reference = f"the authors' code was at {curve}" if curve != "n/a" and not curve.startswith("n/a") else \
-            f"the paper's {_metric_cells(test, result['paper'])[1]} comes after its full schedule"
+        paper = _metric_cells(test, result["paper"])[1]
+        if not curve.startswith("n/a"):
+            reference = f"the authors' code was at {curve}"
+        elif paper != "n/a":
+            reference = f"the paper's {paper} comes after its full schedule"
+        else:
+            reference = f"no published number to compare ({result['paper'].get('source', 'no source')})"
         notes.append(
             f"- {name} ({result['dataset']}, seed {result['seed']}): {_percent(test['error'])} against LabelSpreading's "
             f"{_percent(spreading)} after {_epochs(result['epochs_completed'])} ({result['train_seconds'] / 60:.0f} CPU-minutes); "

@@ -188,6 +188,8 @@ def test_results_table_notes_why_each_run_above_the_baseline_stays_there():
     assert table.above_baseline_notes([("x", late)])[2].endswith("the authors' code was at 17.00% (epoch 20).")
     assert "no per-epoch record" in sdgm and "the paper's test error 2.00% comes after its full schedule" in sdgm
     assert table.above_baseline_notes([run("m2_100_labels", 0.05, 0.1)]) == []
+    curve_only = run("m2_1mc_100_labels", 0.17, 0.1)[1] | {"paper": {"test_error": None, "source": "Fig. 2a (a curve only)"}}
+    assert table.above_baseline_notes([("x", curve_only)])[2].endswith("no published number to compare (Fig. 2a (a curve only)).")
 
 
 def test_results_table_renders_the_estimator_benchmark_once_per_peer():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pyrodgm.allocator import tune_glibc_malloc
+from pyrodgm.denormals import flush_denormals
 from pyrodgm.plots import plot_test_curve
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,6 +52,7 @@ def run_options(args: argparse.Namespace) -> dict:
 
 def setup(args: argparse.Namespace) -> float:
     tune_glibc_malloc()
+    flush_denormals()
     if args.threads:
         torch.set_num_threads(args.threads)
     return time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from common import RESULTS, command_line
 
 from pyrodgm.cli import _train_config, build_parser
+from pyrodgm.denormals import flush_denormals
 from pyrodgm.training import device_description, train
 
 
@@ -64,6 +65,7 @@ def main(argv=None) -> dict:
     args, command = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    flush_denormals()
     started = time.perf_counter()
     configs = [seed_config(command, seed, Path(args.out)) for seed in args.seeds]
     first = configs[0]

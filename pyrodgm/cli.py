@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from .allocator import tune_glibc_malloc
+from .denormals import flush_denormals
 
 __all__ = ["main", "build_parser", "train_options", "models_table", "split_description", "QUICK_IWAE_K", "PAPER_IWAE_K"]
 
@@ -578,6 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(_unknown_options_message(args, unknown))
     args.command_line = "pyrodgm " + " ".join(sys.argv[1:] if argv is None else argv)
     tune_glibc_malloc()  # an application's choice: freed CPU tensor memory stays in the process
+    flush_denormals()  # and subnormal floats read as 0 (pyrodgm.denormals)
     handler = {
         "train": _train, "evaluate": _evaluate, "plot": _plot, "models": _models, "impute": _impute, "predict": _predict,
     }[args.command]

@@ -480,3 +480,24 @@ def test_train_without_baseline_and_without_labels_prints_none(tmp_path):
     assert code == 0, stderr
     assert "baseline" not in json.loads(stdout)  # an unsupervised model: nothing to spread
 
+
+
+def test_the_command_flushes_subnormal_floats_to_zero(tmp_path, monkeypatch):
+    """A weight that only the weight prior moves decays through the subnormal range, where
+    x86 arithmetic is many times slower (pyrodgm.denormals): the command flushes them."""
+    import torch
+
+    from pyrodgm.denormals import flush_denormals
+
+    subnormal = torch.tensor([1e-39])
+    try:
+        torch.set_flush_denormal(False)
+        assert (subnormal * 1.0).item() != 0.0
+        if not flush_denormals():
+            pytest.skip("this CPU cannot flush subnormal floats")
+        assert (subnormal * 1.0).item() == 0.0
+        torch.set_flush_denormal(False)
+        assert main(["models"]) == 0
+        assert (subnormal * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -52,8 +52,8 @@ def _format_default(value) -> str:
 
 def _default_text(field: str, model: str, config_class: type) -> str:
     """`` (default: V; mnist: W)``: the value of ``field`` a run of ``model`` gets on the
-    digits, and on the data sets where its paper's differs; empty for a switch and where
-    the field has no fixed default (the model decides)."""
+    digits, and on the data sets where its paper's differs (``none``: off on the digits);
+    empty for a switch and where the field has no fixed default (the model decides)."""
     from .configs import field_defaults, option_kwargs
     from .data import DATASETS
     from .zoo import defaults
@@ -62,14 +62,15 @@ def _default_text(field: str, model: str, config_class: type) -> str:
     if field in ("dataset", "out") or "action" in option_kwargs(config_class, field):
         return ""
     value = defaults(model, "digits").get(field, base[field])
-    if value is None:
-        return ""
     others = [
         f"{dataset}: {_format_default(other)}"
         for dataset in DATASETS
         if dataset != "digits" and (other := defaults(model, dataset).get(field, base[field])) != value
     ]
-    return f" (default: {_format_default(value)}" + ("; " + "; ".join(others) if others else "") + ")"
+    if value is None and not others:
+        return ""
+    shown = "none" if value is None else _format_default(value)
+    return f" (default: {shown}" + ("; " + "; ".join(others) if others else "") + ")"
 
 
 def _add_train_parser(commands, name: str, recipe_, debug: argparse.ArgumentParser) -> None:

@@ -73,9 +73,9 @@ class TrainConfig:
     num_particles: int = option(1, "Monte Carlo samples per step (vectorised)")
     eval_particles: int = option(10, "samples the classifier is averaged over when evaluating")
     # the authors' code beyond the papers' text (issue 15; pyrodgm.training.optimiser for the units)
-    weight_prior_std: Optional[float] = option(None, "N(0, STD^2) prior on weight matrices (authors: 1)", metavar="STD")
-    grad_clip_norm: Optional[float] = option(None, "clip the gradient per batch row to NORM (ADGM: 5)", metavar="NORM")
-    grad_clip_value: Optional[float] = option(None, "then each element to +-V (ADGM: 1)", metavar="V")
+    weight_prior_std: Optional[float] = option(None, "N(0, STD^2) prior on weight matrices (inf: none)", metavar="STD")
+    grad_clip_norm: Optional[float] = option(None, "clip the gradient per batch row to NORM (0: none)", metavar="NORM")
+    grad_clip_value: Optional[float] = option(None, "then each element to +-V (0: none)", metavar="V")
     # how the run is driven (none of these changes the maths: a run may resume with others)
     device: str = option("cpu", "cpu or cuda")
     out: str = option("runs/m2", "output folder (default runs/MODEL)")
@@ -272,15 +272,23 @@ def optimiser(config: TrainConfig, num_data: int, labelled_per_batch: int) -> Fu
     and ``N`` the unlabelled images (their ``B / n`` = 200 / 120,000 = 100 / 60,000).  With
     their values (1, 5, 1) a run takes their steps.  Their later SDGM code clips the mean over
     the labelled rows plus the mean over the unlabelled ones, twice the mean per row in
-    that layout: its (5, 1) are (2.5, 0.5) here."""
+    that layout: its (5, 1) are (2.5, 0.5) here.
+
+    A data set's preset can turn them on (the ADGM's on MNIST); ``weight_prior_std`` of
+    ``inf`` (a flat prior) and clipping thresholds of 0 turn them off."""
+    std, norm, value = config.weight_prior_std, config.grad_clip_norm, config.grad_clip_value
+    if std is not None and not std > 0:
+        raise ValueError(f"weight_prior_std must be positive (inf: no prior), got {std}")
+    for name, threshold in (("grad_clip_norm", norm), ("grad_clip_value", value)):
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"{name} must be positive (0: no clipping), got {threshold}")
     rows = config.batch_size
     unlabelled = rows - labelled_per_batch if labelled_per_batch < rows else rows
-    precision = None if config.weight_prior_std is None else unlabelled / (num_data * config.weight_prior_std ** 2)
     return FusedAdam(
         {"lr": learning_rate(config, 0), "betas": config.betas, **({"capturable": True} if config.cuda_graph else {})},
-        weight_prior_precision=precision,
-        max_grad_norm=None if config.grad_clip_norm is None else config.grad_clip_norm * rows,
-        max_grad_value=None if config.grad_clip_value is None else config.grad_clip_value * rows,
+        weight_prior_precision=None if std is None or math.isinf(std) else unlabelled / (num_data * std ** 2),
+        max_grad_norm=norm * rows if norm else None,
+        max_grad_value=value * rows if value else None,
     )
 
 

@@ -489,9 +489,9 @@ def test_the_command_flushes_subnormal_floats_to_zero(tmp_path, monkeypatch):
 
     from pyrodgm.denormals import flush_denormals
 
-    subnormal = torch.tensor([1e-39])
     try:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(False)  # earlier tests' commands may have set it
+        subnormal = torch.tensor([1e-39])
         assert (subnormal * 1.0).item() != 0.0
         if not flush_denormals():
             pytest.skip("this CPU cannot flush subnormal floats")

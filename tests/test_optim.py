@@ -254,3 +254,22 @@ class _Prepared(pyro.optim.PyroOptim):
 def test_prior_and_clipping_must_be_positive(name, value):
     with pytest.raises(ValueError, match=f"{name} must be positive"):
         FusedAdam(dict(ARGS), **{name: value})
+
+
+def test_the_adgm_takes_its_authors_prior_and_clipping_on_mnist_only_and_each_can_be_turned_off():
+    from pyrodgm.training import TrainConfig, optimiser
+    from pyrodgm.zoo import ADGM_MNIST, defaults
+
+    assert {k: defaults("adgm", "mnist")[k] for k in ADGM_MNIST} == ADGM_MNIST
+    assert not set(ADGM_MNIST) & {k for k, v in defaults("adgm", "digits").items() if k != "alpha_factor" and v is not None}
+    assert defaults("adgm", "digits")["alpha_factor"] == defaults("sdgm", "mnist")["alpha_factor"] == 0.1
+    mnist = TrainConfig.paper("adgm", "mnist")
+    optim = optimiser(mnist, num_data=60000, labelled_per_batch=100)
+    assert optim.weight_prior_precision == pytest.approx(100 / 60000)  # U / (N s^2): their 200 / 120,000
+    assert (optim.max_grad_norm, optim.max_grad_value) == (5.0 * 200, 1.0 * 200)  # per batch row
+    off = optimiser(TrainConfig.paper("adgm", "mnist", weight_prior_std=math.inf, grad_clip_norm=0.0, grad_clip_value=0.0), 60000, 100)
+    assert (off.weight_prior_precision, off.max_grad_norm, off.max_grad_value) == (None, None, None)
+    for bad, message in ((dict(weight_prior_std=-1.0), "weight_prior_std must be positive"), (dict(grad_clip_norm=-5.0), "grad_clip_norm must be positive"),
+                         (dict(grad_clip_value=math.nan), "grad_clip_value must be positive")):
+        with pytest.raises(ValueError, match=message):
+            optimiser(TrainConfig.paper("adgm", "mnist", **bad), 60000, 100)

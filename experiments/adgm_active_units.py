@@ -23,13 +23,13 @@ import json
 from pathlib import Path
 
 import torch
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 from torch.distributions import kl_divergence
 
 import pyro.distributions as dist
 from pyrodgm.evaluation import active_units
 from pyrodgm.traces import TraceTerms, particle_traces
-from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description, load_test_data, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description, load_test_data
 from pyrodgm.zoo import ADGM_DEFAULTS
 
 SITES = ("a", "z")
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
         config = TrainConfig.for_model(**{**ADGM_DEFAULTS, "model": args.model, "dataset": args.dataset, "root": args.root,
                                           "download": args.download, "validation": args.validation, "epochs": args.epochs,
                                           "seed": args.seed, "device": args.device, "out": out, **run_options(args)})
-        metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+        metrics = run_training(args, config)
         checkpoint = Path(out) / "best.pt"
         config, _, model, guide, state = build_from_checkpoint(checkpoint, args.device)
     test = load_test_data(config, args.device, root=args.root, limit=args.limit, download=args.download and config.download)

@@ -22,10 +22,10 @@ error against epoch and training seconds (``_test_curve.png``), beside the autho
     python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm
 """
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.plots import plot_history
-from pyrodgm.training import TrainConfig, train
+from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import ADGM_DEFAULTS
 
 MODELS = ("adgm", "sdgm", "adgm-deterministic", "m2")
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
+    metrics = run_training(args, config, baseline=True)
     extra = {
         "model": args.model, "mc_samples": args.mc, "eval_particles": args.eval_particles,
         "alpha_factor": config.params.alpha_factor, "out": config.out, "authors_code_options": authors_code_options(args),

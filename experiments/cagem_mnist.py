@@ -20,12 +20,12 @@ Paper targets: CaGeM-0 -81.92 (K=20), -81.86 (K=5), -81.60 (K=10); CaGeM-100 -79
 
 from pathlib import Path
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.data import IMAGE_SHAPES
 from pyrodgm.evaluation import iwae_evaluate, posterior_mean
 from pyrodgm.plots import save_embedding, save_samples
-from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data
 from pyrodgm.recipes.cagem import CAGEM_DEFAULTS
 
 #: Table 1 (IWAE-5000 log-likelihood) and Table 3 (test error) of Maaløe et al. (2017).
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=config.labels > 0)
+    metrics = run_training(args, config, baseline=config.labels > 0)
     _, _, model, guide, _ = build_from_checkpoint(Path(config.out) / "best.pt", args.device)
     test = load_test_data(config, args.device)
     subset = test.flat()[: args.iwae_images]

@@ -16,6 +16,7 @@ import torch
 from pyrodgm.allocator import tune_glibc_malloc
 from pyrodgm.denormals import flush_denormals
 from pyrodgm.plots import plot_test_curve
+from pyrodgm.training import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -56,6 +57,12 @@ def setup(args: argparse.Namespace) -> float:
     if args.threads:
         torch.set_num_threads(args.threads)
     return time.perf_counter()
+
+
+def run_training(args: argparse.Namespace, config, baseline: bool = False) -> dict:
+    """Train ``config`` as the script's arguments say (``--resume``, ``--overwrite``,
+    ``--quiet``); with ``baseline``, LabelSpreading on the run's split beside it."""
+    return train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=baseline)
 
 
 def command_line() -> str:

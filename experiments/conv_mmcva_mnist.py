@@ -18,10 +18,10 @@ that of the CNN's argmax (eq. 2).
     python experiments/conv_mmcva_mnist.py --root ../shared/data --no-download --labels 100 --authors-code
 """
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.plots import plot_history
-from pyrodgm.training import TrainConfig, train
+from pyrodgm.training import TrainConfig
 from pyrodgm.recipes.mmcva import CONV_MMCVA_DEFAULTS
 
 #: Table 6 of Li et al.
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
+    metrics = run_training(args, config, baseline=True)
     extra = {"config": metrics["config"], "authors_code_options": authors_code_options(args)}
     path = write_result(args, name(args), metrics, TARGETS[args.labels], started, extra)
     plot_history(metrics["history"], path.with_suffix(".png"), keys=("valid_error", "valid_elbo"))

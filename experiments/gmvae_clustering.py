@@ -16,11 +16,11 @@ generations of each cluster and a t-SNE (or PCA) of the test features.
 
 from pathlib import Path
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 from gmvae_mnist_100 import add_gmvae_arguments, result_stem, save_figures
 
 from pyrodgm.plots import plot_history
-from pyrodgm.training import TrainConfig, train
+from pyrodgm.training import TrainConfig
 from pyrodgm.zoo import defaults
 
 TARGETS = {
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = run_training(args, config)
     name = "gmvae_clustering"
     stem = result_stem(args, name)
     figures = save_figures(Path(config.out) / "best.pt", stem, args.embedding, args.embedding_limit, args.device)

@@ -22,11 +22,11 @@ Table 1's Fashion-MNIST column with its presets (paper: 26.88% +- 0.86).
 
 from pathlib import Path
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.data import IMAGE_SHAPES
 from pyrodgm.plots import plot_history, save_embedding, save_samples
-from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data
 from pyrodgm.zoo import defaults
 
 TARGETS = {
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     args.epochs = epochs(args)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
+    metrics = run_training(args, config, baseline=True)
     target = TARGETS.get(args.dataset, TARGETS["mnist"])
     stem = result_stem(args, name(args))
     figures = save_figures(Path(config.out) / "best.pt", stem, args.embedding, args.embedding_limit, args.device)

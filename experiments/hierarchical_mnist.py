@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import time
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.evaluation import iwae_evaluate
-from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, load_test_data
 from pyrodgm.zoo import defaults
 
 #: CaGeM (Maaløe et al. 2017), Table 1, MNIST, log p(x) with k = 5000 (nats).
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
            "validation": args.validation, "epochs": args.epochs, "seed": args.seed, "device": args.device, "out": out,
            **run_options(args)},
     )
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = run_training(args, config)
 
     _, _, model, guide, state = build_from_checkpoint(f"{out}/best.pt", args.device)
     test = load_test_data(config, args.device, limit=args.test_images)

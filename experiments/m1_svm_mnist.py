@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from baselines import problem, train_config
-from common import parser, setup, write_result
+from common import parser, run_training, setup, write_result
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 from sklearn.svm import SVC
@@ -35,7 +35,7 @@ from sklearn.svm import SVC
 from pyrodgm.baselines import NEIGHBOURS
 from pyrodgm.data import load_dataset
 from pyrodgm.evaluation import posterior_mean
-from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, device_description
 
 #: Kingma et al. (2014), Table 1, M1+TSVM with 100 labels.
 PAPER = {"test_error": 0.1182, "std": 0.0025, "source": "Kingma et al. 2014, Table 1 (M1+TSVM)"}
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     checkpoint = args.m1_checkpoint
     if checkpoint is None:
         config = m1_config(args)
-        m1_metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+        m1_metrics = run_training(args, config)
         checkpoint = str(Path(config.out) / "best.pt")
     saved, _, _, guide, state = build_from_checkpoint(checkpoint, args.device)
     saved_epoch = state["epoch"]  # M1's

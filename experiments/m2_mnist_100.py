@@ -11,9 +11,9 @@ beyond the paper's text (:data:`AUTHORS_CODE`).
 """
 
 from adgm_mnist_100 import AUTHORS_CURVES
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
-from pyrodgm.training import TrainConfig, train
+from pyrodgm.training import TrainConfig
 
 
 #: What Kingma et al.'s code did beyond the paper's text (``--authors-code``): every weight
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = setup(args)
     config = config_for(args)
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite, baseline=True)
+    metrics = run_training(args, config, baseline=True)
     write_result(args, name(args), metrics, {"test_error": 0.1197, "std": 0.0171, "source": "Kingma et al. 2014, Table 1"}, started,
                  {"authors_code_options": AUTHORS_CODE if args.authors_code else {}}, reference=AUTHORS_CURVES[("m2", 1)])
     return metrics

@@ -13,11 +13,11 @@ and then fit a linear SVM on the features of the 50,000 non-validation training 
     python experiments/mmva_mnist.py --root ../shared/data --no-download --model va-pegasos --epochs 100
 """
 
-from common import parser, run_options, setup, write_result
+from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.data import load_dataset, semi_supervised_split
 from pyrodgm.svm import fit_linear_svm, guide_features, svm_error
-from pyrodgm.training import TrainConfig, build_from_checkpoint, evaluation_data, load_test_data, train
+from pyrodgm.training import TrainConfig, build_from_checkpoint, evaluation_data, load_test_data
 from pyrodgm.zoo import defaults
 
 MODELS = ("mmva", "conv-mmva", "va-pegasos", "conv-va-pegasos")
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         "download": args.download, "validation": args.validation, "epochs": args.epochs, "seed": args.seed,
         "device": args.device, "out": out, **run_options(args),
     })
-    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = run_training(args, config)
     extra = {"model": model, "C": C, "command_fields": {"model": args.model, "C": f"{C:g}", "svm_C": f"{args.svm_C:g}"}}
     if model not in PAPER_C:  # the Pegasos baselines: the SVM's error is the result
         svm = fit_pegasos(config, out, args.svm_C, args.device)

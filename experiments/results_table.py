@@ -130,12 +130,21 @@ def baseline_results(results: list[tuple[str, dict]]) -> list[dict]:
 def _baseline_cell(result: dict, baselines: list[dict]) -> str:
     """The grey-level baselines' test errors on the split of ``result`` (same dataset,
     labels, validation size and seed), ``LabelSpreading / self-training / labelled only``."""
+    baseline = _grey_baseline(result, baselines)
+    if baseline is None:
+        return "n/a"
+    return " / ".join(_percent(baseline["methods"][name]["test_error"][str(result["seed"])]) for name in BASELINE_METHODS)
+
+
+def _grey_baseline(result: dict, baselines: list[dict]) -> dict | None:
+    """The grey-level ``baselines.py`` result of the split of ``result`` (same dataset,
+    labels, validation size) that ran its seed, or ``None``."""
     dataset, labels, validation, seed = _split_of(result)
     for baseline in baselines:
         if (baseline["dataset"], baseline["labels"], baseline["validation"], baseline["pixels"]) == (dataset, labels, validation, "grey") \
                 and seed in baseline["seeds"]:
-            return " / ".join(_percent(baseline["methods"][name]["test_error"][str(seed)]) for name in BASELINE_METHODS)
-    return "n/a"
+            return baseline
+    return None
 
 
 def _run_baseline_cell(result: dict, baselines: list[dict]) -> str:
@@ -218,12 +227,8 @@ def _label_spreading_error(result: dict, baselines: list[dict]) -> float | None:
     own = result.get("baseline")
     if own:
         return own["test_error"]
-    dataset, labels, validation, seed = _split_of(result)
-    for baseline in baselines:
-        if (baseline["dataset"], baseline["labels"], baseline["validation"], baseline["pixels"]) == (dataset, labels, validation, "grey") \
-                and seed in baseline["seeds"]:
-            return baseline["methods"]["label_spreading"]["test_error"][str(seed)]
-    return None
+    baseline = _grey_baseline(result, baselines)
+    return None if baseline is None else baseline["methods"]["label_spreading"]["test_error"][str(result["seed"])]
 
 
 def _trend(history: list[dict]) -> str:

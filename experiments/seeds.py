@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, command_line
+from common import RESULTS, command_line, setup
 
 from pyrodgm.cli import _train_config, build_parser
-from pyrodgm.denormals import flush_denormals
 from pyrodgm.training import device_description, train
 
 
@@ -63,10 +62,7 @@ def _summary(values: list[float]) -> dict:
 
 def main(argv=None) -> dict:
     args, command = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    flush_denormals()
-    started = time.perf_counter()
+    started = setup(args)  # threads, malloc thresholds, subnormal flush: as every script
     configs = [seed_config(command, seed, Path(args.out)) for seed in args.seeds]
     first = configs[0]
     path = Path(args.results) / f"seeds_{first.model}_{first.labels}_labels{args.suffix}_{first.dataset}.json"

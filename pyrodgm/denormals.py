@@ -15,19 +15,58 @@ such a number reads and writes as 0, which changes nothing a model computes at a
 precision. Like :func:`pyrodgm.allocator.tune_glibc_malloc` it is an application's choice
 for the whole process: the ``pyrodgm`` command and the experiments call it, the library
 never does on its own.
+
+The mode is a per-thread CPU register, and torch's worker threads (OpenMP, which MKL's
+matrix products share) copy it from the thread that starts them, when they start: called
+before the first multi-threaded torch operation, :func:`flush_denormals` reaches every
+thread; called later (in a notebook, after some torch work) it reaches only the calling
+thread, and the workers' share of every parallel operation still computes with subnormals.
+It checks, and warns (:class:`SubnormalFlushWarning`) when that happened.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-__all__ = ["flush_denormals"]
+__all__ = ["SubnormalFlushWarning", "flush_denormals"]
+
+_PROBE_SIZE = 1 << 18  # elements: several of ATen's parallel grains (32,768), about 1 ms
+_SUBNORMAL_BITS = 1000  # a float32 bit pattern below 2**-126: about 1.4e-42
+
+
+class SubnormalFlushWarning(RuntimeWarning):
+    """:func:`flush_denormals` reached only some of torch's threads."""
 
 
 def flush_denormals() -> bool:
     """Flush subnormal floats to zero in this process's CPU arithmetic (module docstring).
 
+    Warns :class:`SubnormalFlushWarning` when torch's worker threads had started before
+    this call and keep computing with subnormals (module docstring).
+
     :returns: whether the CPU supports it (x86 with SSE3; ``False`` elsewhere, and
         nothing changed).
     """
-    return bool(torch.set_flush_denormal(True))
+    if not torch.set_flush_denormal(True):
+        return False
+    if torch.get_num_threads() > 1 and _threads_computing_with_subnormals():
+        warnings.warn(
+            "subnormal floats are flushed to zero in this thread only: torch's worker threads "
+            "started before flush_denormals() was called and keep their own CPU mode, so their "
+            "share of every multi-threaded operation still computes with subnormals (many times "
+            "slower). Call pyrodgm.denormals.flush_denormals() at the start of the process, before "
+            "the first torch operation, or train with one torch thread (torch.set_num_threads(1))",
+            SubnormalFlushWarning,
+            stacklevel=2,
+        )
+    return True
+
+
+def _threads_computing_with_subnormals() -> bool:
+    """Whether some thread of a parallel elementwise product keeps a subnormal: with the
+    flush on in every thread, each one's share comes out exactly 0 (read as bits, so no
+    comparison on a flushed thread hides it)."""
+    subnormals = torch.full((_PROBE_SIZE,), _SUBNORMAL_BITS, dtype=torch.int32).view(torch.float32)
+    return bool((subnormals * 2.0).view(torch.int32).any())

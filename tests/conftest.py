@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-They are *not* autouse here, so that test modules written for float32 keep their
-defaults; a module opts in with ``pytestmark = pytest.mark.usefixtures("pyro_test_env")``
+Only :func:`no_subnormal_flush_leak` is autouse; the others are *not*, so that test
+modules written for float32 keep their defaults; a module opts in with ``pytestmark = pytest.mark.usefixtures("pyro_test_env")``
 (Pyro's own test conventions: float64, a cleared param store, a fixed seed, validation on).
 """
 
@@ -10,6 +10,15 @@ import os
 import pyro
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def no_subnormal_flush_leak():
+    """Subnormal floats computed as usual after every test: the ``pyrodgm`` command (which
+    the CLI tests call in-process) flushes them to zero for the whole process
+    (pyrodgm.denormals); the default, off, is put back for the next test's thread."""
+    yield
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Shared fixtures.
 
 Only :func:`no_subnormal_flush_leak` is autouse; the others are *not*, so that test
-modules written for float32 keep their defaults; a module opts in with ``pytestmark = pytest.mark.usefixtures("pyro_test_env")``
-(Pyro's own test conventions: float64, a cleared param store, a fixed seed, validation on).
+modules written for float32 keep their defaults; a module opts in with
+``pytestmark = pytest.mark.usefixtures("pyro_test_env")`` (Pyro's own test conventions:
+float64, a cleared param store, a fixed seed, validation on).
 """
 
 import os

@@ -22,6 +22,8 @@ error against epoch and training seconds (``_test_curve.png``), beside the autho
     python experiments/adgm_mnist_100.py --root ../shared/data --no-download --model sdgm
 """
 
+import math
+
 from common import parser, run_options, run_training, setup, write_result
 
 from pyrodgm.plots import plot_history
@@ -101,10 +103,16 @@ def authors_code_options(args) -> dict:
 
 
 def name(args) -> str:
-    suffix = "_authors_code" if args.authors_code else "".join(
-        f"_{flag}" for flag, on in (("prior", args.weight_prior_std), ("clip", args.grad_clip_norm or args.grad_clip_value),
-                                    ("fixed_a", args.fixed_auxiliary)) if on
-    )
+    """The run's name: the model, the samples per step and the authors'-code options it
+    has: ``_authors_code`` (less ``_no_prior`` / ``_no_clip`` where a flag turned one off:
+    ``--weight-prior-std inf``, both clipping thresholds 0), or each one taken on its own."""
+    options = authors_code_options(args)
+    prior = math.isfinite(options.get("weight_prior_std", math.inf))
+    clip = bool(options.get("grad_clip_norm") or options.get("grad_clip_value"))
+    if args.authors_code:
+        suffix = "_authors_code" + ("" if prior else "_no_prior") + ("" if clip else "_no_clip")
+    else:
+        suffix = "".join(f"_{flag}" for flag, on in (("prior", prior), ("clip", clip), ("fixed_a", args.fixed_auxiliary)) if on)
     if args.alpha_factor is not None:
         suffix += f"_alpha{args.alpha_factor:g}"
     return f"{args.model}_{args.mc}mc_100_labels{suffix}"

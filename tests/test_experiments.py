@@ -421,6 +421,14 @@ def test_adgm_experiment_takes_the_authors_code_differences_one_by_one_or_togeth
     config = adgm.config_for(one)
     assert (config.grad_clip_norm, config.weight_prior_std, config.params.fixed_auxiliary, config.validation) == (5.0, None, False, 100)
     assert adgm.name(one) == "adgm_1mc_100_labels_clip"
+    turned_off = {  # a flag that turns an option off takes it out of the name
+        ("--weight-prior-std", "inf", "--grad-clip-value", "1"): "adgm_1mc_100_labels_clip",
+        ("--weight-prior-std", "1", "--grad-clip-norm", "0"): "adgm_1mc_100_labels_prior",
+        ("--authors-code", "--weight-prior-std", "inf"): "adgm_1mc_100_labels_authors_code_no_prior",
+        ("--authors-code", "--grad-clip-norm", "0", "--grad-clip-value", "0"): "adgm_1mc_100_labels_authors_code_no_clip",
+        ("--authors-code", "--grad-clip-norm", "0"): "adgm_1mc_100_labels_authors_code",  # still clips each element
+    }
+    assert {flags: adgm.name(adgm.parse_args(list(flags))) for flags in turned_off} == turned_off
     m2 = adgm.config_for(adgm.parse_args(["--model", "m2", "--authors-code"]))
     assert not hasattr(m2.params, "fixed_auxiliary") and m2.weight_prior_std == 1.0  # M2 has no q(a|x)
     assert m2.params.init == "xavier"  # Glorot, like the ADGM (the paper's "Implementation details")

@@ -313,8 +313,10 @@ def plot_test_curve(
         epochs, values = zip(*reference["points"])
         by_epoch.plot(epochs, [100 * v for v in values], "o--", label=reference["label"])
         by_epoch.legend(fontsize=7)
-    by_time.plot([r["train_seconds"] for r in records], errors, marker=".")
-    for axis, label in ((by_epoch, "epoch"), (by_time, "training seconds")):
+    seconds = [r["train_seconds"] for r in records]
+    unit, per = ("minutes", 60.0) if max(seconds) > 3600 else ("seconds", 1.0)  # long runs: readable ticks
+    by_time.plot([s / per for s in seconds], errors, marker=".")
+    for axis, label in ((by_epoch, "epoch"), (by_time, f"training {unit}")):
         axis.set_xlabel(label)
         axis.set_ylabel(f"{key.replace('_', ' ')} (%)")
         axis.grid(alpha=0.3)

@@ -10,7 +10,7 @@ from pyrodgm.models import VAE
 from pyrodgm.nets import MLPSpec
 from pyrodgm.plots import (
     MIN_IMAGE_PIXELS, LatentDirections, latent_directions, latent_grid, learning_curve_panels, plot_learning_curve,
-    save_grid, save_manifold, save_samples,
+    plot_test_curve, save_grid, save_manifold, save_samples,
 )
 
 pytestmark = pytest.mark.usefixtures("clean_param_store", "single_thread")
@@ -116,3 +116,18 @@ def test_the_learning_curve_shows_the_loss_the_validation_error_and_a_tracked_te
     assert png(tmp_path / "curve.png").width > 500
     with pytest.raises(ValueError, match="the history is empty"):
         plot_learning_curve([], tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize("last_second, unit, scale", [(1800.0, "seconds", 1.0), (7200.0, "minutes", 60.0)])
+def test_the_test_curve_reads_training_time_in_minutes_once_a_run_passes_an_hour(tmp_path, monkeypatch, last_second, unit, scale):
+    import matplotlib.figure
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    history = [{"epoch": 1, "train_seconds": last_second / 2, "test_error": 0.2},
+               {"epoch": 2, "train_seconds": last_second, "test_error": 0.1}]
+    plot_test_curve(history, tmp_path / "curve.png")
+    by_epoch, by_time = drawn[0].axes
+    assert by_time.get_xlabel() == f"training {unit}"
+    assert list(by_time.lines[0].get_xdata()) == [last_second / 2 / scale, last_second / scale]
+    assert list(by_time.lines[0].get_ydata()) == [20.0, 10.0]

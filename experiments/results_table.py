@@ -181,11 +181,29 @@ def curve_at(curve: dict, epoch: int) -> str:
     return f"n/a (read from epoch {points[0][0]} to {points[-1][0]})"
 
 
-def _curve_cell(result: dict, curves: dict[str, dict]) -> str:
+def _curve_for(result: dict, curves: dict[str, dict]) -> dict | None:
+    """The authors' curve of the run's experiment (its name or a prefix of it), if any."""
     name = result["experiment"]
-    curve = curves.get(name) or next((c for prefix, c in curves.items() if name.startswith(prefix + "_")), None)
-    epoch = (result.get("test") or {}).get("epoch")
+    return curves.get(name) or next((c for prefix, c in curves.items() if name.startswith(prefix + "_")), None)
+
+
+def _curve_cell(result: dict, curves: dict[str, dict]) -> str:
+    curve, epoch = _curve_for(result, curves), (result.get("test") or {}).get("epoch")
     return "n/a" if curve is None or epoch is None else curve_at(curve, epoch)
+
+
+def _published_reference(result: dict, curves: dict[str, dict]) -> str:
+    """Where the authors' code (at the run's epoch, or where its curve begins) and the paper got to."""
+    cell, paper = _curve_cell(result, curves), _metric_cells(result["test"], result["paper"])[1]
+    if not cell.startswith("n/a"):
+        return f"the authors' code was at {cell}"
+    curve, parts = _curve_for(result, curves), []
+    if curve is not None and result["test"].get("epoch", 0) < min(curve["points"])[0]:
+        first_epoch, first_error = min(curve["points"])
+        parts.append(f"the authors' code's curve begins later: {_percent(first_error)} at epoch {first_epoch}")
+    if paper != "n/a":
+        parts.append(f"the paper's {paper} comes after its full schedule")
+    return "; ".join(parts) or f"no published number to compare ({result['paper'].get('source', 'no source')})"
 
 
 def training_rows(results: list[tuple[str, dict]]) -> list[str]:
@@ -266,14 +284,7 @@ def above_baseline_notes(results: list[tuple[str, dict]]) -> list[str]:
             continue
         name, history = result["experiment"], result.get("history") or []
         trend = _trend(history) if history else "no per-epoch record (recorded before the scripts kept the history)"
-        curve = _curve_cell(result, curves)
-        paper = _metric_cells(test, result["paper"])[1]
-        if not curve.startswith("n/a"):
-            reference = f"the authors' code was at {curve}"
-        elif paper != "n/a":
-            reference = f"the paper's {paper} comes after its full schedule"
-        else:
-            reference = f"no published number to compare ({result['paper'].get('source', 'no source')})"
+        reference = _published_reference(result, curves)
         notes.append(
             f"- {name} ({result['dataset']}, seed {result['seed']}): {_percent(test['error'])} against LabelSpreading's "
             f"{_percent(spreading)} after {_epochs(result['epochs_completed'])} ({result['train_seconds'] / 60:.0f} CPU-minutes); "

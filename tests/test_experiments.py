@@ -183,13 +183,15 @@ def test_results_table_notes_why_each_run_above_the_baseline_stays_there():
     adgm, sdgm = notes[2:]
     assert adgm.startswith("- adgm_1mc_100_labels_x (mnist, seed 0): 17.00% against LabelSpreading's 10.00% after 7 epochs (10 CPU-minutes)")
     assert "test error 30.00% at epoch 1, 17.00% at epoch 7 (its lowest); it fell over the last 5 epochs (25.00% at epoch 2)" in adgm
-    assert adgm.endswith("the paper's test error 2.00% comes after its full schedule.")  # the authors' curve starts at epoch 20
+    assert adgm.endswith("the authors' code's curve begins later: 17.00% at epoch 20; the paper's test error 2.00% comes after its full schedule.")
     late = run("adgm_1mc_100_labels_x", 0.17, 0.1, history)[1] | {"test": {"error": 0.17, "epoch": 20}}
     assert table.above_baseline_notes([("x", late)])[2].endswith("the authors' code was at 17.00% (epoch 20).")
     assert "no per-epoch record" in sdgm and "the paper's test error 2.00% comes after its full schedule" in sdgm
     assert table.above_baseline_notes([run("m2_100_labels", 0.05, 0.1)]) == []
     curve_only = run("m2_1mc_100_labels", 0.17, 0.1)[1] | {"paper": {"test_error": None, "source": "Fig. 2a (a curve only)"}}
-    assert table.above_baseline_notes([("x", curve_only)])[2].endswith("no published number to compare (Fig. 2a (a curve only)).")
+    assert table.above_baseline_notes([("x", curve_only)])[2].endswith("the authors' code's curve begins later: 18.00% at epoch 50.")
+    no_curve = run("adgm-deterministic_1mc_100_labels", 0.17, 0.1)[1] | {"paper": {"test_error": None, "source": "Fig. 2a (a curve only)"}}
+    assert table.above_baseline_notes([("x", no_curve)])[2].endswith("no published number to compare (Fig. 2a (a curve only)).")
 
 
 def test_results_table_renders_the_estimator_benchmark_once_per_peer():

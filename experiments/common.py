@@ -53,9 +53,9 @@ def run_options(args: argparse.Namespace) -> dict:
 
 def setup(args: argparse.Namespace) -> float:
     tune_glibc_malloc()
-    flush_denormals()
     if args.threads:
         torch.set_num_threads(args.threads)
+    flush_denormals()  # before any parallel work starts torch's worker threads (pyrodgm.denormals)
     return time.perf_counter()
 
 

@@ -70,6 +70,15 @@ def command_line() -> str:
     return f"python {Path(sys.argv[0]).as_posix()} {shlex.join(sys.argv[1:])}".rstrip()
 
 
+def baseline_line(result: dict) -> tuple[str, float] | None:
+    """``(label, error)`` of the LabelSpreading baseline a run computed on its own split, for
+    the test curve's horizontal line; ``None`` if it ran none."""
+    baseline = result.get("baseline") or {}
+    if baseline.get("test_error") is None:
+        return None
+    return f"LabelSpreading ({baseline.get('pixels', 'same')} pixels)", baseline["test_error"]
+
+
 def write_result(
     args: argparse.Namespace, name: str, metrics: dict, target: dict, started: float, extra: dict | None = None,
     reference: dict | None = None,
@@ -77,7 +86,8 @@ def write_result(
     """Write ``results/NAME_DATASET_seedS.json`` and return its path.  A run that recorded
     its test error every epoch (``--track-test``) also gets ``NAME_DATASET_seedS_test_curve.png``:
     that error against the epoch and the training seconds, beside ``reference`` (the
-    authors' published curve, ``{"label": ..., "points": [(epoch, error), ...]}``) if any."""
+    authors' published curve, ``{"label": ..., "points": [(epoch, error), ...]}``) if any
+    and the run's own LabelSpreading baseline if it ran one."""
     path = Path(args.results) / f"{name}_{args.dataset}_seed{args.seed}.json"
     history = metrics.get("history") or []
     curve = path.with_name(path.stem + "_test_curve.png") if any(h.get("test_error") is not None for h in history) else None
@@ -105,6 +115,6 @@ def write_result(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     if curve:
-        plot_test_curve(history, curve, reference=reference)
+        plot_test_curve(history, curve, reference=reference, baseline=baseline_line(result))
     print(json.dumps({k: result[k] for k in ("experiment", "device", "epochs_completed", "test")}, indent=2))
     return path

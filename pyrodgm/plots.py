@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from pyro import poutine
@@ -31,6 +31,7 @@ __all__ = [
     "learning_curve_panels",
     "plot_learning_curve",
     "plot_test_curve",
+    "plot_test_curves",
     "embed_2d",
     "save_embedding",
 ]
@@ -293,37 +294,62 @@ def plot_learning_curve(history: Sequence[dict], path: str | Path) -> None:
 
 
 def plot_test_curve(
-    history: Sequence[dict], path: str | Path, reference: Optional[dict] = None, key: str = "test_error"
+    history: Sequence[dict], path: str | Path, reference: Optional[dict] = None, key: str = "test_error",
+    baseline: Optional[tuple[str, float]] = None,
 ) -> None:
     """The test error recorded after every epoch (``--track-test``) against the epoch and
     against the training seconds, as a PNG; ``reference`` (``{"label": ..., "points":
-    [(epoch, error), ...]}``) is drawn on the epoch axis, e.g. a paper's published curve."""
+    [(epoch, error), ...]}``) is drawn on the epoch axis, e.g. a paper's published curve,
+    and ``baseline`` (``(label, error)``, e.g. LabelSpreading's on the run's split) as a
+    horizontal line on both axes."""
+    plot_test_curves({"this run": history}, path, reference=reference, key=key, baseline=baseline)
+
+
+def plot_test_curves(
+    runs: Mapping[str, Sequence[dict]], path: str | Path, reference: Optional[dict] = None,
+    key: str = "test_error", baseline: Optional[tuple[str, float]] = None,
+) -> None:
+    """Several runs' test curves on one figure (:func:`plot_test_curve`'s two panels, a
+    line per run, labelled by its key in ``runs``), to compare options or seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in history if r.get(key) is not None]
-    if not records:
-        raise ValueError(f"the history has no '{key}': train with track_test (--track-test) to record it")
+    if not runs:
+        raise ValueError("no runs to plot")
+    records = {label: _tracked_records(history, key, label) for label, history in runs.items()}
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(9, 3.4))
-    errors = [100 * r[key] for r in records]
-    by_epoch.plot([r["epoch"] for r in records], errors, marker=".", label="this run")
+    last_second = max(r["train_seconds"] for rows in records.values() for r in rows)
+    unit, per = ("minutes", 60.0) if last_second > 3600 else ("seconds", 1.0)  # long runs: readable ticks
+    for label, rows in records.items():
+        errors = [100 * r[key] for r in rows]
+        by_epoch.plot([r["epoch"] for r in rows], errors, marker=".", label=label)
+        by_time.plot([r["train_seconds"] / per for r in rows], errors, marker=".", label=label)
     if reference:
         epochs, values = zip(*reference["points"])
         by_epoch.plot(epochs, [100 * v for v in values], "o--", label=reference["label"])
-        by_epoch.legend(fontsize=7)
-    seconds = [r["train_seconds"] for r in records]
-    unit, per = ("minutes", 60.0) if max(seconds) > 3600 else ("seconds", 1.0)  # long runs: readable ticks
-    by_time.plot([s / per for s in seconds], errors, marker=".")
+    if baseline:
+        for axis in (by_epoch, by_time):
+            axis.axhline(100 * baseline[1], color="grey", linestyle=":", label=f"{baseline[0]} {100 * baseline[1]:.2f}%")
     for axis, label in ((by_epoch, "epoch"), (by_time, f"training {unit}")):
         axis.set_xlabel(label)
         axis.set_ylabel(f"{key.replace('_', ' ')} (%)")
         axis.grid(alpha=0.3)
+    if len(by_epoch.lines) > 1:
+        by_epoch.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _tracked_records(history: Sequence[dict], key: str, label: str) -> list[dict]:
+    """The epochs of ``history`` that recorded ``key``; an error naming the run if none did."""
+    records = [r for r in history if r.get(key) is not None]
+    if not records:
+        raise ValueError(f"the history of {label!r} has no '{key}': train with track_test (--track-test) to record it")
+    return records
 
 
 def embed_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Tensor:

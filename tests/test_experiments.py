@@ -30,7 +30,8 @@ WITH_BASELINE = {"m2_mnist_100.py", "m1m2_mnist_100.py", "adgm_mnist_100.py", "c
 # helpers imported by the scripts and the tests below, and scripts with a test of their own
 NOT_TRAINING_SCRIPTS = {"common.py", "seeds.py", "results_table.py", "baselines.py", "references.py", "bench_speed.py", "gpu_kit.py", "hierarchical_mnist.py", "gmvae_clustering.py", "imputation_mnist.py",
                         "estimator_benchmark.py",  # tested in tests/test_estimator.py
-                        "lightning_throughput.py"}
+                        "lightning_throughput.py",
+                        "compare_curves.py"}  # tested below
 
 
 def _import_experiment(name: str):
@@ -556,3 +557,39 @@ def test_lightning_throughput_runs_and_writes_json(tmp_path):
     assert [(r["engine"], r["processes"]) for r in report["rows"]] == [("native", 1), ("lightning", 1), ("lightning", 2)]
     assert all(r["images_per_second"] > 0 and r["steps_timed"] >= 2 for r in report["rows"])
     assert [r["images_per_step"] for r in report["rows"]] == [100, 100, 200]
+
+
+def _tracked_result(tmp_path, name: str, errors: list[float], baseline: float, curve: dict | None) -> Path:
+    history = [{"epoch": e + 1, "train_seconds": 60.0 * (e + 1), "test_error": error} for e, error in enumerate(errors)]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"experiment": name, "history": history, "authors_curve": curve,
+                                "baseline": {"test_error": baseline, "pixels": "binarised"}}))
+    return path
+
+
+def test_compare_curves_draws_every_run_with_the_first_runs_authors_curve_and_baseline(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    curve = {"label": "authors' code", "points": [[1, 0.3], [2, 0.2]]}
+    first = _tracked_result(tmp_path, "adgm_prior", [0.25, 0.15], 0.0964, curve)
+    second = _tracked_result(tmp_path, "adgm_alpha2", [0.24, 0.14, 0.12], 0.0964, None)
+    _import_experiment("compare_curves").main([str(first), str(second), "--out", str(tmp_path / "c.png")])
+    by_epoch, _ = drawn[0].axes
+    assert [line.get_label() for line in by_epoch.lines] == [
+        "adgm_prior", "adgm_alpha2", "authors' code", "LabelSpreading (binarised pixels) 9.64%"]
+    assert list(by_epoch.lines[1].get_ydata()) == pytest.approx([24.0, 14.0, 12.0])
+
+
+def test_compare_curves_refuses_an_untracked_run_and_mismatched_labels(tmp_path):
+    compare = _import_experiment("compare_curves")
+    tracked = _tracked_result(tmp_path, "tracked", [0.2], 0.1, None)
+    untracked = tmp_path / "untracked.json"
+    untracked.write_text(json.dumps({"experiment": "untracked", "history": [{"epoch": 1, "train_seconds": 1.0}]}))
+    with pytest.raises(SystemExit, match="'untracked' has no 'test_error'"):
+        compare.main([str(tracked), str(untracked), "--out", str(tmp_path / "c.png")])
+    with pytest.raises(SystemExit, match="1 labels for 2 results files"):
+        compare.main([str(tracked), str(untracked), "--labels", "a", "--out", str(tmp_path / "c.png")])
+    with pytest.raises(SystemExit, match="share a label"):
+        compare.main([str(tracked), str(tracked), "--out", str(tmp_path / "c.png")])

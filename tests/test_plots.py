@@ -10,7 +10,7 @@ from pyrodgm.models import VAE
 from pyrodgm.nets import MLPSpec
 from pyrodgm.plots import (
     MIN_IMAGE_PIXELS, LatentDirections, latent_directions, latent_grid, learning_curve_panels, plot_learning_curve,
-    plot_test_curve, save_grid, save_manifold, save_samples,
+    plot_test_curve, plot_test_curves, save_grid, save_manifold, save_samples,
 )
 
 pytestmark = pytest.mark.usefixtures("clean_param_store", "single_thread")
@@ -131,3 +131,38 @@ def test_the_test_curve_reads_training_time_in_minutes_once_a_run_passes_an_hour
     assert by_time.get_xlabel() == f"training {unit}"
     assert list(by_time.lines[0].get_xdata()) == [last_second / 2 / scale, last_second / scale]
     assert list(by_time.lines[0].get_ydata()) == [20.0, 10.0]
+
+
+def _drawn_figures(monkeypatch) -> list:
+    import matplotlib.figure
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    return drawn
+
+
+def test_test_curves_draw_a_line_per_run_the_reference_and_the_baseline_on_both_axes(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    runs = {"prior": [{"epoch": 1, "train_seconds": 60.0, "test_error": 0.3}, {"epoch": 2, "train_seconds": 120.0, "test_error": 0.2}],
+            "no prior": [{"epoch": 1, "train_seconds": 50.0, "test_error": 0.25, "valid_error": 0.2},
+                         {"epoch": 2, "train_seconds": 100.0, "test_error": None}, {"epoch": 3, "train_seconds": 150.0, "test_error": 0.15}]}
+    reference = {"label": "authors", "points": [(1, 0.4), (3, 0.1)]}
+    plot_test_curves(runs, tmp_path / "curves.png", reference=reference, baseline=("LabelSpreading", 0.0964))
+    by_epoch, by_time = drawn[0].axes
+    lines = {line.get_label(): line for line in by_epoch.lines}
+    assert list(lines) == ["prior", "no prior", "authors", "LabelSpreading 9.64%"]
+    assert list(lines["no prior"].get_xdata()) == [1, 3]  # the epoch without a test error is left out
+    assert list(lines["no prior"].get_ydata()) == [25.0, 15.0]
+    assert list(lines["authors"].get_ydata()) == [40.0, 10.0]
+    assert list(lines["LabelSpreading 9.64%"].get_ydata()) == [9.64, 9.64]
+    assert [line.get_label() for line in by_time.lines] == ["prior", "no prior", "LabelSpreading 9.64%"]
+    assert list(by_time.lines[1].get_xdata()) == [50.0, 150.0]
+    assert [text.get_text() for text in by_epoch.get_legend().get_texts()] == list(lines)
+
+
+def test_test_curves_refuse_a_run_without_a_tracked_test_error_naming_it(tmp_path):
+    untracked = [{"epoch": 1, "train_seconds": 10.0, "valid_error": 0.2}]
+    with pytest.raises(ValueError, match="'seed 1' has no 'test_error'.*--track-test"):
+        plot_test_curves({"seed 0": [{"epoch": 1, "train_seconds": 10.0, "test_error": 0.2}], "seed 1": untracked}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="no runs"):
+        plot_test_curves({}, tmp_path / "c.png")

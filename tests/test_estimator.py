@@ -409,6 +409,10 @@ def test_benchmark_script_writes_results(tmp_path):
         assert (sizes["num_fit"], sizes["num_labelled"], sizes["num_test"]) == ((150, 8, 50) if task == "synthetic" else (1200, 100, 297))
 
 
+#: How far a README run may land from the number the README shows (see the test below).
+README_RUN_TOLERANCE = 0.05
+
+
 @pytest.mark.slow
 def test_readme_example_prints_what_the_readme_shows():
     import re
@@ -422,4 +426,7 @@ def test_readme_example_prints_what_the_readme_shows():
     namespace: dict = {}
     exec("\n".join(code[:-1]), namespace)
     value = eval(code[-1], namespace)
-    assert abs(value - float(lines[-1])) <= 0.02, (value, lines[-1])  # float rounding may differ across machines
+    # Training follows another path on another CPU (its float rounding), so the shown value
+    # is one draw: 0.784 on an Intel Xeon VM, 0.821 on an AMD EPYC VM, and random_state 1-4
+    # on the latter 0.837, 0.843, 0.817, 0.802 (sd 0.016).  0.05 is about three of those sds.
+    assert abs(value - float(lines[-1])) <= README_RUN_TOLERANCE, (value, lines[-1])

@@ -15,6 +15,7 @@ from pyrodgm.checkpoint import load_checkpoint, save_checkpoint
 from pyrodgm.cli import main
 from pyrodgm.estimator import SemiSupervisedClassifier
 from pyrodgm.owndata import entropy, load_data, load_image_folder, load_npz, load_table, parse_image_size
+from test_estimator import README_RUN_TOLERANCE  # how far a README run may land from its number
 
 pytestmark = pytest.mark.usefixtures("clean_param_store", "single_thread")
 
@@ -502,5 +503,19 @@ def test_readme_cli_example_on_a_csv_prints_what_the_readme_shows(tmp_path, monk
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0
     report = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
-    assert f'"error": {report["error"]:.4f}' in script
-    assert (tmp_path / "predictions.csv").read_text().splitlines()[:3] == shown.strip().splitlines()
+    (readme_error,) = map(float, re.findall(r'"error": ([0-9.]+)', script))
+    # One draw: another CPU, or another number of torch threads, rounds floats otherwise and
+    # trains along another path (0.2458 on an Intel Xeon VM; on an AMD EPYC VM 0.2121 with
+    # the command's default threads, 0.2155 with this test's one), as far apart as two seeds.
+    assert abs(report["error"] - readme_error) <= README_RUN_TOLERANCE, (report["error"], readme_error)
+    written = list(csv.DictReader((tmp_path / "predictions.csv").read_text().splitlines()))
+    shown_rows = list(csv.DictReader(shown.strip().splitlines()))
+    assert list(written[0]) == list(shown_rows[0])  # the same columns in the same order
+    classes = [str(c) for c in range(10)]
+    for row, shown_row in zip(written, shown_rows):
+        assert (row["row"], row["label"]) == (shown_row["row"], shown_row["label"])
+        for r in (row, shown_row):  # what the README describes holds for its rows and ours
+            p = np.array([float(r[f"p_{c}"]) for c in classes])
+            assert p.sum() == pytest.approx(1.0, abs=1e-4)
+            assert r["predicted"] == classes[int(p.argmax())]
+            assert float(r["entropy"]) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-3)

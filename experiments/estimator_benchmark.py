@@ -25,6 +25,7 @@ Results: ``results/estimator_benchmark_TASK.json``, errors per seed with mean ±
     python experiments/estimator_benchmark.py --tasks synthetic digits --seeds 0 1 2 --threads 1
     python experiments/estimator_benchmark.py --tasks digits --models m2 --hidden 500 --z-dim 50 --lr 1e-3 --suffix _m2_paper_size
     python experiments/estimator_benchmark.py --tasks mnist --root /work/shared/data --seeds 0 --models m2 --epochs 10
+    python experiments/estimator_benchmark.py --tasks digits --models m2 adgm --alpha-factor 2 --suffix _alpha2
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def synthetic_peers(split: dict) -> dict:
 
 def estimator(model: str, args: argparse.Namespace, seed: int) -> SemiSupervisedClassifier:
     params = {"hidden": tuple(args.hidden), "z_dim": args.z_dim}
+    if args.alpha_factor is not None:
+        params.update(alpha_factor=args.alpha_factor)
     if model in ("adgm", "sdgm", "adgm-deterministic"):
         params.update(a_dim=args.a_dim)
     if model not in ("m2", "adgm-deterministic"):
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, nargs="+", default=[128], help="hidden widths of every network")
     p.add_argument("--z-dim", type=int, default=16)
     p.add_argument("--a-dim", type=int, default=16, help="auxiliary units (adgm, sdgm)")
+    p.add_argument("--alpha-factor", type=float, default=None,
+                   help="the classifier's weight, alpha = FACTOR * N (default: each model's paper's)")
     p.add_argument("--eval-particles", type=int, default=20, help="samples the Monte Carlo classifiers average (not m2)")
     p.add_argument("--likelihood", default="auto", choices=("auto", "bernoulli", "gaussian"),
                    help="the estimator's likelihood (auto: Bernoulli for 0/1 features, else Gaussian)")
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             "seeds": args.seeds,
             "estimator_settings": {"hidden": args.hidden, "z_dim": args.z_dim, "a_dim": args.a_dim, "epochs": args.epochs,
                                    "lr": args.lr, "eval_particles": args.eval_particles, "batch_size": 200,
-                                   "likelihood": args.likelihood},
+                                   "likelihood": args.likelihood, "alpha_factor": args.alpha_factor},
             "methods": summary(per_seed),
             "sizes": {seed: record["sizes"] for seed, record in per_seed.items()},
             "wall_seconds": time.perf_counter() - started,

@@ -350,6 +350,8 @@ def _estimator_settings(settings: dict, model: str) -> str:
     if model not in ("m2", "adgm-deterministic"):
         parts.append(f"{settings['eval_particles']} classifier samples")
     parts += [f"{settings['epochs']} epochs", f"lr {settings['lr']:g}", f"likelihood {settings.get('likelihood', 'auto')}"]
+    if settings.get("alpha_factor") is not None:
+        parts.append(f"alpha {settings['alpha_factor']:g} N")
     return ", ".join(parts)
 
 

@@ -198,20 +198,22 @@ def test_results_table_notes_why_each_run_above_the_baseline_stays_there():
 def test_results_table_renders_the_estimator_benchmark_once_per_peer():
     results_table = _import_experiment("results_table")
 
-    def result(suffix, models, pca):
+    def result(suffix, models, pca, alpha_factor=None):
         methods = {name: {"test_error": {"0": 0.25}, "mean": 0.25, "sd": None, "fit_seconds": {"0": 1.0}}
                    for name in [*results_table.BASELINE_METHODS, *(f"pyrodgm_{m}" for m in models)]}
-        settings = {"hidden": [8], "z_dim": 2, "a_dim": 2, "epochs": 1, "lr": 0.01, "eval_particles": 2, "batch_size": 200}
+        settings = {"hidden": [8], "z_dim": 2, "a_dim": 2, "epochs": 1, "lr": 0.01, "eval_particles": 2, "batch_size": 200,
+                    "alpha_factor": alpha_factor}
         return (f"estimator_benchmark_digits{suffix}.json",
                 {"experiment": f"estimator_benchmark_digits{suffix}", "task": "digits", "methods": methods, "device": "cpu",
                  "estimator_settings": settings, "sizes": {"0": {"pca_seconds": 0.1} if pca else {}}, "date": "d",
                  "command": f"python estimator_benchmark.py{suffix}"})
 
-    rows = results_table.estimator_rows([result("", ["m2", "adgm"], True), result("_big", ["m2"], True)])[2:]
+    rows = results_table.estimator_rows([result("", ["m2", "adgm"], True), result("_big", ["m2"], True, alpha_factor=2.0)])[2:]
     assert len(rows) == 3 + 2 + 1  # the peers once, then every estimator run
     assert "| 50 PCA components, as baselines.py |" in rows[0] and "25.00%" in rows[0]
     assert "pyrodgm.SemiSupervisedClassifier('adgm')" in rows[4] and "hidden 8, z 2, a 2, 2 classifier samples" in rows[4]
-    assert "likelihood auto" in rows[5] and "estimator_benchmark.py_big" in rows[5]
+    assert "alpha" not in rows[4]  # the model's own default weight is not named
+    assert "likelihood auto, alpha 2 N" in rows[5] and "estimator_benchmark.py_big" in rows[5]
 
 
 def test_readme_results_table_is_generated_from_the_results_json():
@@ -593,3 +595,11 @@ def test_compare_curves_refuses_an_untracked_run_and_mismatched_labels(tmp_path)
         compare.main([str(tracked), str(untracked), "--labels", "a", "--out", str(tmp_path / "c.png")])
     with pytest.raises(SystemExit, match="share a label"):
         compare.main([str(tracked), str(tracked), "--out", str(tmp_path / "c.png")])
+
+
+def test_estimator_benchmark_passes_its_alpha_factor_to_the_estimator_and_only_when_given():
+    benchmark = _import_experiment("estimator_benchmark")
+    parser = benchmark.build_parser()
+    given = benchmark.estimator("adgm", parser.parse_args(["--alpha-factor", "2"]), seed=0)
+    assert given.model_params["alpha_factor"] == 2.0
+    assert "alpha_factor" not in benchmark.estimator("m2", parser.parse_args([]), seed=0).model_params

@@ -79,3 +79,14 @@ def test_device():
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (PYRODGM_TEST_DEVICE=cpu rehearses these tests on the CPU)")
     return device
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures a test's code saves, in order, instead of writing them: what
+    was drawn (lines, labels, legends) can then be asserted on."""
+    import matplotlib.figure
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    return drawn

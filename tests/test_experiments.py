@@ -569,16 +569,12 @@ def _tracked_result(tmp_path, name: str, errors: list[float], baseline: float, c
     return path
 
 
-def test_compare_curves_draws_every_run_with_the_first_runs_authors_curve_and_baseline(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    drawn = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+def test_compare_curves_draws_every_run_with_the_first_runs_authors_curve_and_baseline(tmp_path, drawn_figures):
     curve = {"label": "authors' code", "points": [[1, 0.3], [2, 0.2]]}
     first = _tracked_result(tmp_path, "adgm_prior", [0.25, 0.15], 0.0964, curve)
     second = _tracked_result(tmp_path, "adgm_alpha2", [0.24, 0.14, 0.12], 0.0964, None)
     _import_experiment("compare_curves").main([str(first), str(second), "--out", str(tmp_path / "c.png")])
-    by_epoch, _ = drawn[0].axes
+    by_epoch, _ = drawn_figures[0].axes
     assert [line.get_label() for line in by_epoch.lines] == [
         "adgm_prior", "adgm_alpha2", "authors' code", "LabelSpreading (binarised pixels) 9.64%"]
     assert list(by_epoch.lines[1].get_ydata()) == pytest.approx([24.0, 14.0, 12.0])

@@ -119,36 +119,23 @@ def test_the_learning_curve_shows_the_loss_the_validation_error_and_a_tracked_te
 
 
 @pytest.mark.parametrize("last_second, unit, scale", [(1800.0, "seconds", 1.0), (7200.0, "minutes", 60.0)])
-def test_the_test_curve_reads_training_time_in_minutes_once_a_run_passes_an_hour(tmp_path, monkeypatch, last_second, unit, scale):
-    import matplotlib.figure
-
-    drawn = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+def test_the_test_curve_reads_training_time_in_minutes_once_a_run_passes_an_hour(tmp_path, drawn_figures, last_second, unit, scale):
     history = [{"epoch": 1, "train_seconds": last_second / 2, "test_error": 0.2},
                {"epoch": 2, "train_seconds": last_second, "test_error": 0.1}]
     plot_test_curve(history, tmp_path / "curve.png")
-    by_epoch, by_time = drawn[0].axes
+    by_epoch, by_time = drawn_figures[0].axes
     assert by_time.get_xlabel() == f"training {unit}"
     assert list(by_time.lines[0].get_xdata()) == [last_second / 2 / scale, last_second / scale]
     assert list(by_time.lines[0].get_ydata()) == [20.0, 10.0]
 
 
-def _drawn_figures(monkeypatch) -> list:
-    import matplotlib.figure
-
-    drawn = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
-    return drawn
-
-
-def test_test_curves_draw_a_line_per_run_the_reference_and_the_baseline_on_both_axes(tmp_path, monkeypatch):
-    drawn = _drawn_figures(monkeypatch)
+def test_test_curves_draw_a_line_per_run_the_reference_and_the_baseline_on_both_axes(tmp_path, drawn_figures):
     runs = {"prior": [{"epoch": 1, "train_seconds": 60.0, "test_error": 0.3}, {"epoch": 2, "train_seconds": 120.0, "test_error": 0.2}],
             "no prior": [{"epoch": 1, "train_seconds": 50.0, "test_error": 0.25, "valid_error": 0.2},
                          {"epoch": 2, "train_seconds": 100.0, "test_error": None}, {"epoch": 3, "train_seconds": 150.0, "test_error": 0.15}]}
     reference = {"label": "authors", "points": [(1, 0.4), (3, 0.1)]}
     plot_test_curves(runs, tmp_path / "curves.png", reference=reference, baseline=("LabelSpreading", 0.0964))
-    by_epoch, by_time = drawn[0].axes
+    by_epoch, by_time = drawn_figures[0].axes
     lines = {line.get_label(): line for line in by_epoch.lines}
     assert list(lines) == ["prior", "no prior", "authors", "LabelSpreading 9.64%"]
     assert list(lines["no prior"].get_xdata()) == [1, 3]  # the epoch without a test error is left out
